@@ -1,0 +1,32 @@
+# Two commands: `make demo` runs the main job, `make test` runs the checks.
+# Both create .venv on first use and install the project into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch and torchvision first, pinned to the pair this machine installs from local files;
+	# a GPU user installs the build for their CUDA version before `make` (see README).
+	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/spatiallock params --base sd-v1-4
+
+lint: $(STAMP)
+	$(BIN)/ruff check spatiallock tests benchmarks
+	$(BIN)/ruff format --check spatiallock tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

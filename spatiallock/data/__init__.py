@@ -1,0 +1,1 @@
+"""Layout data: the synthetic benchmark domain and COCO-format layout loading."""

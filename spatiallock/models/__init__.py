@@ -1,0 +1,1 @@
+"""The trainable and injectable modules of SpatialLock (nn.Modules only)."""

@@ -1,0 +1,230 @@
+"""The trainable part of SpatialLock, as one diffusers model: grounding tokens, the injected attention blocks,
+the PoG perception head and the loss weights. The frozen base U-Net is passed in, never owned or saved.
+
+Variants (the paper's Table 2 plus the baseline):
+- `spatiallock`: Grounding-Attention in two blocks + PoG with Enh-Fusion
+- `poi`: Grounding-Attention only
+- `poi-pog`: Grounding-Attention + PoG without Enh-Fusion
+- `gligen`: GLIGEN-style gated self-attention in every transformer block, no PoG
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from spatiallock.errors import SpatialLockError
+from spatiallock.models.grounding import MAX_OBJECTS, GatedSelfAttention, GroundingAttention, GroundingTokenizer
+from spatiallock.models.injection import (
+    attach_fusers,
+    count_parameters,
+    detach_fusers,
+    grounding_kwargs,
+    resolve_positions,
+    transformer_blocks,
+)
+from spatiallock.models.injection import block_dims as dims_of
+from spatiallock.models.perception import DownBlockTap, LossWeighting, PerceptionHead
+
+# variant -> (attention kind, perception head, Enh-Fusion)
+VARIANTS = {
+    "spatiallock": ("grounding", True, True),
+    "poi": ("grounding", False, False),
+    "poi-pog": ("grounding", True, False),
+    "gligen": ("gated-self", False, False),
+}
+
+
+@dataclass
+class AdapterOutput:
+    """U-Net prediction with grounding, and the perception losses when they were asked for."""
+
+    sample: torch.Tensor
+    perception_losses: dict[str, torch.Tensor] | None = None
+
+
+class SpatialLockAdapter(ModelMixin, ConfigMixin):
+    """Everything SpatialLock trains; attach it to a frozen `UNet2DConditionModel` with `attach(unet)`.
+
+    Build one for a given base with `SpatialLockAdapter.from_unet(unet, variant=...)`; the config records
+    the blocks and widths it was built for, so `attach` can refuse a base it does not fit.
+
+    Args:
+        variant: one of `VARIANTS`.
+        phrase_dim: size of the text encoder's pooled phrase embedding.
+        context_dim: the base U-Net's cross-attention dimension (grounding token size).
+        blocks: transformer block names (`...attentions.i.transformer_blocks.j`) that get an attention block.
+        block_dims: (width, heads, head size) of each block.
+        num_classes: object categories for the perception head.
+        feature_channels: channels of each U-Net down block (perception input).
+        loss_weighting: `learned` (uncertainty weighting) or `fixed` with `loss_weights` (diffusion, perception).
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        variant: str = "spatiallock",
+        phrase_dim: int = 768,
+        context_dim: int = 768,
+        blocks: Sequence[str] = (),
+        block_dims: Sequence[Sequence[int]] = (),
+        num_classes: int = 80,
+        feature_channels: Sequence[int] = (),
+        fpn_channels: int = 256,
+        enh_grid: int = 8,
+        enh_layers: int = 2,
+        enh_heads: int = 8,
+        anchor_scale: float = 6.0,
+        loss_weighting: str = "learned",
+        loss_weights: Sequence[float] = (1.0, 1.0),
+        fourier_freqs: int = 8,
+        hidden_dim: int = 512,
+        max_objects: int = MAX_OBJECTS,
+    ):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise SpatialLockError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
+        if len(blocks) != len(block_dims) or not blocks:
+            raise SpatialLockError("adapter config: `blocks` and `block_dims` must be non-empty and of equal length")
+        attention, perception, enh_fusion = VARIANTS[variant]
+        self.tokenizer = GroundingTokenizer(phrase_dim, context_dim, fourier_freqs, hidden_dim, max_objects)
+        block_cls = GroundingAttention if attention == "grounding" else GatedSelfAttention
+        self.fusers = nn.ModuleList(block_cls(width, context_dim, heads, head) for width, heads, head in block_dims)
+        self.perception = None
+        if perception:
+            self.perception = PerceptionHead(
+                feature_channels, num_classes, fpn_channels, enh_fusion, enh_grid, enh_layers, enh_heads, anchor_scale
+            )
+        if perception:
+            self.weighting = LossWeighting(["diffusion", "perception"], loss_weighting, loss_weights)
+        else:  # a single loss needs no weighting
+            self.weighting = LossWeighting(["diffusion"], "fixed", [1.0])
+
+    @classmethod
+    def from_unet(
+        cls,
+        unet: nn.Module,
+        variant: str = "spatiallock",
+        positions: str | Sequence[str] | None = None,
+        phrase_dim: int = 768,
+        num_classes: int = 80,
+        **kwargs,
+    ) -> SpatialLockAdapter:
+        """A fresh adapter (gates at zero) sized for `unet`.
+
+        `positions`: a preset or attention module names (see `resolve_positions`); None means the paper's
+        default for SpatialLock variants and every transformer block for `gligen`.
+        """
+        if variant not in VARIANTS:
+            raise SpatialLockError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
+        if positions is None and variant == "gligen":
+            chosen = transformer_blocks(unet)
+        else:
+            chosen = transformer_blocks(unet, resolve_positions(unet, positions or "default"))
+        return cls(
+            variant=variant,
+            phrase_dim=phrase_dim,
+            context_dim=unet.config.cross_attention_dim,
+            blocks=[name for name, _ in chosen],
+            block_dims=[list(dims_of(block)) for _, block in chosen],
+            num_classes=num_classes,
+            feature_channels=[block.resnets[-1].out_channels for block in unet.down_blocks],
+            **kwargs,
+        )
+
+    # ---- attaching to a base -------------------------------------------------------------------------------
+
+    def check_fits(self, unet: nn.Module) -> None:
+        """Raise `SpatialLockError` naming the first mismatch between this adapter and `unet`."""
+        if unet.config.cross_attention_dim != self.config.context_dim:
+            raise SpatialLockError(
+                f"adapter does not fit the base: cross_attention_dim is {unet.config.cross_attention_dim}, "
+                f"the adapter was built for {self.config.context_dim}"
+            )
+        found = dict(transformer_blocks(unet))
+        for name, dims in zip(self.config.blocks, self.config.block_dims):
+            if name not in found:
+                raise SpatialLockError(f"adapter does not fit the base: it has no transformer block {name}")
+            if list(dims_of(found[name])) != list(dims):
+                raise SpatialLockError(
+                    f"adapter does not fit the base: block {name} has (width, heads, head size) "
+                    f"{list(dims_of(found[name]))}, the adapter was built for {list(dims)}"
+                )
+        if self.perception is not None:
+            channels = [block.resnets[-1].out_channels for block in unet.down_blocks]
+            if channels != list(self.config.feature_channels):
+                raise SpatialLockError(
+                    f"adapter does not fit the base: down-block channels are {channels}, "
+                    f"the adapter was built for {list(self.config.feature_channels)}"
+                )
+
+    def attach(self, unet: nn.Module) -> SpatialLockAdapter:
+        """Insert this adapter's blocks into `unet` (checked first); returns the adapter."""
+        self.check_fits(unet)
+        detach_fusers(unet)
+        attach_fusers(unet, dict(zip(self.config.blocks, self.fusers)))
+        return self
+
+    @staticmethod
+    def detach(unet: nn.Module) -> nn.Module:
+        """Remove any adapter from `unet`; it computes exactly what the plain base computes."""
+        detach_fusers(unet)
+        return unet
+
+    # ---- running -------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        unet: nn.Module,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        phrase_embeds: torch.Tensor,
+        boxes: torch.Tensor,
+        masks: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> AdapterOutput:
+        """Run the attached `unet` with grounding; with `labels` (B, N) also the perception losses.
+
+        Args:
+            phrase_embeds: (B, N, phrase_dim); boxes: (B, N, 4) normalised xyxy; masks: (B, N).
+        """
+        # 1. grounding tokens, computed here so that the adapter's own forward holds the whole graph
+        objs = self.tokenizer(phrase_embeds, boxes, masks)
+        kwargs = grounding_kwargs(objs)
+        # 2. the U-Net, with its down-block features tapped when the perception loss is wanted
+        if labels is None or self.perception is None:
+            sample = unet(sample, timestep, encoder_hidden_states, cross_attention_kwargs=kwargs).sample
+            return AdapterOutput(sample)
+        with DownBlockTap(unet.down_blocks) as tap:
+            sample = unet(sample, timestep, encoder_hidden_states, cross_attention_kwargs=kwargs).sample
+        # 3. PoG: detection losses against the sample's own boxes
+        losses = self.perception.loss(tap.features, boxes, labels, masks)
+        return AdapterOutput(sample, losses)
+
+    def total_loss(self, diffusion_loss: torch.Tensor, perception_losses: dict[str, torch.Tensor] | None = None):
+        """Diffusion loss combined with the summed perception losses by the loss weighting."""
+        losses = {"diffusion": diffusion_loss}
+        if "perception" in self.weighting.names:
+            if perception_losses is None:
+                raise ValueError("this variant trains with a perception loss: pass `labels` to forward")
+            losses["perception"] = sum(perception_losses.values())
+        return self.weighting(losses)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters per part (works on the meta device)."""
+        counts = {
+            "grounding_tokens": count_parameters(self.tokenizer),
+            "attention_blocks": count_parameters(self.fusers),
+            "perception": count_parameters(self.perception) if self.perception is not None else 0,
+            "loss_weights": count_parameters(self.weighting),
+        }
+        counts["total"] = sum(counts.values())
+        return counts

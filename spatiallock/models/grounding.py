@@ -1,0 +1,127 @@
+"""PoI: grounding tokens (one per object) and the gated Grounding-Attention block.
+
+Grounding token = MLP(concat(phrase embedding, Fourier(box))). Empty object slots take learnable null
+embeddings (zero-initialised) and are masked out of the attention, so padding never changes the output.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from diffusers.models.attention import FeedForward, GatedSelfAttentionDense
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import get_fourier_embeds_from_boundingbox
+from torch import nn
+
+from spatiallock.errors import SpatialLockError
+
+MAX_OBJECTS = 30
+
+
+class GroundingTokens(NamedTuple):
+    """What the U-Net's transformer blocks receive: one token per object slot and which slots are real."""
+
+    tokens: torch.Tensor  # (B, N, context_dim)
+    mask: torch.Tensor  # (B, N), 1.0 for a real object, 0.0 for an empty slot
+
+
+class GroundingTokenizer(nn.Module):
+    """Turns phrase embeddings and normalised xyxy boxes into grounding tokens.
+
+    Args:
+        phrase_dim: size of the text encoder's pooled phrase embedding.
+        context_dim: size of the tokens (the U-Net's cross-attention dimension).
+        fourier_freqs: Fourier frequencies per box coordinate (sin and cos each: 8 give 64 dims).
+        hidden_dim: width of the MLP.
+        max_objects: more object slots than this is an error, never a silent cut.
+    """
+
+    def __init__(
+        self,
+        phrase_dim: int,
+        context_dim: int,
+        fourier_freqs: int = 8,
+        hidden_dim: int = 512,
+        max_objects: int = MAX_OBJECTS,
+    ):
+        super().__init__()
+        self.fourier_freqs = fourier_freqs
+        self.max_objects = max_objects
+        position_dim = fourier_freqs * 2 * 4
+        self.mlp = nn.Sequential(
+            nn.Linear(phrase_dim + position_dim, hidden_dim),
+            nn.SiLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.SiLU(),
+            nn.Linear(hidden_dim, context_dim),
+        )
+        self.null_phrase = nn.Parameter(torch.zeros(phrase_dim))
+        self.null_position = nn.Parameter(torch.zeros(position_dim))
+
+    def forward(self, phrase_embeds: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor) -> GroundingTokens:
+        """phrase_embeds (B, N, phrase_dim), boxes (B, N, 4) xyxy in [0, 1], masks (B, N) -> GroundingTokens."""
+        if boxes.shape[1] > self.max_objects:
+            raise SpatialLockError(
+                f"objects: {boxes.shape[1]} object slots given, at most {self.max_objects} are supported"
+            )
+        masks = masks.to(phrase_embeds.dtype)
+        m = masks.unsqueeze(-1)
+        position = get_fourier_embeds_from_boundingbox(self.fourier_freqs, boxes.to(phrase_embeds.dtype))
+        # Empty slots take the null embeddings whatever their phrase or box holds.
+        phrase = phrase_embeds * m + (1 - m) * self.null_phrase.to(phrase_embeds.dtype)
+        position = position * m + (1 - m) * self.null_position.to(phrase_embeds.dtype)
+        tokens = self.mlp(torch.cat([phrase, position], dim=-1))
+        return GroundingTokens(tokens, masks)
+
+
+def slot_attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, N) slot mask -> (B, 1, N) additive attention bias that hides empty slots.
+
+    A sample without any object keeps all its slots: they all hold the same null token, so attending to
+    them gives the null token whatever their number.
+    """
+    keep = mask > 0.5
+    keep = keep | ~keep.any(dim=1, keepdim=True)
+    bias = torch.zeros(keep.shape, dtype=dtype, device=mask.device)
+    bias.masked_fill_(~keep, torch.finfo(dtype).min)
+    return bias.unsqueeze(1)
+
+
+class GroundingAttention(nn.Module):
+    """Gated cross-attention (visual tokens query the grounding tokens) plus a gated feed-forward.
+
+    Both branches are scaled by tanh(gate) with gates initialised to zero, so a fresh block is the identity.
+    The call signature matches diffusers' GLIGEN `fuser` slot of `BasicTransformerBlock`.
+    """
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(query_dim)
+        self.attn = Attention(query_dim=query_dim, cross_attention_dim=context_dim, heads=heads, dim_head=dim_head)
+        self.norm2 = nn.LayerNorm(query_dim)
+        self.ff = FeedForward(query_dim, activation_fn="geglu")
+        self.gate_attn = nn.Parameter(torch.tensor(0.0))
+        self.gate_ff = nn.Parameter(torch.tensor(0.0))
+        self.enabled = True
+
+    def forward(self, hidden_states: torch.Tensor, objs: GroundingTokens) -> torch.Tensor:
+        if not self.enabled:
+            return hidden_states
+        # 1. gated cross-attention: (B, HW, C) queries over (B, N, D) grounding tokens
+        bias = slot_attention_bias(objs.mask, hidden_states.dtype)
+        attn = self.attn(self.norm1(hidden_states), encoder_hidden_states=objs.tokens, attention_mask=bias)
+        hidden_states = hidden_states + self.gate_attn.tanh() * attn
+        # 2. gated feed-forward
+        return hidden_states + self.gate_ff.tanh() * self.ff(self.norm2(hidden_states))
+
+
+class GatedSelfAttention(GatedSelfAttentionDense):
+    """The GLIGEN baseline: gated self-attention over concat(visual tokens, grounding tokens).
+
+    diffusers' layer as it is; only the token container is unpacked. As in GLIGEN, empty slots
+    (null tokens) take part in the attention.
+    """
+
+    def forward(self, x: torch.Tensor, objs: GroundingTokens) -> torch.Tensor:
+        return super().forward(x, objs.tokens)

@@ -1,0 +1,143 @@
+"""Place grounding blocks into named transformer blocks of any diffusers `UNet2DConditionModel`.
+
+The mechanism is diffusers' own GLIGEN slot: every `BasicTransformerBlock` calls `self.fuser(hidden, objs)`
+between self-attention and cross-attention when `cross_attention_kwargs={"gligen": {...}}` is given, and the
+U-Net first passes those kwargs through `self.position_net`. Attaching sets, on the frozen base:
+- `position_net`: a pass-through (grounding tokens are computed by the adapter beforehand);
+- `fuser`: the adapter's block in the chosen transformer blocks, an identity in all the others.
+These references are plain attributes, not registered sub-modules: the base's `state_dict` and
+`parameters()` stay the base's own, so the frozen base is never re-saved with an adapter inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from diffusers.models.attention import BasicTransformerBlock
+from torch import nn
+
+from spatiallock.errors import SpatialLockError
+
+PRESETS = ("default", "all", "down", "up", "inner")
+
+
+class _PassThrough(nn.Module):
+    def forward(self, objs):
+        return objs
+
+
+class _SkipFuser(nn.Module):
+    def forward(self, hidden_states, objs):
+        return hidden_states
+
+
+def attention_stages(unet: nn.Module) -> dict[str, list[str]]:
+    """Names of the attention modules (`Transformer2DModel`) per U-Net stage, in forward order.
+
+    Returns a dict with keys "down", "mid", "up", each a list of stages, each a list of names such as
+    "down_blocks.2.attentions.1".
+    """
+    stages: dict[str, list[list[str]]] = {"down": [], "mid": [], "up": []}
+    for kind, blocks in (("down", unet.down_blocks), ("mid", [unet.mid_block]), ("up", unet.up_blocks)):
+        for i, block in enumerate(blocks):
+            attentions = getattr(block, "attentions", None) if block is not None else None
+            if not attentions:
+                continue
+            prefix = "mid_block" if kind == "mid" else f"{kind}_blocks.{i}"
+            stages[kind].append([f"{prefix}.attentions.{j}" for j in range(len(attentions))])
+    return stages
+
+
+def attention_names(unet: nn.Module) -> list[str]:
+    """All attention module names a placement may use, in forward order."""
+    stages = attention_stages(unet)
+    return [name for kind in ("down", "mid", "up") for stage in stages[kind] for name in stage]
+
+
+def resolve_positions(unet: nn.Module, positions: str | Sequence[str] = "default") -> list[str]:
+    """Turn a preset or a list of attention module names into a checked list of names.
+
+    Presets (the paper's Table 3): `default`, the last block of the last down-sampling stage with attention
+    and the first block of the first up-sampling stage with attention; `all`, every block of the down and up
+    stages; `down`, every down-stage block; `up`, every up-stage block; `inner`, all blocks of the two
+    innermost down and up stages. A comma-separated string of names is accepted too.
+    """
+    stages = attention_stages(unet)
+    down, up = stages["down"], stages["up"]
+    if isinstance(positions, str):
+        if positions in PRESETS:
+            if not down or not up:
+                raise SpatialLockError("positions: this U-Net has no down or no up stage with attention")
+            flat = lambda groups: [name for stage in groups for name in stage]  # noqa: E731
+            return {
+                "default": [down[-1][-1], up[0][0]],
+                "all": flat(down) + flat(up),
+                "down": flat(down),
+                "up": flat(up),
+                "inner": flat(down[-2:]) + flat(up[:2]),
+            }[positions]
+        positions = [p.strip() for p in positions.split(",") if p.strip()]
+    valid = attention_names(unet)
+    unknown = [p for p in positions if p not in valid]
+    if unknown or not positions:
+        raise SpatialLockError(
+            f"positions: {', '.join(unknown) or '(empty)'} names no attention block; "
+            f"valid: {', '.join(valid)} or a preset: {', '.join(PRESETS)}"
+        )
+    return list(dict.fromkeys(positions))
+
+
+def transformer_blocks(unet: nn.Module, positions: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The `BasicTransformerBlock`s inside the given attention modules (all of them when None), in order."""
+    found = []
+    for name, module in unet.named_modules():
+        if not isinstance(module, BasicTransformerBlock):
+            continue
+        if positions is None or any(name.startswith(p + ".") for p in positions):
+            found.append((name, module))
+    return found
+
+
+def block_dims(block: nn.Module) -> tuple[int, int, int]:
+    """(width, heads, head size) of a transformer block's self-attention."""
+    attn = block.attn1
+    return attn.query_dim, attn.heads, attn.inner_dim // attn.heads
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Stop gradients to every parameter of `module` (the base model) and put it in eval mode."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def attach_fusers(unet: nn.Module, fusers: dict[str, nn.Module]) -> None:
+    """Put `fusers[name]` into the transformer block `name`; every other block gets an identity."""
+    if "position_net" in unet._modules or any("fuser" in b._modules for _, b in transformer_blocks(unet)):
+        raise SpatialLockError("base: this U-Net already has GLIGEN layers of its own; attach to a plain base")
+    blocks = dict(transformer_blocks(unet))
+    missing = [name for name in fusers if name not in blocks]
+    if missing:
+        raise SpatialLockError(f"adapter: the base has no transformer block {', '.join(missing)}")
+    skip = _SkipFuser()
+    for name, block in blocks.items():
+        object.__setattr__(block, "fuser", fusers.get(name, skip))
+    object.__setattr__(unet, "position_net", _PassThrough())
+
+
+def detach_fusers(unet: nn.Module) -> None:
+    """Undo `attach_fusers`: the base is as it was."""
+    for _, block in transformer_blocks(unet):
+        block.__dict__.pop("fuser", None)
+    unet.__dict__.pop("position_net", None)
+
+
+def grounding_kwargs(objs, cross_attention_kwargs: dict | None = None) -> dict:
+    """Cross-attention kwargs that carry grounding tokens to the attached blocks."""
+    kwargs = dict(cross_attention_kwargs or {})
+    kwargs["gligen"] = {"objs": objs}
+    return kwargs
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of scalar parameters (works on the meta device)."""
+    return sum(p.numel() for p in module.parameters())

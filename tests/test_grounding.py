@@ -1,0 +1,121 @@
+"""PoI: grounding tokens and the injected attention blocks on a tiny U-Net."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NUM_CLASSES, PHRASE_DIM, make_inputs
+
+from spatiallock.errors import SpatialLockError
+from spatiallock.models.adapter import VARIANTS, SpatialLockAdapter
+from spatiallock.models.grounding import GroundingTokenizer
+
+
+def plain(unet, x):
+    return unet(x["sample"], x["timestep"], x["encoder_hidden_states"]).sample
+
+
+def grounded(adapter, unet, x):
+    keys = ("sample", "timestep", "encoder_hidden_states", "phrase_embeds", "boxes", "masks")
+    return adapter(unet, **{k: x[k] for k in keys}).sample
+
+
+def open_gates(adapter, value=1.0):
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if name.endswith(("gate_attn", "gate_ff", "alpha_attn", "alpha_dense")):
+                p.fill_(value)
+
+
+def new_adapter(unet, variant="spatiallock", **kwargs):
+    torch.manual_seed(1)
+    return SpatialLockAdapter.from_unet(unet, variant, phrase_dim=PHRASE_DIM, num_classes=NUM_CLASSES, **kwargs)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fresh_adapter_leaves_output_unchanged(unet, variant):
+    x = make_inputs()
+    before = plain(unet, x)
+    adapter = new_adapter(unet, variant).attach(unet)
+    assert torch.equal(grounded(adapter, unet, x), before)
+    # and it is not a no-op once the gates open
+    open_gates(adapter)
+    assert not torch.allclose(grounded(adapter, unet, x), before, atol=1e-4)
+    SpatialLockAdapter.detach(unet)
+    assert torch.equal(plain(unet, x), before)
+
+
+def test_default_variant_injects_two_blocks_gligen_every_block(unet):
+    assert new_adapter(unet).config.blocks == [
+        "down_blocks.1.attentions.0.transformer_blocks.0",
+        "up_blocks.0.attentions.0.transformer_blocks.0",
+    ]
+    # GLIGEN: every transformer block of the U-Net, the mid block's included
+    assert len(new_adapter(unet, "gligen").config.blocks) == 2 + 1 + 4
+
+
+def test_padded_slots_do_not_change_output(unet):
+    adapter = new_adapter(unet).attach(unet)
+    open_gates(adapter)
+    few = make_inputs(slots=3, objects=2)
+    many = make_inputs(slots=9, objects=2, seed=5)  # different garbage in the padded slots
+    for key in ("sample", "encoder_hidden_states"):
+        many[key] = few[key]
+    many["phrase_embeds"][:, :2] = few["phrase_embeds"][:, :2]
+    many["boxes"][:, :2] = few["boxes"][:, :2]
+    torch.testing.assert_close(grounded(adapter, unet, few), grounded(adapter, unet, many), atol=1e-6, rtol=1e-5)
+    # the real objects do matter: moving one box changes the output
+    moved = dict(few, boxes=few["boxes"].clone())
+    moved["boxes"][:, 0] = torch.tensor([0.6, 0.6, 0.9, 0.9])
+    assert not torch.allclose(grounded(adapter, unet, few), grounded(adapter, unet, moved), atol=1e-5)
+
+
+def test_layout_without_objects_equals_null_grounding_whatever_the_slot_count(unet):
+    adapter = new_adapter(unet).attach(unet)
+    open_gates(adapter)
+    empty_small = make_inputs(slots=1, objects=0)
+    empty_large = make_inputs(slots=6, objects=0, seed=3)
+    empty_large["sample"], empty_large["encoder_hidden_states"] = (
+        empty_small["sample"],
+        empty_small["encoder_hidden_states"],
+    )
+    out_small, out_large = grounded(adapter, unet, empty_small), grounded(adapter, unet, empty_large)
+    assert torch.isfinite(out_small).all()
+    torch.testing.assert_close(out_small, out_large, atol=1e-6, rtol=1e-5)
+
+
+def test_optimiser_step_changes_only_the_adapter(unet):
+    adapter = new_adapter(unet).attach(unet)
+    base_before = {k: v.clone() for k, v in unet.state_dict().items()}
+    adapter_before = {k: v.clone() for k, v in adapter.state_dict().items()}
+    optimiser = torch.optim.AdamW(adapter.parameters(), lr=1e-3)
+    x = make_inputs()
+    for _ in range(2):  # the second step reaches the attention weights once the gates have moved
+        out = adapter(unet, **x)
+        loss = adapter.total_loss(out.sample.square().mean(), out.perception_losses)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert all(torch.equal(v, base_before[k]) for k, v in unet.state_dict().items())
+    assert all(p.grad is None for p in unet.parameters())
+    changed = {k for k, v in adapter.state_dict().items() if not torch.equal(v, adapter_before[k])}
+    for part in ("tokenizer.mlp.0.weight", "fusers.0.gate_attn", "fusers.1.attn.to_k.weight", "perception.fpn"):
+        assert any(k.startswith(part) for k in changed), part
+
+
+def test_more_than_thirty_objects_is_a_clear_error():
+    tokenizer = GroundingTokenizer(PHRASE_DIM, 32)
+    with pytest.raises(SpatialLockError, match="31 object slots given, at most 30"):
+        tokenizer(torch.zeros(1, 31, PHRASE_DIM), torch.zeros(1, 31, 4), torch.ones(1, 31))
+
+
+def test_empty_slots_use_the_null_embeddings():
+    tokenizer = GroundingTokenizer(PHRASE_DIM, 32)
+    with torch.no_grad():
+        tokenizer.null_phrase.normal_()
+    boxes = torch.rand(1, 3, 4)
+    phrases = torch.randn(1, 3, PHRASE_DIM)
+    objs = tokenizer(phrases, boxes, torch.tensor([[1.0, 0.0, 0.0]]))
+    # both empty slots are the same null token, whatever their phrase and box held
+    torch.testing.assert_close(objs.tokens[0, 1], objs.tokens[0, 2])
+    assert not torch.allclose(objs.tokens[0, 0], objs.tokens[0, 1])

@@ -1,0 +1,97 @@
+"""PoG: feature taps, FPN + Enh-Fusion + RetinaNet heads, and the loss weighting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NUM_CLASSES, PHRASE_DIM, make_inputs
+from torchvision.ops import box_iou
+
+from spatiallock.models.adapter import SpatialLockAdapter
+from spatiallock.models.perception import DownBlockTap, LossWeighting, PerceptionHead
+
+
+def test_tap_collects_one_full_resolution_feature_per_down_block(unet):
+    x = make_inputs()
+    with DownBlockTap(unet.down_blocks) as tap:
+        unet(x["sample"], x["timestep"], x["encoder_hidden_states"])
+    assert [tuple(f.shape[1:]) for f in tap.features] == [(32, 8, 8), (64, 4, 4)]
+    # hooks are gone afterwards
+    unet(x["sample"], x["timestep"], x["encoder_hidden_states"])
+    assert len(tap.features) == 2
+
+
+@pytest.mark.parametrize("enh_fusion", [True, False])
+def test_perception_loss_is_finite_and_falls_when_overfitting_one_batch(enh_fusion):
+    torch.manual_seed(0)
+    head = PerceptionHead([16, 32], NUM_CLASSES, channels=32, enh_fusion=enh_fusion, enh_grid=4, enh_heads=4)
+    features = [torch.randn(2, 16, 16, 16), torch.randn(2, 32, 8, 8)]
+    boxes = torch.tensor([[[0.1, 0.1, 0.4, 0.5], [0.5, 0.5, 0.9, 0.8]], [[0.2, 0.3, 0.7, 0.9], [0, 0, 0, 0]]])
+    labels = torch.tensor([[1, 3], [4, 0]])
+    masks = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    optimiser = torch.optim.Adam(head.parameters(), lr=1e-3)
+    history = []
+    for _ in range(100):
+        losses = head.loss(features, boxes, labels, masks)
+        total = sum(losses.values())
+        assert torch.isfinite(total) and set(losses) == {"classification", "bbox_regression"}
+        optimiser.zero_grad()
+        total.backward()
+        optimiser.step()
+        history.append(total.item())
+    assert history[-1] < 0.5 * history[0]
+    # after over-fitting, each object of the first image is detected in its box with its class
+    found = head.detect(features, score_threshold=0.2)[0]
+    for box, label in zip(boxes[0], labels[0]):
+        same_class = found["boxes"][found["labels"] == label]
+        assert same_class.numel() and box_iou(box[None], same_class).max() > 0.5
+
+
+def test_enh_fusion_starts_as_identity_and_is_switchable():
+    torch.manual_seed(0)
+    with_enh = PerceptionHead([16, 32], NUM_CLASSES, channels=32, enh_grid=4, enh_heads=4)
+    without = PerceptionHead([16, 32], NUM_CLASSES, channels=32, enh_fusion=False)
+    without.fpn.load_state_dict(with_enh.fpn.state_dict())
+    features = [torch.randn(1, 16, 16, 16), torch.randn(1, 32, 8, 8)]
+    for a, b in zip(with_enh.pyramid(features), without.pyramid(features)):
+        assert torch.equal(a, b)
+    assert without.enh_fusion is None
+    with torch.no_grad():
+        with_enh.enh_fusion.proj.bias.fill_(0.5)
+    assert not torch.equal(with_enh.pyramid(features)[0], without.pyramid(features)[0])
+
+
+def test_image_without_objects_gives_finite_loss():
+    head = PerceptionHead([16, 32], NUM_CLASSES, channels=32, enh_grid=4, enh_heads=4)
+    features = [torch.randn(1, 16, 16, 16), torch.randn(1, 32, 8, 8)]
+    losses = head.loss(features, torch.zeros(1, 2, 4), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2))
+    assert torch.isfinite(losses["classification"]) and losses["bbox_regression"].item() == 0.0
+
+
+def test_learned_weights_follow_uncertainty_weighting_and_fixed_weights_are_fixed():
+    learned = LossWeighting(["diffusion", "perception"])
+    with torch.no_grad():
+        learned.log_vars.copy_(torch.tensor([0.5, -1.0]))
+    losses = {"diffusion": torch.tensor(2.0), "perception": torch.tensor(3.0)}
+    expected = torch.exp(torch.tensor(-0.5)) * 2 + 0.5 + torch.exp(torch.tensor(1.0)) * 3 - 1.0
+    torch.testing.assert_close(learned(losses), expected)
+    fixed = LossWeighting(["diffusion", "perception"], "fixed", [0.5, 0.5])
+    assert list(fixed.parameters()) == [] and fixed(losses).item() == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="2 losses"):
+        LossWeighting(["diffusion", "perception"], "fixed", [1.0])
+
+
+def test_adapter_trains_with_learned_weights_that_move(unet):
+    torch.manual_seed(0)
+    adapter = SpatialLockAdapter.from_unet(unet, phrase_dim=PHRASE_DIM, num_classes=NUM_CLASSES, fpn_channels=32)
+    adapter.attach(unet)
+    optimiser = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
+    x = make_inputs()
+    for _ in range(3):
+        out = adapter(unet, **x)
+        loss = adapter.total_loss(out.sample.square().mean(), out.perception_losses)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    weights = adapter.weighting.weights()
+    assert set(weights) == {"diffusion", "perception"} and weights["perception"] != 1.0
