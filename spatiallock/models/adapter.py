@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
@@ -42,10 +43,12 @@ VARIANTS = {
 
 @dataclass
 class AdapterOutput:
-    """U-Net prediction with grounding, and the perception losses when they were asked for."""
+    """U-Net prediction with grounding; the perception losses and the training loss when asked for."""
 
     sample: torch.Tensor
     perception_losses: dict[str, torch.Tensor] | None = None
+    loss: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] | None = None
 
 
 class SpatialLockAdapter(ModelMixin, ConfigMixin):
@@ -190,24 +193,44 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         boxes: torch.Tensor,
         masks: torch.Tensor,
         labels: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
+        object_masks: torch.Tensor | None = None,
     ) -> AdapterOutput:
-        """Run the attached `unet` with grounding; with `labels` (B, N) also the perception losses.
+        """Run the attached `unet` with grounding; optionally the perception and training losses.
 
         Args:
-            phrase_embeds: (B, N, phrase_dim); boxes: (B, N, 4) normalised xyxy; masks: (B, N).
+            phrase_embeds: (B, N, phrase_dim); boxes: (B, N, 4) normalised xyxy; masks: (B, N) grounding slots
+                (all zero for a dropped layout).
+            labels: (B, N) class indices: the perception head is trained against `boxes` with them.
+            target: the diffusion target; with it `loss` holds the weighted total and `losses` its parts.
+            object_masks: (B, N) objects present in the image for the perception loss (default: `masks`).
         """
         # 1. grounding tokens, computed here so that the adapter's own forward holds the whole graph
         objs = self.tokenizer(phrase_embeds, boxes, masks)
         kwargs = grounding_kwargs(objs)
         # 2. the U-Net, with its down-block features tapped when the perception loss is wanted
-        if labels is None or self.perception is None:
-            sample = unet(sample, timestep, encoder_hidden_states, cross_attention_kwargs=kwargs).sample
-            return AdapterOutput(sample)
-        with DownBlockTap(unet.down_blocks) as tap:
-            sample = unet(sample, timestep, encoder_hidden_states, cross_attention_kwargs=kwargs).sample
-        # 3. PoG: detection losses against the sample's own boxes
-        losses = self.perception.loss(tap.features, boxes, labels, masks)
-        return AdapterOutput(sample, losses)
+        perceive = labels is not None and self.perception is not None
+        with DownBlockTap(unet.down_blocks if perceive else []) as tap:
+            sample = unet(
+                sample,
+                timestep,
+                encoder_hidden_states,
+                cross_attention_kwargs=kwargs,
+                encoder_attention_mask=encoder_attention_mask,
+            ).sample
+        # 3. PoG: detection losses against the image's own boxes
+        perception = None
+        if perceive:
+            object_masks = masks if object_masks is None else object_masks
+            perception = self.perception.loss(tap.features, boxes, labels.clamp(min=0), object_masks)
+        output = AdapterOutput(sample, perception)
+        if target is not None:
+            output.losses = {"diffusion": F.mse_loss(sample.float(), target.float())}
+            if perception is not None:
+                output.losses["perception"] = sum(perception.values())
+            output.loss = self.total_loss(output.losses["diffusion"], perception)
+        return output
 
     def total_loss(self, diffusion_loss: torch.Tensor, perception_losses: dict[str, torch.Tensor] | None = None):
         """Diffusion loss combined with the summed perception losses by the loss weighting."""

@@ -1,0 +1,151 @@
+"""`spatiallock train base|adapter`: the small base model and the SpatialLock adapters."""
+
+from __future__ import annotations
+
+import argparse
+
+from spatiallock.errors import SpatialLockError
+
+BASE_HELP = """\
+Train the small text-to-image base of the synthetic domain on captions only: first a small autoencoder
+(--vae-steps), then the U-Net (--max-steps) on its latents, conditioned on the frozen all-MiniLM-L6-v2.
+Writes a diffusers-layout folder (unet/, vae/, scheduler/, tokenizer/, model_index.json) and keeps
+checkpoints and a JSON-lines log of the losses in MODEL/train/. Ctrl-C writes a checkpoint and stops;
+--resume continues from the newest one.
+
+example:
+  spatiallock data synth --out data/shapes --train 10000 --val 1000
+  spatiallock train base --data data/shapes --out models/base
+"""
+
+ADAPTER_HELP = """\
+Train an adapter on a frozen base: the small base's folder, or a Stable Diffusion v1.x folder or hub id
+(then use --resolution 512, --mixed-precision bf16 and --gradient-checkpointing on a GPU). Only the adapter
+is trained and saved (config.json + safetensors in ADAPTER/); checkpoints and the loss log go to
+ADAPTER/train/. Ctrl-C writes a checkpoint and stops; --resume continues from the newest one.
+Several GPUs or machines: `accelerate launch -m spatiallock.cli train adapter ...`.
+
+variants:
+  spatiallock  Grounding-Attention + PoG with Enh-Fusion (the method)
+  poi          Grounding-Attention only
+  poi-pog      Grounding-Attention + PoG without Enh-Fusion
+  gligen       GLIGEN-style gated self-attention in every transformer block (the baseline)
+
+examples:
+  spatiallock train adapter --base models/base --data data/shapes --out models/spatiallock
+  spatiallock train adapter --base models/base --data data/shapes --out runs/all --positions all
+  spatiallock train adapter --base models/base --data data/shapes --out runs/fixed --loss-weights 0.5,0.5
+"""
+
+
+def _loss_weights(text: str) -> tuple[float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers such as 0.5,0.5, got {text!r}") from None
+    if len(values) != 2 or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected two non-negative numbers such as 0.5,0.5, got {text!r}")
+    return values
+
+
+def _add_loop_options(parser: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:
+    parser.add_argument("--max-steps", type=int, default=steps, metavar="N", help=f"training steps (default: {steps})")
+    parser.add_argument(
+        "--batch-size", type=int, default=batch, metavar="B", help=f"batch size per process (default: {batch})"
+    )
+    parser.add_argument("--lr", type=float, default=lr, help=f"learning rate (default: {lr})")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--checkpoint-every", type=int, default=500, metavar="K", help="steps between checkpoints")
+    parser.add_argument("--keep", type=int, default=3, help="checkpoints kept (default: 3)")
+    parser.add_argument("--num-workers", type=int, default=0, help="data loader processes (default: 0)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _loop(args: argparse.Namespace, steps: int, batch: int, lr: float, warmup: int = 0):
+    from spatiallock.training.loop import LoopConfig
+
+    for name, value in (
+        ("--max-steps", steps),
+        ("--batch-size", batch),
+        ("--checkpoint-every", args.checkpoint_every),
+    ):
+        if value < 1:
+            raise SpatialLockError(f"{name}: must be at least 1, got {value}")
+    return LoopConfig(
+        max_steps=steps, batch_size=batch, learning_rate=lr, warmup_steps=warmup, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep, num_workers=args.num_workers,
+        resume=args.resume, progress=not args.no_progress,
+    )  # fmt: skip
+
+
+def run_base(args: argparse.Namespace) -> int:
+    from spatiallock.training.base import BaseTrainConfig, train_base
+
+    config = BaseTrainConfig(
+        data=args.data, out=args.out, resolution=args.resolution,
+        vae=_loop(args, args.vae_steps, args.vae_batch_size, args.vae_lr),
+        unet=_loop(args, args.max_steps, args.batch_size, args.lr, warmup=100),
+    )  # fmt: skip
+    result = train_base(config)
+    if result.interrupted:
+        return 130
+    print(f"base model written to {args.out} ({result.step} U-Net steps, last loss {result.last_losses.get('loss')})")
+    return 0
+
+
+def run_adapter(args: argparse.Namespace) -> int:
+    from spatiallock.training.adapter import AdapterTrainConfig, train_adapter
+
+    config = AdapterTrainConfig(
+        base=args.base, data=args.data, out=args.out, variant=args.variant, positions=args.positions,
+        loss_weights=args.loss_weights, resolution=args.resolution, mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, split=args.split,
+        loop=_loop(args, args.max_steps, args.batch_size, args.lr, warmup=50),
+    )  # fmt: skip
+    result = train_adapter(config)
+    if result.interrupted:
+        return 130
+    print(f"adapter written to {args.out} ({result.step} steps, last losses {result.last_losses})")
+    return 0
+
+
+def register(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train the small base model or an adapter")
+    sub = train.add_subparsers(dest="train_command", metavar="<what>", required=True)
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    base = sub.add_parser("base", help="train the small base model", description=BASE_HELP, formatter_class=formatter)
+    base.add_argument("--data", required=True, metavar="DIR", help="COCO-format layout folder (train split)")
+    base.add_argument("--out", required=True, metavar="MODEL", help="model folder to write")
+    base.add_argument("--resolution", type=int, default=64, help="image side in pixels (default: 64)")
+    base.add_argument("--vae-steps", type=int, default=1500, metavar="N", help="autoencoder steps (default: 1500)")
+    base.add_argument("--vae-batch-size", type=int, default=16, metavar="B", help="autoencoder batch (default: 16)")
+    base.add_argument("--vae-lr", type=float, default=1e-3, help="autoencoder learning rate (default: 1e-3)")
+    _add_loop_options(base, steps=5000, batch=32, lr=3e-4)
+    base.set_defaults(func=run_base)
+
+    adapter = sub.add_parser(
+        "adapter", help="train a SpatialLock or GLIGEN-style adapter", description=ADAPTER_HELP,
+        formatter_class=formatter,
+    )  # fmt: skip
+    adapter.add_argument("--base", required=True, metavar="MODEL", help="base model folder or hub id")
+    adapter.add_argument("--data", required=True, metavar="DIR", help="COCO-format layout folder")
+    adapter.add_argument("--out", required=True, metavar="ADAPTER", help="adapter folder to write")
+    adapter.add_argument(
+        "--variant", default="spatiallock", choices=["spatiallock", "poi", "poi-pog", "gligen"], help="what to train"
+    )
+    adapter.add_argument(
+        "--positions", default=None,
+        help="attention placement: default, all, down, up, inner, or names such as down_blocks.2.attentions.1",
+    )  # fmt: skip
+    adapter.add_argument(
+        "--loss-weights", type=_loss_weights, default=None, metavar="WD,WP",
+        help="fixed diffusion,perception weights (default: learned uncertainty weights)",
+    )  # fmt: skip
+    adapter.add_argument("--resolution", type=int, default=None, help="image side (default: the base's native size)")
+    adapter.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="default: no")
+    adapter.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    adapter.add_argument("--split", default="train", help="split of the data folder (default: train)")
+    _add_loop_options(adapter, steps=2000, batch=16, lr=1e-4)
+    adapter.set_defaults(func=run_adapter)

@@ -1,0 +1,1 @@
+"""Training: the shared loop, the small base (autoencoder, then U-Net) and the adapters."""

@@ -1,0 +1,146 @@
+"""`spatiallock train base`: the small text-to-image base of the synthetic domain, trained on captions only.
+
+Two stages, both resumable: (1) a small `AutoencoderKL` on the images (L1 + MSE + a light KL term), after
+which its latent scaling factor is measured; (2) a `UNet2DConditionModel` on the frozen autoencoder's latents,
+conditioned on the frozen all-MiniLM-L6-v2 caption states. The result is a diffusers-layout folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch import nn
+
+from spatiallock.base import (
+    CAPTION_TOKENS,
+    BaseModel,
+    save_small_base,
+    small_scheduler,
+    small_unet_config,
+    small_vae_config,
+)
+from spatiallock.checkpoint import atomic_save_pretrained, list_checkpoints
+from spatiallock.data.coco import LayoutDataset, collate_layouts
+from spatiallock.errors import SpatialLockError
+from spatiallock.text import encode_captions, load_minilm
+from spatiallock.training.adapter import drop, latents_of, noisy_inputs
+from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
+
+
+@dataclass
+class BaseTrainConfig:
+    """Everything `train base` needs; written to `<out>/train/config.json`."""
+
+    data: str
+    out: str
+    resolution: int = 64
+    caption_dropout: float = 0.1
+    kl_weight: float = 1e-6
+    flip_prob: float = 0.5
+    vae: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=1500, batch_size=16, learning_rate=1e-3))
+    unet: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=5000, batch_size=32, learning_rate=3e-4))
+    split: str = "train"
+
+
+class _Reconstruction(nn.Module):
+    """Autoencoder training forward in one module call (so that DDP sees it): (reconstruction, KL)."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(pixels).latent_dist
+        return self.vae.decode(posterior.sample(generator=generator)).sample, posterior.kl().mean()
+
+
+@torch.no_grad()
+def measure_scaling_factor(vae: AutoencoderKL, dataset, device, images: int = 256) -> float:
+    """1 / std of the posterior means over the first `images` images, so latents have unit variance."""
+    means = []
+    for start in range(0, min(images, len(dataset)), 32):
+        pixels = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(start + 32, len(dataset)))])
+        means.append(vae.encode(pixels.to(device)).latent_dist.mean)
+    return float(1.0 / torch.cat(means).std())
+
+
+def train_base(config: BaseTrainConfig) -> LoopResult:
+    """Train the small base as configured; writes the model folder at `config.out` when done."""
+    out = Path(config.out)
+    folder = out / "train"
+    resume = config.vae.resume or config.unet.resume
+    if not resume and (
+        list_checkpoints(folder / "checkpoints" / "vae") or list_checkpoints(folder / "checkpoints" / "unet")
+    ):
+        raise SpatialLockError(f"out: {out} already holds checkpoints; pass --resume to continue or choose another")
+    if config.resolution % 16:
+        raise SpatialLockError(f"resolution: must be a multiple of 16, got {config.resolution}")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    text_encoder, tokenizer = load_minilm()
+    text_encoder.to(device)
+    dataset = LayoutDataset.from_split(
+        config.data, config.split, resolution=config.resolution, flip_prob=config.flip_prob, random_caption=True,
+        seed=config.vae.seed,
+    )  # fmt: skip
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+
+    # 1. the autoencoder, unless a finished one is already there
+    vae_dir = folder / "vae"
+    if (vae_dir / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(vae_dir)
+    else:
+        torch.manual_seed(config.vae.seed)
+        vae = AutoencoderKL(**small_vae_config(config.resolution))
+
+        def vae_losses(models: dict, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+            pixels = batch["pixel_values"].to(device)
+            decoded, kl = models["vae"](pixels, generator)
+            l1, mse = F.l1_loss(decoded, pixels), F.mse_loss(decoded, pixels)
+            return {"loss": l1 + mse + config.kl_weight * kl, "l1": l1, "mse": mse, "kl": kl}
+
+        result = train_loop(
+            accelerator=accelerator, stage="vae", folder=folder, models={"vae": _Reconstruction(vae)}, dataset=dataset,
+            collate_fn=collate_layouts, compute_losses=vae_losses, config=config.vae,
+        )  # fmt: skip
+        if result.interrupted:
+            return result
+        vae.eval()
+        vae.register_to_config(scaling_factor=measure_scaling_factor(vae, dataset, device))
+        if accelerator.is_main_process:
+            atomic_save_pretrained(vae, vae_dir)
+        accelerator.wait_for_everyone()
+    vae.requires_grad_(False).eval().to(device)
+
+    # 2. the U-Net on frozen latents and caption states
+    torch.manual_seed(config.unet.seed)
+    latent_size = config.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    unet = UNet2DConditionModel(**small_unet_config(latent_size, text_encoder.config.hidden_size))
+    scheduler = small_scheduler()
+    base = BaseModel(unet, vae, text_encoder, tokenizer, scheduler, CAPTION_TOKENS)
+
+    def unet_losses(models: dict, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        latents = latents_of(base, batch["pixel_values"].to(device), generator)
+        captions, _ = drop(batch["captions"], config.caption_dropout, generator, "")
+        states, mask = encode_captions(text_encoder, tokenizer, captions, CAPTION_TOKENS)
+        noisy, steps, target = noisy_inputs(scheduler, latents, generator)
+        prediction = models["unet"](noisy, steps, states, encoder_attention_mask=mask).sample
+        loss = F.mse_loss(prediction.float(), target.float())
+        return {"loss": loss}
+
+    result = train_loop(
+        accelerator=accelerator, stage="unet", folder=folder, models={"unet": unet}, dataset=dataset,
+        collate_fn=collate_layouts, compute_losses=unet_losses, config=config.unet,
+    )  # fmt: skip
+    if not result.interrupted and accelerator.is_main_process:
+        save_small_base(out, accelerator.unwrap_model(unet), vae, scheduler, tokenizer)
+    accelerator.wait_for_everyone()
+    return result

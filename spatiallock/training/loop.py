@@ -1,0 +1,274 @@
+"""The training loop shared by every stage: accelerate, resumable checkpoints, progress, JSON-lines log.
+
+Reproducibility across a kill: the batch of step `s` and all randomness of that step (noise, timesteps,
+dropouts) are functions of (seed, s, rank) only, and the checkpoint restores weights, optimiser and LR
+scheduler, so a run stopped after k steps and resumed ends where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from spatiallock.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from spatiallock.errors import SpatialLockError
+
+
+class NonFiniteLoss(SpatialLockError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class LoopConfig:
+    """How long and how a stage trains. `batch_size` is per process."""
+
+    max_steps: int
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    num_workers: int = 0
+    resume: bool = False
+    progress: bool = True
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The random generator of one step on one process."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 101 + rank)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batch sampler: the batch of global step `s` on process `rank`, from step `start` on, without end.
+
+    The global stream is a new seeded permutation of the data set every epoch; each process takes its slice
+    of every global batch. Items are (epoch, index) pairs so that augmentation can depend on the epoch.
+    """
+
+    def __init__(self, size: int, batch_size: int, world_size: int, rank: int, seed: int, start: int = 0):
+        if size == 0:
+            raise SpatialLockError("data: the training set is empty after filtering")
+        self.size, self.batch_size, self.world, self.rank, self.seed, self.start = (
+            size,
+            batch_size,
+            world_size,
+            rank,
+            seed,
+            start,
+        )
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)))
+        return self._perm[1]
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        first = (step * self.world + self.rank) * self.batch_size
+        items = []
+        for position in range(first, first + self.batch_size):
+            epoch, offset = divmod(position, self.size)
+            items.append((epoch, int(self._permutation(epoch)[offset])))
+        return items
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+class EpochIndexed(torch.utils.data.Dataset):
+    """Wraps a data set with `set_epoch` so that items are fetched by (epoch, index)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        epoch, index = item
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+class JsonLog:
+    """Append-only JSON-lines log; on resume, lines past the resumed step are dropped."""
+
+    def __init__(self, path: Path, stage: str, resume_step: int, enabled: bool = True):
+        self.path, self.stage, self.enabled = path, stage, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if entry.get("stage") != stage or entry.get("step", 0) <= resume_step:
+                    kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, entry: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"stage": self.stage, **entry}) + "\n")
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C or SIGTERM into a flag checked between steps; a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the base learning rate, then constant."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    )
+
+
+@dataclass
+class LoopResult:
+    step: int
+    interrupted: bool
+    last_losses: dict[str, float]
+
+
+def train_loop(
+    *,
+    accelerator: Accelerator,
+    stage: str,
+    folder: Path,
+    models: dict[str, nn.Module],
+    dataset,
+    collate_fn: Callable,
+    compute_losses: Callable[[dict, dict, torch.Generator], dict[str, torch.Tensor]],
+    config: LoopConfig,
+    log_extra: Callable[[], dict] | None = None,
+) -> LoopResult:
+    """Train `models` (all of them trainable) for `config.max_steps` steps of `compute_losses`.
+
+    `compute_losses(models, batch, generator)` gets the prepared (possibly DDP-wrapped) models and returns a
+    dict with the total under "loss" and its parts.
+    Checkpoints go to `folder/checkpoints/<stage>/`, the log to `folder/log.jsonl`.
+    """
+    checkpoints = folder / "checkpoints" / stage
+    params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    lr_scheduler = constant_with_warmup(optimizer, config.warmup_steps)
+    start = 0
+    found = list_checkpoints(checkpoints) if config.resume else []
+    if found:
+        start = load_checkpoint(found[-1], models, optimizer, lr_scheduler)["step"]
+    names = list(models)
+    prepared = accelerator.prepare(*models.values(), optimizer)
+    wrapped = dict(zip(names, prepared[: len(names)]))
+    optimizer = prepared[-1]
+
+    main = accelerator.is_main_process
+    log = JsonLog(folder / "log.jsonl", stage, start, enabled=main)
+    sampler = StepBatches(
+        len(dataset), config.batch_size, accelerator.num_processes, accelerator.process_index, config.seed, start
+    )
+    loader = torch.utils.data.DataLoader(
+        EpochIndexed(dataset), batch_sampler=sampler, collate_fn=collate_fn, num_workers=config.num_workers
+    )
+
+    def save(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if main:
+            unwrapped = {name: accelerator.unwrap_model(m) for name, m in wrapped.items()}
+            save_checkpoint(
+                checkpoints, step, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                lr_scheduler, {"stage": stage}, config.keep_checkpoints,
+            )  # fmt: skip
+        accelerator.wait_for_everyone()
+
+    step, last, saved_at = start, {}, start
+    bar = tqdm(
+        total=config.max_steps, initial=start, desc=stage, disable=not (main and config.progress), smoothing=0.1
+    )
+    batches = iter(loader)
+    tic = time.perf_counter()
+    for model in wrapped.values():
+        model.train()
+    with _StopRequest() as stop:
+        try:
+            while step < config.max_steps and not stop.requested:
+                batch = next(batches)
+                generator = step_generator(config.seed, step, accelerator.process_index, accelerator.device)
+                with accelerator.autocast():
+                    losses = compute_losses(wrapped, batch, generator)
+                loss = losses["loss"]
+                if not torch.isfinite(loss.detach()).all():
+                    kept = list_checkpoints(checkpoints)
+                    where = f"{kept[-1]} is kept" if kept else "no checkpoint had been written yet"
+                    raise NonFiniteLoss(f"loss: became {loss.item()} at step {step + 1}; stopped, {where}")
+                accelerator.backward(loss)
+                if config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                last = {k: float(v.detach()) for k, v in losses.items()}
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+                if step % config.log_every == 0 or step == config.max_steps:
+                    elapsed, tic = time.perf_counter() - tic, time.perf_counter()
+                    entry = {"step": step, **last, "lr": lr_scheduler.get_last_lr()[0]}
+                    entry["steps_per_s"] = round(config.log_every / elapsed, 4) if elapsed > 0 else None
+                    if log_extra is not None:
+                        entry.update(log_extra())
+                    log.write(entry)
+                if step % config.checkpoint_every == 0 or step == config.max_steps:
+                    save(step)
+                    saved_at = step
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last periodic checkpoint
+            bar.close()
+            raise
+        interrupted = stop.requested
+    bar.close()
+    if interrupted and step != saved_at:
+        save(step)
+    if interrupted and main:
+        print(f"{stage}: stopped at step {step}; checkpoint written. Run again with --resume to continue.")
+    return LoopResult(step, interrupted, {k: v for k, v in last.items() if math.isfinite(v)})
