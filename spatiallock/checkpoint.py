@@ -59,8 +59,12 @@ def save_checkpoint(
     lr_scheduler=None,
     extra: dict | None = None,
     keep: int = 3,
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write `checkpoint-<step>` atomically and prune older ones beyond `keep`."""
+    """Write `checkpoint-<step>` atomically and prune older ones beyond `keep`.
+
+    `tensors`: further tensor files, `{file stem: {key: tensor}}` (an EMA's weights).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"checkpoint-{step}"
@@ -69,9 +73,11 @@ def save_checkpoint(
         for name, model in models.items():
             weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
             save_file(weights, tmp / f"{name}.safetensors")
-        tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
-        tensors["__torch_rng_state__"] = torch.get_rng_state()
-        save_file(tensors, tmp / "optimizer.safetensors")
+        for stem, values in (tensors or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in values.items()}, tmp / f"{stem}.safetensors")
+        flat, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
+        flat["__torch_rng_state__"] = torch.get_rng_state()
+        save_file(flat, tmp / "optimizer.safetensors")
         state = {
             "step": step,
             "optimizer": optimizer_meta,

@@ -87,6 +87,7 @@ def run_base(args: argparse.Namespace) -> int:
         vae=_loop(args, args.vae_steps, args.vae_batch_size, args.vae_lr),
         unet=_loop(args, args.max_steps, args.batch_size, args.lr, warmup=100),
     )  # fmt: skip
+    config.unet.ema_decay = args.ema_decay
     result = train_base(config)
     if result.interrupted:
         return 130
@@ -122,6 +123,10 @@ def register(subparsers) -> None:
     base.add_argument("--vae-steps", type=int, default=1500, metavar="N", help="autoencoder steps (default: 1500)")
     base.add_argument("--vae-batch-size", type=int, default=16, metavar="B", help="autoencoder batch (default: 16)")
     base.add_argument("--vae-lr", type=float, default=1e-3, help="autoencoder learning rate (default: 1e-3)")
+    base.add_argument(
+        "--ema-decay", type=float, default=0.999, metavar="D",
+        help="save the U-Net as a moving average of its weights with this decay; 0: off (default: 0.999)",
+    )  # fmt: skip
     _add_loop_options(base, steps=5000, batch=32, lr=3e-4)
     base.set_defaults(func=run_base)
 

@@ -12,11 +12,12 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -42,6 +43,7 @@ class LoopConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 10
+    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights and return it at the end
     num_workers: int = 0
     resume: bool = False
     progress: bool = True
@@ -167,9 +169,12 @@ def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) ->
 
 @dataclass
 class LoopResult:
+    """Where a run ended. `models`: the trained models as given (unwrapped), on every process."""
+
     step: int
     interrupted: bool
     last_losses: dict[str, float]
+    models: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def train_loop(
@@ -198,6 +203,17 @@ def train_loop(
     found = list_checkpoints(checkpoints) if config.resume else []
     if found:
         start = load_checkpoint(found[-1], models, optimizer, lr_scheduler)["step"]
+    ema = {}
+    if config.ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+
+        for name, model in models.items():
+            ema[name] = EMAModel(model.parameters(), decay=config.ema_decay)
+            saved = found[-1] / f"ema_{name}.safetensors" if found else None
+            if saved is not None and saved.is_file():  # else: start the average from the resumed weights
+                shadow = load_file(saved)
+                ema[name].shadow_params = [shadow[str(i)] for i in range(len(shadow) - 1)]
+                ema[name].optimization_step = int(shadow["optimization_step"])
     names = list(models)
     prepared = accelerator.prepare(*models.values(), optimizer)
     wrapped = dict(zip(names, prepared[: len(names)]))
@@ -212,13 +228,20 @@ def train_loop(
         EpochIndexed(dataset), batch_sampler=sampler, collate_fn=collate_fn, num_workers=config.num_workers
     )
 
+    def ema_tensors() -> dict[str, dict[str, torch.Tensor]]:
+        files = {}
+        for name, average in ema.items():
+            files[f"ema_{name}"] = {str(i): p for i, p in enumerate(average.shadow_params)}
+            files[f"ema_{name}"]["optimization_step"] = torch.tensor(average.optimization_step)
+        return files
+
     def save(step: int) -> None:
         accelerator.wait_for_everyone()
         if main:
             unwrapped = {name: accelerator.unwrap_model(m) for name, m in wrapped.items()}
             save_checkpoint(
                 checkpoints, step, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                lr_scheduler, {"stage": stage}, config.keep_checkpoints,
+                lr_scheduler, {"stage": stage}, config.keep_checkpoints, tensors=ema_tensors(),
             )  # fmt: skip
         accelerator.wait_for_everyone()
 
@@ -248,6 +271,8 @@ def train_loop(
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                for name, average in ema.items():
+                    average.step(models[name].parameters())
                 step += 1
                 last = {k: float(v.detach()) for k, v in losses.items()}
                 bar.update(1)
@@ -269,6 +294,10 @@ def train_loop(
     bar.close()
     if interrupted and step != saved_at:
         save(step)
+    if not interrupted:  # finished: the models hold their averaged weights (checkpoints keep the raw ones)
+        for name, average in ema.items():
+            average.copy_to(models[name].parameters())
     if interrupted and main:
         print(f"{stage}: stopped at step {step}; checkpoint written. Run again with --resume to continue.")
-    return LoopResult(step, interrupted, {k: v for k, v in last.items() if math.isfinite(v)})
+    unwrapped = {name: accelerator.unwrap_model(m) for name, m in wrapped.items()}
+    return LoopResult(step, interrupted, {k: v for k, v in last.items() if math.isfinite(v)}, unwrapped)

@@ -1,0 +1,359 @@
+"""`SpatialLockPipeline`: caption + layout in, images out, on any base with SD's structure.
+
+The sampling loop is Stable Diffusion's (diffusers `StableDiffusionPipeline`): the same latents, the same
+classifier-free guidance, the same scheduler calls. With an adapter attached, the U-Net additionally gets
+grounding tokens for the first `grounding_steps` share of the steps; the unconditional branch gets the
+empty caption and null grounding (every object slot masked). Without an adapter, or with all gates at zero,
+the output is the plain base pipeline's.
+
+Folders: `save_pretrained` writes diffusers layout (`model_index.json`, `unet/`, `vae/`, `scheduler/`,
+`tokenizer/`, `text_encoder/`, `adapter/`). The small base's folder names its text encoder's package instead
+of copying it. `from_pretrained(model, adapter=...)` attaches a separately given adapter folder to a base.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from spatiallock.base import TEXT_ENCODER_PACKAGE, load_base
+from spatiallock.errors import SpatialLockError
+from spatiallock.layout import Layout, as_layouts, pad_layouts
+from spatiallock.models.adapter import SpatialLockAdapter
+from spatiallock.text import PhraseCache, encode_captions, is_clip, phrase_dim
+
+# --scheduler names -> diffusers classes (and the options that make them what the name says)
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "dpm": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+}
+
+
+def make_scheduler(name: str, config: dict):
+    """A diffusers scheduler by short name (see `SCHEDULERS`), on the noise schedule of `config`."""
+    if name not in SCHEDULERS:
+        raise SpatialLockError(f"scheduler: {name!r} is not one of {', '.join(SCHEDULERS)}")
+    cls_name, options = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(config, **options)
+
+
+def sampling_scheduler(model: str | os.PathLike):
+    """The scheduler a model folder names; a training-only `DDPMScheduler` becomes DPM-Solver++."""
+    try:
+        config = diffusers.DDPMScheduler.load_config(model, subfolder="scheduler")
+    except (OSError, ValueError) as err:
+        raise SpatialLockError(f"model: cannot read the scheduler of {model}: {err}") from None
+    cls = getattr(diffusers, config.get("_class_name", ""), None)
+    if cls is None or cls is diffusers.DDPMScheduler:
+        return make_scheduler("dpm", config)
+    return cls.from_config(config)
+
+
+@dataclass
+class SpatialLockPipelineOutput(BaseOutput):
+    """`images`: PIL images, a numpy array or a tensor (by `output_type`); `layouts`: the layout of each."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    layouts: list[Layout]
+
+
+class SpatialLockPipeline(DiffusionPipeline):
+    """Layout-to-image generation with a SpatialLock (or GLIGEN-style) adapter on a frozen base.
+
+    Args:
+        vae, text_encoder, tokenizer, unet, scheduler: the base (Stable Diffusion v1.x or the small base).
+        adapter: a `SpatialLockAdapter` for this base, or None for the plain base pipeline.
+        caption_tokens: caption length fed to the text encoder (default: the tokenizer's maximum).
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["adapter"]
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, adapter=None, caption_tokens: int | None = None):
+        super().__init__()
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler, adapter=None
+        )
+        self.caption_tokens = caption_tokens or tokenizer.model_max_length
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self._phrases: PhraseCache | None = None
+        self.set_adapter(adapter)
+
+    # ---- building and saving -----------------------------------------------------------------------------
+
+    def set_adapter(self, adapter: SpatialLockAdapter | None) -> None:
+        """Attach `adapter` to the U-Net (checked first), replacing any other; None detaches."""
+        SpatialLockAdapter.detach(self.unet)
+        if adapter is not None:
+            expected = phrase_dim(self.text_encoder)
+            if adapter.config.phrase_dim != expected:
+                raise SpatialLockError(
+                    f"adapter does not fit the base: its phrase embeddings are {adapter.config.phrase_dim}-dim, "
+                    f"the base's text encoder gives {expected}"
+                )
+            adapter.attach(self.unet)
+            adapter.to(device=self.unet.device, dtype=self.unet.dtype).eval().requires_grad_(False)
+        self.register_modules(adapter=adapter)
+
+    @property
+    def uses_caption_mask(self) -> bool:
+        return not is_clip(self.text_encoder)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike,
+        adapter: str | os.PathLike | SpatialLockAdapter | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+        scheduler: str | None = None,
+    ) -> SpatialLockPipeline:
+        """Load a pipeline folder, or a base (SD v1.x folder / hub id, or the small base) plus an adapter.
+
+        `adapter`: an adapter folder (or object) attached to the base; default: the folder's own `adapter/`
+        when there is one, else none (the plain base). `scheduler`: a name of `SCHEDULERS` instead of the
+        folder's.
+        """
+        path = Path(model)
+        if path.is_dir() and (path / "config.json").is_file() and not (path / "model_index.json").is_file():
+            raise SpatialLockError(
+                f"model: {model} is an adapter folder, not a model; give its base as the model and this as adapter"
+            )
+        base = load_base(model, torch_dtype)
+        if adapter is None and (path / "adapter" / "config.json").is_file():
+            adapter = path / "adapter"
+        if adapter is not None and not isinstance(adapter, SpatialLockAdapter):
+            adapter = load_adapter(adapter, torch_dtype)
+        sampler = sampling_scheduler(model)
+        if scheduler is not None:
+            sampler = make_scheduler(scheduler, sampler.config)
+        return cls(base.vae, base.text_encoder, base.tokenizer, base.unet, sampler, adapter, base.caption_tokens)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> Path:
+        """Write the whole pipeline as a diffusers-layout folder, atomically (a kill leaves the old one or none).
+
+        The small base's text encoder is not copied: `model_index.json` names its package instead.
+        """
+        out = Path(save_directory)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        packaged = self.uses_caption_mask  # the small base: all-MiniLM-L6-v2 from its package
+        try:
+            self.unet.save_pretrained(tmp / "unet")
+            self.vae.save_pretrained(tmp / "vae")
+            self.scheduler.save_pretrained(tmp / "scheduler")
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            index = {
+                "_class_name": type(self).__name__,
+                "_diffusers_version": diffusers.__version__,
+                "unet": ["diffusers", type(self.unet).__name__],
+                "vae": ["diffusers", type(self.vae).__name__],
+                "scheduler": ["diffusers", type(self.scheduler).__name__],
+                "tokenizer": ["transformers", type(self.tokenizer).__name__],
+            }
+            if packaged:
+                index.update(text_encoder_package=TEXT_ENCODER_PACKAGE, caption_tokens=self.caption_tokens)
+            else:
+                self.text_encoder.save_pretrained(tmp / "text_encoder")
+                index["text_encoder"] = ["transformers", type(self.text_encoder).__name__]
+            if self.adapter is not None:
+                self.adapter.save_pretrained(tmp / "adapter")
+                index["adapter"] = ["spatiallock", type(self.adapter).__name__]
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+            old = None
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+                os.replace(out, old / "x")
+            os.replace(tmp, out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+    # ---- inputs ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Caption hidden states (B, L, D) and, for sentence encoders, the token mask (B, L)."""
+        hidden, mask = encode_captions(self.text_encoder, self.tokenizer, list(captions), self.caption_tokens)
+        hidden = hidden.to(self.text_encoder.dtype)
+        return hidden, (mask if self.uses_caption_mask else None)
+
+    @torch.no_grad()
+    def encode_layouts(self, layouts: Sequence[Layout]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Phrase embeddings (B, N, P), boxes (B, N, 4) and slot masks (B, N), padded to the longest layout."""
+        if self._phrases is None or self._phrases.text_encoder is not self.text_encoder:
+            self._phrases = PhraseCache(self.text_encoder, self.tokenizer)
+        slots = max(1, max(len(layout) for layout in layouts))
+        phrases, boxes = pad_layouts(layouts, slots)
+        embeds, masks = self._phrases(phrases, slots)
+        boxes = torch.tensor(boxes, dtype=embeds.dtype, device=embeds.device)
+        return embeds, boxes, masks.to(embeds.dtype)
+
+    def prepare_latents(self, batch: int, height: int, width: int, dtype, device, generator, latents=None):
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise SpatialLockError(f"generator: {len(generator)} generators for {batch} images")
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    def prepare_extra_step_kwargs(self, generator, eta: float) -> dict:
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs = {}
+        if "eta" in accepted:
+            kwargs["eta"] = eta
+        if "generator" in accepted:
+            kwargs["generator"] = generator
+        return kwargs
+
+    @property
+    def native_size(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    # ---- sampling ----------------------------------------------------------------------------------------
+
+    def predict(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        states: torch.Tensor,
+        caption_mask: torch.Tensor | None,
+        grounding: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """One U-Net call on an already expanded batch, with grounding tokens when `grounding` is given."""
+        if grounding is None or self.adapter is None:
+            return self.unet(latents, t, encoder_hidden_states=states, encoder_attention_mask=caption_mask).sample
+        embeds, boxes, masks = grounding
+        output = self.adapter(self.unet, latents, t, states, embeds, boxes, masks, encoder_attention_mask=caption_mask)
+        return output.sample
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        phrases: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        boxes: Sequence | None = None,
+        layouts: Sequence[Layout] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 5.0,
+        grounding_steps: float = 1.0,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+    ) -> SpatialLockPipelineOutput | tuple:
+        """Generate images whose objects sit in their boxes.
+
+        Args:
+            prompt: a caption or a list of captions.
+            phrases / boxes: each object's label and normalised (x0, y0, x1, y1) box: one list for all prompts
+                or one list per prompt (layouts of different sizes in one batch are fine).
+            layouts: `Layout`s instead of prompt/phrases/boxes.
+            grounding_steps: share of the steps (from the first) with grounding; after it the base runs alone.
+            guidance_scale: classifier-free guidance; <= 1 turns it off.
+            generator, latents, output_type ("pil", "np", "pt", "latent"), return_dict: as in diffusers.
+        """
+        if layouts is None:
+            if prompt is None:
+                raise SpatialLockError("prompt: give a prompt (with phrases and boxes) or layouts")
+            layouts = as_layouts(prompt, phrases, boxes)
+        layouts = [layout for layout in layouts for _ in range(num_images_per_prompt)]
+        if not 0.0 <= grounding_steps <= 1.0:
+            raise SpatialLockError(f"grounding_steps: a share of the steps in [0, 1], got {grounding_steps}")
+        height = height or self.native_size
+        width = width or self.native_size
+        for name, value in (("height", height), ("width", width)):
+            if value % self.vae_scale_factor:
+                raise SpatialLockError(f"{name}: must be a multiple of {self.vae_scale_factor}, got {value}")
+        device = self._execution_device
+        batch = len(layouts)
+        guided = guidance_scale > 1.0
+
+        # 1. captions (unconditional first, as Stable Diffusion orders them) and grounding tokens
+        states, caption_mask = self.encode_prompts([layout.caption for layout in layouts])
+        grounding = None
+        if self.adapter is not None:
+            grounding = tuple(x.to(device) for x in self.encode_layouts(layouts))
+        if guided:
+            empty, empty_mask = self.encode_prompts([""] * batch)
+            states = torch.cat([empty, states])
+            caption_mask = None if caption_mask is None else torch.cat([empty_mask, caption_mask])
+            if grounding is not None:
+                embeds, bxs, masks = grounding
+                grounding = (embeds.repeat(2, 1, 1), bxs.repeat(2, 1, 1), torch.cat([torch.zeros_like(masks), masks]))
+        states = states.to(device)
+        caption_mask = None if caption_mask is None else caption_mask.to(device)
+
+        # 2. timesteps and noise
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        latents = self.prepare_latents(batch, height, width, states.dtype, device, generator, latents)
+        extra = self.prepare_extra_step_kwargs(generator, eta)
+        grounded = int(grounding_steps * len(timesteps) + 1e-6)
+
+        # 3. denoising
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for i, t in enumerate(timesteps):
+                model_input = torch.cat([latents] * 2) if guided else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                noise = self.predict(model_input, t, states, caption_mask, grounding if i < grounded else None)
+                if guided:
+                    uncond, cond = noise.chunk(2)
+                    noise = uncond + guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
+                progress.update()
+
+        # 4. decoding
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            images = self.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=[True] * batch)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images, layouts)
+        return SpatialLockPipelineOutput(images=images, layouts=layouts)
+
+
+def load_adapter(path: str | os.PathLike, torch_dtype: torch.dtype = torch.float32) -> SpatialLockAdapter:
+    """An adapter folder (config.json + safetensors); `SpatialLockError` when it is not one."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise SpatialLockError(f"adapter: {path} is not an adapter folder (no config.json)")
+    try:
+        adapter = SpatialLockAdapter.from_pretrained(path, torch_dtype=torch_dtype)
+    except (OSError, ValueError, TypeError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SpatialLockError(f"adapter: cannot load {path}: {first}") from None
+    return adapter.eval().requires_grad_(False)
