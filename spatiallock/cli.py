@@ -13,6 +13,7 @@ from spatiallock.errors import SpatialLockError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from spatiallock.commands import generate as generate_cmd
     from spatiallock.commands import params as params_cmd
     from spatiallock.commands import train as train_cmd
     from spatiallock.data import commands as data_cmd
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     params_cmd.register(sub)
     data_cmd.register(sub)
     train_cmd.register(sub)
+    generate_cmd.register(sub)
     return parser
 
 

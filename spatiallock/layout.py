@@ -180,7 +180,10 @@ def read_layouts(path: str | Path, max_objects: int = MAX_OBJECTS) -> list[Layou
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise SpatialLockError(f"{sibling}: malformed JSON: {err}") from None
         return layouts_from_coco(data, captions, path.name, max_objects)
-    return parse_layouts(data, path.name, max_objects)
+    try:
+        return parse_layouts(data, "layouts", max_objects)
+    except SpatialLockError as err:
+        raise SpatialLockError(f"{path}: {err}") from None
 
 
 def pad_layouts(layouts: Sequence[Layout], slots: int | None = None) -> tuple[list[list[str]], list[list[list]]]:

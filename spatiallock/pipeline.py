@@ -113,7 +113,9 @@ class SpatialLockPipeline(DiffusionPipeline):
                     f"the base's text encoder gives {expected}"
                 )
             adapter.attach(self.unet)
-            adapter.to(device=self.unet.device, dtype=self.unet.dtype).eval().requires_grad_(False)
+            if adapter.dtype != self.unet.dtype:
+                adapter.to(dtype=self.unet.dtype)
+            adapter.to(self.unet.device).eval().requires_grad_(False)
         self.register_modules(adapter=adapter)
 
     @property

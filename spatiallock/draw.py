@@ -1,0 +1,77 @@
+"""Pictures: boxes and labels drawn on images, grids, and files written atomically."""
+
+from __future__ import annotations
+
+import colorsys
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+def label_colour(label: str) -> tuple[int, int, int]:
+    """A bright colour fixed per label (the same label is drawn in the same colour everywhere)."""
+    hue = (sum(ord(c) * 131**i for i, c in enumerate(label)) % 997) / 997
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_boxes(
+    image: Image.Image,
+    labels: Sequence[str],
+    boxes: Sequence[Sequence[float]],
+    scores: Sequence[float] | None = None,
+    min_side: int = 256,
+    dashed: bool = False,
+) -> Image.Image:
+    """A copy of `image` (enlarged to at least `min_side`) with normalised xyxy boxes and labels drawn on."""
+    scale = max(1, -(-min_side // max(image.size)))
+    out = image.convert("RGB").resize((image.size[0] * scale, image.size[1] * scale), Image.Resampling.NEAREST)
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default(size=max(10, out.size[0] // 24))
+    w, h = out.size
+    for n, (label, box) in enumerate(zip(labels, boxes)):
+        x0, y0, x1, y1 = box[0] * w, box[1] * h, box[2] * w - 1, box[3] * h - 1
+        colour = label_colour(label)
+        if dashed:
+            _dashed_rectangle(draw, (x0, y0, x1, y1), colour)
+        else:
+            draw.rectangle((x0, y0, x1, y1), outline=(0, 0, 0), width=3)
+            draw.rectangle((x0, y0, x1, y1), outline=colour, width=1)
+        text = label if scores is None else f"{label} {scores[n]:.2f}"
+        ty = y0 - font.getbbox("Ag")[3] - 2 if y0 > font.getbbox("Ag")[3] + 2 else y0 + 1
+        draw.rectangle(draw.textbbox((x0 + 1, ty), text, font=font), fill=(0, 0, 0))
+        draw.text((x0 + 1, ty), text, fill=colour, font=font)
+    return out
+
+
+def _dashed_rectangle(draw: ImageDraw.ImageDraw, box, colour, dash: int = 6) -> None:
+    x0, y0, x1, y1 = box
+    for a, b, horizontal, fixed in ((x0, x1, True, y0), (x0, x1, True, y1), (y0, y1, False, x0), (y0, y1, False, x1)):
+        position = a
+        while position < b:
+            end = min(position + dash, b)
+            line = (position, fixed, end, fixed) if horizontal else (fixed, position, fixed, end)
+            draw.line(line, fill=colour, width=2)
+            position += 2 * dash
+
+
+def grid(images: Sequence[Image.Image], columns: int | None = None, gap: int = 4) -> Image.Image:
+    """Images (same size) in a grid with white gaps; `columns` default: about square."""
+    columns = columns or max(1, round(len(images) ** 0.5 + 0.49))
+    rows = -(-len(images) // columns)
+    w, h = images[0].size
+    sheet = Image.new("RGB", (columns * (w + gap) + gap, rows * (h + gap) + gap), (255, 255, 255))
+    for n, image in enumerate(images):
+        sheet.paste(image, (gap + (n % columns) * (w + gap), gap + (n // columns) * (h + gap)))
+    return sheet
+
+
+def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write a PNG through a temporary file in the same folder and rename it into place."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    image.save(partial, format="PNG")
+    os.replace(partial, path)
+    return path
