@@ -123,10 +123,13 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         """A fresh adapter (gates at zero) sized for `unet`.
 
         `positions`: a preset or attention module names (see `resolve_positions`); None means the paper's
-        default for SpatialLock variants and every transformer block for `gligen`.
+        default for SpatialLock variants and every transformer block for `gligen`. The perception head's
+        `fpn_channels` default to the U-Net's first-stage width, at most 256.
         """
         if variant not in VARIANTS:
             raise SpatialLockError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
+        # the PoG pyramid is as wide as the U-Net's first stage, at most the paper's 256 (SD v1: 256)
+        kwargs.setdefault("fpn_channels", min(256, unet.config.block_out_channels[0]))
         if positions is None and variant == "gligen":
             chosen = transformer_blocks(unet)
         else:

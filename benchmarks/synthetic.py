@@ -1,0 +1,146 @@
+"""The benchmark of the synthetic domain: every variant scored by the same detector on the same layouts.
+
+Rows: `real-images` (the detector on the real validation images: the ceiling), `base` (the base model alone,
+caption only), and one row per adapter given with --row NAME=ADAPTER_FOLDER. Rows may carry pipeline options
+after the folder, e.g. `--row base+guidance=none:layout_guidance_steps=10`. Each run updates the rows it
+computes in benchmarks/results/synthetic.json (others are kept), so the table can be filled over several
+sessions, and redraws benchmarks/results/synthetic.png.
+
+    python benchmarks/synthetic.py --data data/shapes --base models/base --detector models/detector \\
+        --row gligen=runs/gligen --row spatiallock=runs/spatiallock --limit 300 --train-steps 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from spatiallock.detector import Detector
+from spatiallock.evaluate import DetectorFeatures, evaluate_pipeline, frechet_distance, load_real_images, score_images
+from spatiallock.layout import read_layouts
+from spatiallock.pipeline import SpatialLockPipeline, load_adapter
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METRICS = ("ap", "ap50", "ap75", "miou", "fd")
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    info = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines() if "model name" in line]
+    return f"{names[0] if names else platform.processor()} ({torch.get_num_threads()} threads), CPU"
+
+
+def parse_row(text: str) -> tuple[str, str | None, dict]:
+    """NAME=FOLDER[:key=value:...] -> (name, adapter folder or None for `none`, pipeline options)."""
+    name, _, rest = text.partition("=")
+    folder, *options = rest.split(":")
+    parsed = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        parsed[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
+    return name, (None if folder in ("", "none") else folder), parsed
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Bars of ap and miou per row (PIL only)."""
+    width, bar_h, left = 720, 22, 230
+    height = 40 + len(rows) * (2 * bar_h + 10)
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=14)
+    title = "synthetic domain: AP (blue) and mIoU (orange), same detector and layouts"
+    draw.text((10, 8), title, fill=(0, 0, 0), font=font)
+    y = 34
+    for row in rows:
+        draw.text((10, y + bar_h // 2), row["variant"], fill=(0, 0, 0), font=font)
+        for k, (metric, colour) in enumerate((("ap", (60, 110, 200)), ("miou", (230, 140, 40)))):
+            value = row.get(metric) or 0.0
+            top = y + k * bar_h
+            draw.rectangle((left, top, left + int((width - left - 70) * value), top + bar_h - 4), fill=colour)
+            end = left + int((width - left - 70) * value)
+            draw.text((end + 4, top + 2), f"{value:.3f}", fill=(0, 0, 0), font=font)
+        y += 2 * bar_h + 10
+    image.save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="synthetic data folder (instances_val.json, val/, train/)")
+    parser.add_argument("--base", required=True, help="the small base model folder")
+    parser.add_argument("--detector", required=True, help="detector folder")
+    parser.add_argument("--row", action="append", default=[], help="NAME=ADAPTER[:option=value...]; repeatable")
+    parser.add_argument("--no-base", action="store_true", help="skip the `base` row")
+    parser.add_argument("--no-real", action="store_true", help="skip the `real-images` row")
+    parser.add_argument("--limit", type=int, default=300, help="validation layouts used (default: 300)")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default: 5.0)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-steps", type=int, default=None, help="adapter training steps, recorded")
+    parser.add_argument("--out", default=str(RESULTS / "synthetic.json"))
+    args = parser.parse_args()
+
+    data = Path(args.data)
+    layouts = read_layouts(data / "instances_val.json")[: args.limit]
+    detector = Detector.from_pretrained(args.detector)
+    real = load_real_images([data / "val" / layout.meta["file_name"] for layout in layouts])
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    rows = {row["variant"]: row for row in previous.get("rows", [])}
+    common = {"layouts": len(layouts), "sampling_steps": args.steps, "guidance": args.guidance, "seed": args.seed}
+
+    if not args.no_real:
+        start = time.perf_counter()
+        scores, _, _ = score_images(detector, real, layouts)
+        train_layouts = read_layouts(data / "instances_train.json")[: len(layouts)]
+        reference = load_real_images([data / "train" / layout.meta["file_name"] for layout in train_layouts])
+        scores["fd"] = frechet_distance(reference, real, DetectorFeatures(detector))
+        rows["real-images"] = {"variant": "real-images", **{k: round(v, 4) for k, v in scores.items()}, **common}
+        rows["real-images"]["note"] = "detector on real val images; fd: train vs val images (the floor)"
+        print(f"real-images: {rows['real-images']}  ({time.perf_counter() - start:.0f} s)")
+
+    pipe = SpatialLockPipeline.from_pretrained(args.base)
+    pipe.set_progress_bar_config(disable=True)
+    todo = ([] if args.no_base else [("base", None, {})]) + [parse_row(text) for text in args.row]
+    for name, folder, options in todo:
+        pipe.set_adapter(None if folder is None else load_adapter(folder))
+        sampling = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, **options}
+        start = time.perf_counter()
+        report, *_ = evaluate_pipeline(pipe, detector, layouts, 1, args.seed, sampling, real)
+        row = {"variant": name, **{k: report[k] for k in METRICS}, "seconds_per_image": report["seconds_per_image"]}
+        row.update(common, adapter=folder, options=options)
+        if folder is not None:
+            saved = Path(folder) / "train" / "config.json"
+            config = json.loads(saved.read_text()) if saved.is_file() else {}
+            row["train_steps"] = config.get("loop", {}).get("max_steps")
+        rows[name] = row
+        print(f"{name}: {row}  ({time.perf_counter() - start:.0f} s)")
+
+    order = ["real-images", "base"] + [n for n in rows if n not in ("real-images", "base")]
+    result = {
+        "device": device_name(),
+        "train_steps": args.train_steps if args.train_steps is not None else previous.get("train_steps"),
+        "detector": args.detector,
+        "base": args.base,
+        "rows": [rows[n] for n in order if n in rows],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result["rows"], out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    header = f"{'variant':28s} " + " ".join(f"{m:>7s}" for m in METRICS) + "  s/image"
+    print(header)
+    for row in result["rows"]:
+        values = " ".join(f"{row[m]:7.3f}" if row.get(m) is not None else "    n/a" for m in METRICS)
+        print(f"{row['variant']:28s} {values}  {row.get('seconds_per_image', float('nan')):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""`spatiallock evaluate`: generate for layouts, detect, score against the layouts."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from spatiallock.errors import SpatialLockError
+
+HELP = """\
+Measure how well objects land: generate K images per layout, run a detector on them and score the detections
+against the requested boxes with pycocotools (ap, ap50, ap75), plus miou (per requested object the best IoU
+with a confident detection of its class, 0 when none, averaged), fd (Frechet distance in the detector's
+feature space against real images of the domain; not FID) and, with --fid-weights, FID through torchmetrics.
+
+LAYOUTS is a layout JSON (one or a list) or a COCO instances file. Real images for fd are taken from the
+split folder beside a COCO file (data/shapes/instances_val.json -> data/shapes/val/) or from --real DIR.
+Writes REPORT.json and a picture REPORT.png: each requested layout beside the generated image with its
+detections drawn.
+
+examples:
+  spatiallock evaluate --model default --detector default --layouts examples/two_shapes.json --out r.json
+  spatiallock evaluate --model models/base --adapter models/spatiallock --detector models/detector \\
+      --layouts data/shapes/instances_val.json --limit 200 --out reports/spatiallock.json
+"""
+
+
+def default_detector_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / "detector"
+
+
+def resolve_detector(name: str) -> Path:
+    path = default_detector_path() if name == "default" else Path(name)
+    if not path.exists():
+        what = "the shipped default detector is missing from" if name == "default" else "not found:"
+        raise SpatialLockError(f"detector: {what} {path}")
+    return path
+
+
+def _real_images(args: argparse.Namespace, layouts: list):
+    from spatiallock.evaluate import load_real_images, real_image_paths
+
+    if args.real:
+        folder = Path(args.real)
+        if not folder.is_dir():
+            raise SpatialLockError(f"--real: {folder} is not a folder")
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if not paths:
+            raise SpatialLockError(f"--real: no images in {folder}")
+        return load_real_images(paths)
+    paths = real_image_paths(args.layouts, layouts)
+    return load_real_images(paths) if paths else None
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from spatiallock.commands.generate import check_sampling_options, load_pipeline
+    from spatiallock.data.cocofile import write_json_atomic
+    from spatiallock.detector import Detector
+    from spatiallock.draw import save_image_atomic
+    from spatiallock.evaluate import category_ids, evaluate_pipeline, layout_picture
+    from spatiallock.layout import read_layouts
+
+    check_sampling_options(args)
+    if args.per_layout < 1:
+        raise SpatialLockError(f"--per-layout: must be at least 1, got {args.per_layout}")
+    out = Path(args.out)
+    if out.suffix.lower() != ".json":
+        raise SpatialLockError(f"--out: {out} should name a .json report")
+    layouts = read_layouts(args.layouts)
+    if args.limit is not None:
+        layouts = layouts[: max(args.limit, 1)]
+    detector = Detector.from_pretrained(resolve_detector(args.detector))
+    category_ids(detector, layouts)
+    real = _real_images(args, layouts)
+    pipe = load_pipeline(args)
+    detector.to(pipe.device)
+    sampling = {
+        "num_inference_steps": args.steps, "guidance_scale": args.guidance, "grounding_steps": args.grounding_steps,
+        "height": args.size, "width": args.size, "batch_size": args.batch_size,
+    }  # fmt: skip
+    total = len(layouts) * args.per_layout
+    with tqdm(total=total, unit="img", desc="evaluate", disable=args.no_progress) as bar:
+        report, images, asked, objects, detections = evaluate_pipeline(
+            pipe, detector, layouts, args.per_layout, args.seed, sampling, real, args.fid_weights, bar
+        )
+    report = {
+        "model": args.model, "adapter": args.adapter, "detector": args.detector, "layouts": str(args.layouts),
+        "num_layouts": len(layouts), "per_layout": args.per_layout, "seed": args.seed, "steps": args.steps,
+        "guidance": args.guidance, "device": str(pipe.device), "torch": torch.__version__,
+        **report, "real_images": len(real) if real else 0, "objects": objects,
+    }  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, report)
+    picture = save_image_atomic(layout_picture(asked, images, detections), out.with_suffix(".png"))
+    fd = "n/a (no real images)" if report["fd"] is None else f"{report['fd']:.3f}"
+    print(
+        f"ap {report['ap']:.3f}  ap50 {report['ap50']:.3f}  ap75 {report['ap75']:.3f}  miou {report['miou']:.3f}  "
+        f"fd {fd}  ({total} images, {report['seconds_per_image']:.3f} s/image)"
+    )
+    print(f"wrote {out} and {picture}")
+    return 0
+
+
+def register(subparsers) -> None:
+    from spatiallock.commands.generate import add_sampling_options
+
+    parser = subparsers.add_parser(
+        "evaluate", help="score generated images with a detector", description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--layouts", required=True, metavar="FILE", help="layout JSON or COCO instances file")
+    parser.add_argument("--detector", required=True, metavar="DET", help="detector folder or `default`")
+    parser.add_argument("--out", required=True, metavar="REPORT.json", help="report to write (and REPORT.png)")
+    parser.add_argument("--per-layout", type=int, default=1, metavar="K", help="images per layout (default: 1)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N layouts")
+    parser.add_argument("--real", default=None, metavar="DIR", help="folder of real images of the domain, for fd")
+    parser.add_argument(
+        "--fid-weights", default=None, metavar="PATH", help="local Inception weights file: also report FID"
+    )
+    add_sampling_options(parser)
+    parser.set_defaults(func=run_evaluate)

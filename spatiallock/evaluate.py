@@ -1,0 +1,202 @@
+"""Layout fidelity of generated images, scored by a detector against the layouts they were asked for.
+
+- `ap`, `ap50`, `ap75`: COCO box AP (pycocotools) of the detections against the requested boxes (the
+  "YOLO score" of LAMA / seed 003, with the project's own detector for the synthetic domain);
+- `miou`: per requested object, the best IoU with a detection of its class (scoring at least
+  `score_threshold`), 0 when there is none, averaged over all requested objects;
+- `fd`: the Frechet distance between generated and real images of the domain in the detector's feature space
+  (torchmetrics' Frechet distance with the detector as feature extractor). It is not FID and is never called so;
+- `fid`: FID through torchmetrics, only when Inception weights are given as a local file.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.ops import box_iou
+
+from spatiallock.detector import Detector, coco_ap, to_coco_results, to_image_tensors
+from spatiallock.draw import draw_boxes, grid
+from spatiallock.errors import SpatialLockError
+from spatiallock.layout import Layout
+
+SCORE_THRESHOLD = 0.3  # detections below it do not count for miou (AP uses them all, ranked by score)
+
+
+class DetectorFeatures(nn.Module):
+    """The detector's pooled pyramid features as a torchmetrics feature extractor (images in [0, 1])."""
+
+    def __init__(self, detector: Detector):
+        super().__init__()
+        self.detector = detector
+        self.num_features = detector.feature_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.detector.features(images).to(torch.float64)
+
+
+def category_ids(detector: Detector, layouts: Sequence[Layout]) -> dict[str, int]:
+    """Label -> the detector's category id; `SpatialLockError` naming the first label it does not know."""
+    ids = {c["name"]: c["id"] for c in detector.config.categories}
+    for i, layout in enumerate(layouts):
+        for j, label in enumerate(layout.labels):
+            if label not in ids:
+                known = ", ".join(sorted(ids))
+                raise SpatialLockError(
+                    f"layouts[{i}].objects[{j}].label: {label!r} is not a category of the detector (known: {known})"
+                )
+    return ids
+
+
+def score_images(
+    detector: Detector,
+    images: Sequence[Image.Image],
+    layouts: Sequence[Layout],
+    score_threshold: float = SCORE_THRESHOLD,
+) -> tuple[dict, list[dict], list[dict]]:
+    """Detect on `images` (one per layout) and score against the layouts.
+
+    Returns ({"ap", "ap50", "ap75", "miou"}, per-object records, the detections).
+    """
+    if len(images) != len(layouts):
+        raise ValueError(f"{len(images)} images for {len(layouts)} layouts")
+    ids = category_ids(detector, layouts)
+    detections = detector.detect(list(images))
+    sizes = [image.size for image in images]
+    instances = {"images": [], "annotations": [], "categories": detector.config.categories}
+    objects = []
+    for n, (layout, found, (width, height)) in enumerate(zip(layouts, detections, sizes)):
+        instances["images"].append({"id": n + 1, "width": width, "height": height})
+        confident = found["scores"] >= score_threshold
+        for label, box in zip(layout.labels, layout.boxes):
+            x0, y0, x1, y1 = box
+            bbox = [x0 * width, y0 * height, (x1 - x0) * width, (y1 - y0) * height]
+            instances["annotations"].append({"image_id": n + 1, "category_id": ids[label], "bbox": bbox})
+            same = confident & (found["labels"] == ids[label])
+            iou, score = 0.0, None
+            if same.any():
+                ious = box_iou(torch.tensor([box], dtype=torch.float32), found["boxes"][same].float())[0]
+                best = int(ious.argmax())
+                iou, score = float(ious[best]), float(found["scores"][same][best])
+            objects.append({"image": n, "label": label, "box": list(box), "iou": round(iou, 4), "score": score})
+    results = to_coco_results(detections, [n + 1 for n in range(len(images))], sizes)
+    scores = coco_ap(instances, results) if instances["annotations"] else {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
+    scores["miou"] = sum(o["iou"] for o in objects) / len(objects) if objects else 0.0
+    return scores, objects, detections
+
+
+def frechet_distance(
+    generated: Sequence[Image.Image], real: Sequence[Image.Image], feature: nn.Module | int = 2048, **options
+) -> float:
+    """torchmetrics' Frechet distance between two image sets in the space of `feature` (a module or Inception)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=feature, normalize=True, **options).set_dtype(torch.float64)
+    for images, is_real in ((real, True), (generated, False)):
+        for start in range(0, len(images), 64):
+            batch = torch.stack(to_image_tensors(list(images[start : start + 64])))
+            metric.update(batch, real=is_real)
+    return float(metric.compute())
+
+
+def inception_fid(generated: Sequence[Image.Image], real: Sequence[Image.Image], weights: str | Path) -> float:
+    """FID with Inception weights read from a local file (torchmetrics + torch-fidelity)."""
+    weights = Path(weights)
+    if not weights.is_file():
+        raise SpatialLockError(f"--fid-weights: {weights} not found")
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        raise SpatialLockError("--fid-weights: FID needs torch-fidelity (pip install 'spatiallock[fid]')") from None
+    resize = [image.resize((299, 299), Image.Resampling.BICUBIC) for image in generated]
+    reference = [image.resize((299, 299), Image.Resampling.BICUBIC) for image in real]
+    return frechet_distance(resize, reference, 2048, feature_extractor_weights_path=str(weights))
+
+
+def load_real_images(paths: Sequence[Path]) -> list[Image.Image]:
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except OSError as err:
+            raise SpatialLockError(f"{path}: cannot read image ({err})") from None
+    return images
+
+
+def real_image_paths(layouts_file: str | Path, layouts: Sequence[Layout]) -> list[Path] | None:
+    """The real images behind layouts read from `<root>/instances_<split>.json` (in `<root>/<split>/`), if there."""
+    path = Path(layouts_file)
+    if not path.name.startswith("instances_"):
+        return None
+    split = path.stem[len("instances_") :]
+    roots = [path.parent / split, path.parent.parent / split]
+    for root in roots:
+        files = [root / (layout.meta.get("file_name") or "") for layout in layouts]
+        if root.is_dir() and all(f.is_file() for f in files):
+            return files
+    return None
+
+
+def layout_picture(
+    layouts: Sequence[Layout], images: Sequence[Image.Image], detections: Sequence[dict], count: int = 8
+) -> Image.Image:
+    """Rows of (requested layout, generated image with its confident detections) pairs."""
+    cells = []
+    for layout, image, found in list(zip(layouts, images, detections))[:count]:
+        canvas = Image.new("RGB", image.size, (200, 200, 200))
+        cells.append(draw_boxes(canvas, layout.labels, layout.boxes, dashed=True))
+        keep = found["scores"] >= SCORE_THRESHOLD
+        scores = found["scores"][keep].tolist()
+        names = [name for name, k in zip(found["names"], keep.tolist()) if k]
+        cells.append(draw_boxes(image, names, found["boxes"][keep].tolist(), scores=scores))
+    return grid(cells, columns=4 if len(cells) >= 4 else len(cells))
+
+
+def generate_images(pipe, layouts: Sequence[Layout], per_layout: int, seed: int, sampling: dict, progress=None):
+    """`per_layout` images per layout, each with its own seeded noise (independent of batching); and s/image."""
+    from spatiallock.commands.generate import image_generator
+
+    jobs = [(i, k) for i in range(len(layouts)) for k in range(per_layout)]
+    batch_size = sampling.pop("batch_size", 8)
+    images = []
+    start = time.perf_counter()
+    for s in range(0, len(jobs), batch_size):
+        batch = jobs[s : s + batch_size]
+        generators = [image_generator(seed, i, k) for i, k in batch]
+        images += pipe(layouts=[layouts[i] for i, _ in batch], generator=generators, **sampling).images
+        if progress is not None:
+            progress.update(len(batch))
+    seconds = (time.perf_counter() - start) / max(len(jobs), 1)
+    return images, [layouts[i] for i, _ in jobs], seconds
+
+
+def evaluate_pipeline(
+    pipe,
+    detector: Detector,
+    layouts: Sequence[Layout],
+    per_layout: int = 1,
+    seed: int = 0,
+    sampling: dict | None = None,
+    real_images: Sequence[Image.Image] | None = None,
+    fid_weights: str | Path | None = None,
+    progress=None,
+) -> tuple[dict, list[Image.Image], list[Layout], list[dict], list[dict]]:
+    """Generate, detect and score. Returns (report, images, their layouts, per-object records, detections)."""
+    category_ids(detector, layouts)  # unknown labels fail before any sampling
+    images, asked, seconds = generate_images(pipe, layouts, per_layout, seed, dict(sampling or {}), progress)
+    scores, objects, detections = score_images(detector, images, asked)
+    report = {**{k: round(v, 4) for k, v in scores.items()}, "seconds_per_image": round(seconds, 4)}
+    report["fd"] = None
+    if real_images:
+        report["fd"] = round(frechet_distance(images, real_images, DetectorFeatures(detector)), 4)
+    if fid_weights is not None:
+        if not real_images:
+            raise SpatialLockError("--fid-weights: FID needs real images of the domain (--real)")
+        report["fid"] = round(inception_fid(images, real_images, fid_weights), 4)
+    return report, images, asked, objects, detections
