@@ -96,7 +96,7 @@ def frechet_distance(
     """torchmetrics' Frechet distance between two image sets in the space of `feature` (a module or Inception)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=feature, normalize=True, **options).set_dtype(torch.float64)
+    metric = FrechetInceptionDistance(feature=feature, normalize=True, **options)
     for images, is_real in ((real, True), (generated, False)):
         for start in range(0, len(images), 64):
             batch = torch.stack(to_image_tensors(list(images[start : start + 64])))

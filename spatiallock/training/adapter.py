@@ -98,7 +98,7 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
     adapter.attach(base.unet)
     if config.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
-    base.to(accelerator.device, dtype)
+    base.to(accelerator.device, None if dtype == torch.float32 else dtype)
     phrases = PhraseCache(base.text_encoder, base.tokenizer)
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,119 @@
+"""Scoring generated images against their layouts (AP, mIoU, Frechet distance) and `spatiallock evaluate`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from test_pipeline import make_adapter
+
+from spatiallock.cli import main
+from spatiallock.detector import Detector, DetectorConfig
+from spatiallock.errors import SpatialLockError
+from spatiallock.evaluate import DetectorFeatures, frechet_distance, score_images
+from spatiallock.layout import Layout
+
+CATEGORIES = [{"id": 1, "name": "red circle"}, {"id": 2, "name": "blue square"}, {"id": 7, "name": "green triangle"}]
+PAIR = ((0.1, 0.1, 0.4, 0.4), (0.5, 0.5, 0.9, 0.9))
+LAYOUTS = [
+    Layout("a red circle and a blue square", ("red circle", "blue square"), PAIR),
+    Layout("a green triangle", ("green triangle",), ((0.2, 0.3, 0.7, 0.8),)),
+]
+
+
+class FixedDetector:
+    """Stands in for `Detector`: returns the given detections, has its categories."""
+
+    def __init__(self, detections):
+        self.config = DetectorConfig(categories=CATEGORIES)
+        self.detections = detections
+
+    def detect(self, images):
+        assert len(images) == len(self.detections)
+        return self.detections
+
+
+def found(boxes, labels, scores=None) -> dict:
+    names = {c["id"]: c["name"] for c in CATEGORIES}
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "scores": torch.tensor(scores or [0.9] * len(labels)),
+        "names": [names[i] for i in labels],
+    }
+
+
+def images(n: int = 2) -> list[Image.Image]:
+    return [Image.new("RGB", (64, 64), (128, 128, 128)) for _ in range(n)]
+
+
+def test_detections_on_the_requested_boxes_score_one():
+    perfect = [found(LAYOUTS[0].boxes, [1, 2]), found(LAYOUTS[1].boxes, [7])]
+    scores, objects, _ = score_images(FixedDetector(perfect), images(), LAYOUTS)
+    assert scores["ap"] == pytest.approx(1.0) and scores["ap50"] == pytest.approx(1.0)
+    assert scores["miou"] == pytest.approx(1.0)
+    assert [o["label"] for o in objects] == ["red circle", "blue square", "green triangle"]
+
+
+def test_shifted_missing_and_wrong_class_detections_score_less():
+    shifted = [[x0 + 0.1, y0, x1 + 0.1, y1] for x0, y0, x1, y1 in LAYOUTS[0].boxes]
+    detections = [found(shifted, [1, 2]), found(LAYOUTS[1].boxes, [1])]  # the triangle is found as a circle
+    scores, objects, _ = score_images(FixedDetector(detections), images(), LAYOUTS)
+    # a 0.3-wide box moved by 0.1: IoU 0.2/0.4 = 0.5; a 0.4-wide box: 0.3/0.5 = 0.6; the triangle: 0
+    assert [o["iou"] for o in objects] == pytest.approx([0.5, 0.6, 0.0], abs=1e-4)
+    assert scores["miou"] == pytest.approx(1.1 / 3, abs=1e-4)
+    assert 0.0 < scores["ap50"] < 1.0 and scores["ap75"] < scores["ap50"]
+
+
+def test_low_scores_do_not_count_for_miou():
+    weak = [found(LAYOUTS[0].boxes, [1, 2], [0.1, 0.9]), found(LAYOUTS[1].boxes, [7], [0.9])]
+    scores, objects, _ = score_images(FixedDetector(weak), images(), LAYOUTS)
+    assert [o["iou"] for o in objects] == pytest.approx([0.0, 1.0, 1.0])
+    assert scores["ap"] == pytest.approx(1.0)  # AP ranks by score and uses every detection
+
+
+def test_a_label_the_detector_does_not_know_is_named():
+    layouts = [Layout("a purple star", ("purple star",), ((0.1, 0.1, 0.5, 0.5),))]
+    with pytest.raises(SpatialLockError, match=r"layouts\[0\]\.objects\[0\]\.label: 'purple star' is not a category"):
+        score_images(FixedDetector([found([], [])]), images(1), layouts)
+
+
+def test_frechet_distance_in_detector_space_is_zero_for_equal_sets_and_grows():
+    torch.manual_seed(0)
+    detector = Detector(DetectorConfig(categories=CATEGORIES))
+    g = torch.Generator().manual_seed(0)
+    noise = [Image.fromarray((torch.rand(64, 64, 3, generator=g) * 255).byte().numpy()) for _ in range(24)]
+    flat = [Image.new("RGB", (64, 64), (30 * (i % 8), 90, 200)) for i in range(24)]
+    features = DetectorFeatures(detector)
+    same = frechet_distance(noise, noise, features)
+    apart = frechet_distance(flat, noise, features)
+    assert abs(same) < 1e-3 and apart > 10 * max(abs(same), 1e-3)
+
+
+def test_evaluate_command_writes_a_report_and_a_picture(tiny_small_base, tiny_shapes, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    make_adapter(tiny_small_base).save_pretrained(adapter)
+    detector_folder = tmp_path / "detector"
+    categories = json.loads((tiny_shapes / "instances_val.json").read_text())["categories"]
+    torch.manual_seed(0)
+    Detector(DetectorConfig(categories=categories, image_size=32)).save_pretrained(detector_folder)
+    out = tmp_path / "reports" / "r.json"
+    layouts = str(tiny_shapes / "instances_val.json")
+    common = ["evaluate", "--model", str(tiny_small_base), "--adapter", str(adapter), "--layouts", layouts]
+    common += ["--steps", "2", "--no-progress"]
+    assert main([*common, "--detector", str(detector_folder), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["num_layouts"] == 4 and report["real_images"] == 4  # val/ beside the instances file
+    for key in ("ap", "ap50", "ap75", "miou", "fd", "seconds_per_image"):
+        assert isinstance(report[key], float), key
+    assert 0.0 <= report["ap"] <= 1.0 and 0.0 <= report["miou"] <= 1.0
+    annotations = json.loads((tiny_shapes / "instances_val.json").read_text())["annotations"]
+    assert len(report["objects"]) == len(annotations)
+    assert Image.open(out.with_suffix(".png")).size[0] > 64
+    assert "miou" in capsys.readouterr().out
+    # a report path that is not JSON, and a detector folder that is not there: exit 2, nothing written
+    assert main([*common, "--detector", str(detector_folder), "--out", str(tmp_path / "r.txt")]) == 2
+    assert main([*common, "--detector", str(tmp_path / "none"), "--out", str(tmp_path / "r2.json")]) == 2
+    assert not (tmp_path / "r.txt").exists() and not (tmp_path / "r2.json").exists()
