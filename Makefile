@@ -19,11 +19,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/spatiallock params --base sd-v1-4
+	$(BIN)/spatiallock demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check spatiallock tests benchmarks
-	$(BIN)/ruff format --check spatiallock tests benchmarks
+	$(BIN)/ruff check spatiallock tests benchmarks scripts
+	$(BIN)/ruff format --check spatiallock tests benchmarks scripts
 
 test: lint
 	$(BIN)/python -m pytest

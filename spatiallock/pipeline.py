@@ -4,7 +4,9 @@ The sampling loop is Stable Diffusion's (diffusers `StableDiffusionPipeline`): t
 classifier-free guidance, the same scheduler calls. With an adapter attached, the U-Net additionally gets
 grounding tokens for the first `grounding_steps` share of the steps; the unconditional branch gets the
 empty caption and null grounding (every object slot masked). Without an adapter, or with all gates at zero,
-the output is the plain base pipeline's.
+the output is the plain base pipeline's. Training-free layout control, with or without an adapter, is off
+unless asked for: cross-attention guidance of the latents (`spatiallock.guidance`) and sampling from a
+DDIM-inverted reference image (`spatiallock.init`).
 
 Folders: `save_pretrained` writes diffusers layout (`model_index.json`, `unet/`, `vae/`, `scheduler/`,
 `tokenizer/`, `text_encoder/`, `adapter/`). The small base's folder names its text encoder's package instead
@@ -33,6 +35,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from spatiallock.base import TEXT_ENCODER_PACKAGE, load_base
 from spatiallock.errors import SpatialLockError
+from spatiallock.guidance import make_layout_guidance
+from spatiallock.init import initial_latents
 from spatiallock.layout import Layout, as_layouts, pad_layouts
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.text import PhraseCache, encode_captions, is_clip, phrase_dim
@@ -272,6 +276,15 @@ class SpatialLockPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
+        layout_guidance_steps: int = 0,
+        layout_guidance_scale: float = 20.0,
+        layout_guidance_iterations: int = 3,
+        layout_guidance_layers: str | Sequence[str] | None = None,
+        missing_labels: str = "add",
+        init_image=None,
+        init_from_layout: bool = False,
+        init_strength: float = 1.0,
+        init_steps: int | None = None,
     ) -> SpatialLockPipelineOutput | tuple:
         """Generate images whose objects sit in their boxes.
 
@@ -283,6 +296,18 @@ class SpatialLockPipeline(DiffusionPipeline):
             grounding_steps: share of the steps (from the first) with grounding; after it the base runs alone.
             guidance_scale: classifier-free guidance; <= 1 turns it off.
             generator, latents, output_type ("pil", "np", "pt", "latent"), return_dict: as in diffusers.
+            layout_guidance_steps: training-free cross-attention guidance (`spatiallock.guidance`) for this many
+                steps from the first; 0 (default) turns it off. Works with or without an adapter.
+            layout_guidance_scale: its step size at the first step, decaying linearly over the guided steps.
+            layout_guidance_iterations: gradient updates of the latents per guided step.
+            layout_guidance_layers: cross-attention layers it reads (default: mid block and first up stage).
+            missing_labels: a label absent from its caption is "add"ed to it (with a warning) or an "error".
+                The returned layouts hold the captions used.
+            init_image / init_from_layout: spatial-aware initialisation (`spatiallock.init`): start from a
+                DDIM-inverted reference image (one for all, or one per image), or from each layout rendered
+                as coloured boxes on grey, instead of random noise.
+            init_strength: share of the schedule to invert through; sampling runs that share of the steps.
+            init_steps: DDIM inversion steps (default: as many as sampling then runs).
         """
         if layouts is None:
             if prompt is None:
@@ -299,6 +324,12 @@ class SpatialLockPipeline(DiffusionPipeline):
         device = self._execution_device
         batch = len(layouts)
         guided = guidance_scale > 1.0
+        layout_guidance = None
+        if layout_guidance_steps:  # needs every label in its caption: the completed captions are encoded
+            layout_guidance, layouts = make_layout_guidance(
+                self, layouts, layout_guidance_steps, layout_guidance_scale, layout_guidance_iterations,
+                layout_guidance_layers, missing_labels,
+            )  # fmt: skip
 
         # 1. captions (unconditional first, as Stable Diffusion orders them) and grounding tokens
         states, caption_mask = self.encode_prompts([layout.caption for layout in layouts])
@@ -314,17 +345,31 @@ class SpatialLockPipeline(DiffusionPipeline):
                 grounding = (embeds.repeat(2, 1, 1), bxs.repeat(2, 1, 1), torch.cat([torch.zeros_like(masks), masks]))
         states = states.to(device)
         caption_mask = None if caption_mask is None else caption_mask.to(device)
+        cond_rows = slice(batch, None) if guided else slice(None)  # the conditional rows: for guidance and inversion
+        cond_mask = None if caption_mask is None else caption_mask[cond_rows]
 
-        # 2. timesteps and noise
+        # 2. timesteps and noise (or a DDIM-inverted reference image, entered part-way)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
-        latents = self.prepare_latents(batch, height, width, states.dtype, device, generator, latents)
+        if init_image is not None or init_from_layout:
+            if latents is not None:
+                raise SpatialLockError("latents: give latents or an init image / init_from_layout, not both")
+            latents, start = initial_latents(
+                self, layouts, init_image, init_from_layout, states[cond_rows], cond_mask, timesteps, height, width,
+                init_strength, init_steps,
+            )  # fmt: skip
+            timesteps = timesteps[start:]
+        else:
+            latents = self.prepare_latents(batch, height, width, states.dtype, device, generator, latents)
         extra = self.prepare_extra_step_kwargs(generator, eta)
         grounded = int(grounding_steps * len(timesteps) + 1e-6)
 
         # 3. denoising
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
+                if layout_guidance is not None and i < layout_guidance.steps:
+                    ground = None if grounding is None or i >= grounded else tuple(x[cond_rows] for x in grounding)
+                    latents = layout_guidance.update(self, latents, t, i, states[cond_rows], cond_mask, ground)
                 model_input = torch.cat([latents] * 2) if guided else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 noise = self.predict(model_input, t, states, caption_mask, grounding if i < grounded else None)

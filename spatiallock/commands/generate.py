@@ -24,10 +24,17 @@ and, when K > 1, a grid OUT/<name>_grid.png.
 MODEL is a pipeline folder written by `save_pretrained` (base + adapter), a base alone (the small base,
 or a Stable Diffusion v1.x folder or hub id) with --adapter ADAPTER, or `default` for the shipped model.
 
+Training-free layout control, with or without an adapter (a plain base follows the layout too):
+--layout-guidance-steps N moves the latents, during the first N steps, so that each label's caption
+tokens attend inside its box (cross-attention guidance); --init-from-layout or --init-image PATH starts
+sampling from a DDIM-inverted reference image instead of random noise (spatial-aware initialisation).
+
 examples:
   spatiallock generate --layout examples/two_shapes.json --model default --out outputs --n 4
   spatiallock generate --layout layout.json --model runwayml/stable-diffusion-v1-5 --adapter my-adapter \\
       --out outputs --steps 50 --guidance 7.5 --scheduler dpm
+  spatiallock generate --layout layout.json --model runwayml/stable-diffusion-v1-5 --out outputs \\
+      --layout-guidance-steps 10 --init-from-layout --scheduler ddim
 """
 
 DATASET_HELP = """\
@@ -92,6 +99,88 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per batch (default: 8)")
     parser.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights' precision (default: fp32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_layout_control_options(parser)
+
+
+def add_layout_control_options(parser: argparse.ArgumentParser) -> None:
+    """Training-free layout control: cross-attention guidance and spatial-aware initialisation."""
+    group = parser.add_argument_group(
+        "training-free layout control",
+        "with or without an adapter; see the modules spatiallock.guidance and spatiallock.init",
+    )
+    group.add_argument(
+        "--layout-guidance-steps", type=int, default=0, metavar="N",
+        help="cross-attention layout guidance for the first N sampling steps: the latents follow the gradient of "
+        "a loss that wants each label's tokens to attend inside its box (default: 0, off). Not --guidance, which "
+        "is classifier-free guidance",
+    )  # fmt: skip
+    group.add_argument(
+        "--layout-guidance-scale", type=float, default=20.0, metavar="S",
+        help="step size of that gradient update at the first step, decaying linearly to S/N at step N (default: 20)",
+    )  # fmt: skip
+    group.add_argument(
+        "--layout-guidance-iterations", "--guidance-iterations", type=int, default=3, metavar="K",
+        help="gradient updates per guided step, each about three U-Net calls (default: 3)",
+    )  # fmt: skip
+    group.add_argument(
+        "--layout-guidance-layers", default=None, metavar="NAMES",
+        help="comma-separated U-Net blocks whose cross-attention is guided, e.g. mid_block,up_blocks.1 "
+        "(default: the mid block and the first up block with attention)",
+    )  # fmt: skip
+    group.add_argument(
+        "--missing-labels", default="add", choices=("add", "error"),
+        help="with layout guidance, a label its caption does not name is added to the caption "
+        "(', a red circle', with a warning) or is an error (default: add)",
+    )  # fmt: skip
+    group.add_argument(
+        "--init-image", default=None, metavar="PATH",
+        help="start from this reference image, DDIM-inverted, instead of random noise: objects tend to appear "
+        "where it has them (the seed then no longer changes the image with a deterministic sampler)",
+    )  # fmt: skip
+    group.add_argument(
+        "--init-from-layout", action="store_true",
+        help="as --init-image, with each layout rendered as a reference: its boxes filled with the label's colour "
+        "word's colour (else a fixed colour per label) on grey",
+    )  # fmt: skip
+    group.add_argument(
+        "--init-strength", type=float, default=1.0, metavar="F",
+        help="share of the noise schedule the reference is inverted through; sampling runs that share of --steps "
+        "(default: 1.0, all of it)",
+    )  # fmt: skip
+    group.add_argument(
+        "--init-steps", type=int, default=None, metavar="N",
+        help="DDIM inversion steps (default: as many as sampling then runs, so both walk the same timesteps; "
+        "exactly so with --scheduler ddim)",
+    )  # fmt: skip
+
+
+def layout_control_kwargs(args: argparse.Namespace) -> dict:
+    """The pipeline options of `add_layout_control_options`; empty when all are off (the plain call)."""
+    kwargs = {}
+    if args.layout_guidance_steps:
+        kwargs.update(
+            layout_guidance_steps=args.layout_guidance_steps, layout_guidance_scale=args.layout_guidance_scale,
+            layout_guidance_iterations=args.layout_guidance_iterations,
+            layout_guidance_layers=args.layout_guidance_layers, missing_labels=args.missing_labels,
+        )  # fmt: skip
+    if args.init_image is not None or args.init_from_layout:
+        kwargs.update(init_from_layout=args.init_from_layout, init_strength=args.init_strength)
+        kwargs.update(init_steps=args.init_steps, init_image=args.init_image)
+    return kwargs
+
+
+def check_layout_control(pipe, args: argparse.Namespace, layouts: list) -> None:
+    """Refuse, before anything is written, guidance layers the U-Net lacks, a caption without one of its labels
+    (with --missing-labels error) and an init image that cannot be read."""
+    from spatiallock.guidance import caption_targets, guidance_layers
+    from spatiallock.init import load_image
+
+    if args.layout_guidance_steps:
+        guidance_layers(pipe.unet, args.layout_guidance_layers)
+        if args.missing_labels == "error":
+            caption_targets(layouts, pipe.tokenizer, pipe.caption_tokens, "error")
+    if args.init_image is not None:
+        load_image(args.init_image)
 
 
 def check_sampling_options(args: argparse.Namespace) -> None:
@@ -104,6 +193,20 @@ def check_sampling_options(args: argparse.Namespace) -> None:
         raise SpatialLockError(f"--grounding-steps: a share in [0, 1], got {args.grounding_steps}")
     if args.size is not None and args.size < 8:
         raise SpatialLockError(f"--size: must be at least 8, got {args.size}")
+    if args.layout_guidance_steps < 0:
+        raise SpatialLockError(f"--layout-guidance-steps: must be 0 or more, got {args.layout_guidance_steps}")
+    if args.layout_guidance_iterations < 1:
+        raise SpatialLockError(f"--layout-guidance-iterations: at least 1, got {args.layout_guidance_iterations}")
+    if not args.layout_guidance_scale >= 0:
+        raise SpatialLockError(f"--layout-guidance-scale: must be 0 or more, got {args.layout_guidance_scale}")
+    if args.init_image is not None and args.init_from_layout:
+        raise SpatialLockError("--init-image and --init-from-layout: give one of them")
+    if args.init_image is not None and not Path(args.init_image).is_file():
+        raise SpatialLockError(f"--init-image: {args.init_image}: file not found")
+    if not 0.0 < args.init_strength <= 1.0:
+        raise SpatialLockError(f"--init-strength: a share in (0, 1], got {args.init_strength}")
+    if args.init_steps is not None and args.init_steps < 1:
+        raise SpatialLockError(f"--init-steps: at least 1, got {args.init_steps}")
 
 
 def load_pipeline(args: argparse.Namespace, device=None):
@@ -141,6 +244,7 @@ def sample_batch(pipe, args, jobs: list[tuple[int, int]], layouts: list) -> list
         grounding_steps=args.grounding_steps,
         height=args.size,
         width=args.size,
+        **layout_control_kwargs(args),
     ).images
 
 
@@ -161,6 +265,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise SpatialLockError(f"--out: {out} exists and is not a folder")
     pipe = load_pipeline(args)
+    check_layout_control(pipe, args, layouts)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.layout).stem) or "layout"
     names = [stem] if len(layouts) == 1 else [f"{stem}_{i:03d}" for i in range(len(layouts))]
     jobs = [(i, k) for i in range(len(layouts)) for k in range(args.n)]
@@ -190,6 +295,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def _settings(args: argparse.Namespace, layouts_digest: str) -> dict:
     keys = ("model", "adapter", "seed", "steps", "guidance", "scheduler", "grounding_steps", "size", "dtype")
     settings = {key: getattr(args, key) for key in keys}
+    settings.update(layout_control_kwargs(args))  # only when on: data sets written before it still resume
     settings.update(layouts_sha256=layouts_digest, per_layout=args.per_layout, batch_size=args.batch_size)
     return settings
 
@@ -259,6 +365,7 @@ def run_generate_dataset(args: argparse.Namespace) -> int:
             )
     state = PartialState()
     pipe = load_pipeline(args, device=state.device)
+    check_layout_control(pipe, args, layouts)
     size = args.size or pipe.native_size
     if state.is_main_process:
         (out / "images").mkdir(parents=True, exist_ok=True)
