@@ -1,0 +1,120 @@
+"""`spatiallock train detector`: the detector of the synthetic domain, trained from scratch on real rendered images.
+
+Its AP on the real validation images is the ceiling beside which the generated images' AP is reported, and its
+pooled features give the Frechet distance of the synthetic domain (see `spatiallock.detector`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from spatiallock.checkpoint import list_checkpoints
+from spatiallock.data.coco import LayoutDataset, collate_layouts, split_files
+from spatiallock.detector import Detector, DetectorConfig, evaluate_detector, save_detector
+from spatiallock.errors import SpatialLockError
+from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
+
+STAGE = "detector"
+EVAL_NAME = "eval.json"
+
+
+@dataclass
+class DetectorTrainConfig:
+    """Everything `train detector` needs; written to `<out>/train/config.json`.
+
+    `channels`, `fpn_channels`, `head_convs`: the architecture (see `DetectorConfig`); `image_size`: the side
+    images are trained and detected at (the data's native size is cheapest and loses nothing).
+    """
+
+    data: str
+    out: str
+    split: str = "train"
+    image_size: int = 64
+    flip_prob: float = 0.5
+    channels: tuple[int, ...] = (16, 32, 64, 96, 128)
+    fpn_channels: int = 64
+    head_convs: int = 2
+    loop: LoopConfig = field(
+        default_factory=lambda: LoopConfig(
+            max_steps=5000, batch_size=16, learning_rate=1.5e-3, warmup_steps=200, weight_decay=1e-4, ema_decay=0.998
+        )
+    )
+
+
+def _targets(batch: dict, size: int, device: torch.device) -> list[dict]:
+    """Per image: boxes in pixels of the `size` training images, contiguous labels; padded slots dropped."""
+    targets = []
+    for boxes, labels, mask in zip(batch["boxes"], batch["category_ids"], batch["masks"]):
+        boxes, labels = boxes[mask > 0] * size, labels[mask > 0]
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        targets.append({"boxes": boxes[keep].to(device), "labels": labels[keep].to(device)})
+    return targets
+
+
+def train_detector(config: DetectorTrainConfig) -> LoopResult:
+    """Train the detector as configured; writes the detector folder at `config.out` when done (not when stopped)."""
+    out = Path(config.out)
+    folder = out / "train"
+    if list_checkpoints(folder / "checkpoints" / STAGE) and not config.loop.resume:
+        raise SpatialLockError(f"out: {out} already holds checkpoints; pass --resume to continue or choose another")
+    if config.image_size < 32:
+        raise SpatialLockError(f"image size: must be at least 32, got {config.image_size}")
+    if not 0.0 <= config.flip_prob <= 1.0:
+        raise SpatialLockError(f"flip prob: must lie in [0, 1], got {config.flip_prob}")
+    if not 0.0 <= config.loop.ema_decay < 1.0:
+        raise SpatialLockError(f"EMA decay: must lie in [0, 1), got {config.loop.ema_decay}")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    dataset = LayoutDataset.from_split(
+        config.data, config.split, resolution=config.image_size, flip_prob=config.flip_prob, seed=config.loop.seed
+    )
+    categories = [{"id": cid, "name": dataset.categories[i]} for cid, i in dataset.category_index.items()]
+    categories.sort(key=lambda c: dataset.category_index[c["id"]])
+    torch.manual_seed(config.loop.seed)
+    detector = Detector(
+        DetectorConfig(
+            categories=categories, image_size=config.image_size, channels=config.channels,
+            fpn_channels=config.fpn_channels, head_convs=config.head_convs,
+        )
+    ).to(device)  # fmt: skip
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+
+    def losses(models: dict, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        images = list(((batch["pixel_values"] + 1.0) / 2.0).clamp(0.0, 1.0).to(device))
+        parts = models[STAGE](images, _targets(batch, config.image_size, device))
+        return {"loss": sum(parts.values()), **parts}
+
+    result = train_loop(
+        accelerator=accelerator, stage=STAGE, folder=folder, models={STAGE: detector}, dataset=dataset,
+        collate_fn=collate_layouts, compute_losses=losses, config=config.loop,
+    )  # fmt: skip
+    if not result.interrupted and accelerator.is_main_process:
+        save_detector(result.models[STAGE].eval(), out)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def evaluate_and_record(out: str | os.PathLike, data: str | os.PathLike, split: str = "val", **extra) -> dict | None:
+    """AP of the detector folder `out` on a split's real images, written to `out/eval.json` with `extra`.
+
+    Returns the metrics, or None when the data folder has no such split.
+    """
+    try:
+        split_files(data, split)
+    except SpatialLockError:
+        return None
+    metrics = evaluate_detector(Detector.from_pretrained(out), data, split)
+    record = {**metrics, "data": str(data), "split": split, **extra}
+    path = Path(out) / EVAL_NAME
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(partial, path)
+    return metrics
