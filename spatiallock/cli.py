@@ -13,6 +13,7 @@ from spatiallock.errors import SpatialLockError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from spatiallock.commands import demo as demo_cmd
     from spatiallock.commands import evaluate as evaluate_cmd
     from spatiallock.commands import generate as generate_cmd
     from spatiallock.commands import params as params_cmd
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.register(sub)
     generate_cmd.register(sub)
     evaluate_cmd.register(sub)
+    demo_cmd.register(sub)
     return parser
 
 
