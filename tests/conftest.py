@@ -34,3 +34,43 @@ def make_inputs(batch: int = 2, slots: int = 4, objects: int = 2, seed: int = 0)
         "masks": masks,
         "labels": torch.randint(0, NUM_CLASSES, (batch, slots), generator=g),
     }
+
+
+# ---- tiny bases and data on disk, built once per session (see tiny_models.py) ----------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A tiny Stable-Diffusion-format model folder (CLIP text encoder), native resolution 32 px."""
+    from tiny_models import make_tiny_sd
+
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_small_base(tmp_path_factory):
+    """A tiny model folder in the project's small-base format (all-MiniLM-L6-v2 text encoder), 32 px."""
+    from tiny_models import make_tiny_small_base
+
+    return make_tiny_small_base(tmp_path_factory.mktemp("tiny-small-base"))
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory):
+    """A synthetic layout data set at 32 px written by `spatiallock data synth`: 16 train and 4 val images."""
+    from spatiallock.cli import main
+
+    out = tmp_path_factory.mktemp("shapes")
+    args = ["data", "synth", "--out", str(out), "--train", "16", "--val", "4", "--size", "32", "--workers", "1"]
+    assert main([*args, "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture
+def one_thread():
+    """Run on one CPU thread: tiny models gain nothing from more, and on a small machine shared with other jobs
+    several threads per process slow training down many times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

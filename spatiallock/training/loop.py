@@ -224,9 +224,12 @@ def train_loop(
     sampler = StepBatches(
         len(dataset), config.batch_size, accelerator.num_processes, accelerator.process_index, config.seed, start
     )
+    # The loader draws its workers' base seed when iterated: from its own generator, not the global RNG, so that
+    # the global RNG a checkpoint restored is the one the uninterrupted run had at that step.
     loader = torch.utils.data.DataLoader(
-        EpochIndexed(dataset), batch_sampler=sampler, collate_fn=collate_fn, num_workers=config.num_workers
-    )
+        EpochIndexed(dataset), batch_sampler=sampler, collate_fn=collate_fn, num_workers=config.num_workers,
+        generator=torch.Generator().manual_seed(config.seed),
+    )  # fmt: skip
 
     def ema_tensors() -> dict[str, dict[str, torch.Tensor]]:
         files = {}

@@ -1,0 +1,153 @@
+"""`spatiallock train adapter` on tiny bases written to disk: what it writes, what it trains, what it leaves alone."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import spatiallock.training.adapter as adapter_training
+from spatiallock.base import load_base
+from spatiallock.cli import main
+from spatiallock.models.adapter import SpatialLockAdapter
+from spatiallock.text import phrase_dim
+
+SYNTH_CLASSES = 16
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def train(base, data, out, *options: str) -> int:
+    """`spatiallock train adapter` in this process, with batches of 2 and no progress bar."""
+    args = ["train", "adapter", "--base", str(base), "--data", str(data), "--out", str(out)]
+    return main([*args, "--batch-size", "2", "--no-progress", *options])
+
+
+def error_line(stderr: str) -> str:
+    """The command's one-line error (stderr may also hold libraries' progress bars)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("spatiallock: error:")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def fresh_adapter(base_folder, variant: str = "spatiallock", seed: int = 0, **kwargs) -> SpatialLockAdapter:
+    """The adapter `train adapter` starts from (same seed, same construction)."""
+    base = load_base(base_folder)
+    torch.manual_seed(seed)
+    return SpatialLockAdapter.from_unet(
+        base.unet, variant, None, phrase_dim(base.text_encoder), SYNTH_CLASSES, **kwargs
+    )
+
+
+@pytest.mark.parametrize("base_kind", ["sd", "small-base"])
+def test_train_writes_a_loadable_adapter_that_moved_from_its_init(request, tiny_shapes, tmp_path, capsys, base_kind):
+    base_folder = request.getfixturevalue({"sd": "tiny_sd", "small-base": "tiny_small_base"}[base_kind])
+    out = tmp_path / "adapter"
+    assert train(base_folder, tiny_shapes, out, "--max-steps", "2", "--lr", "1e-2") == 0  # warm-up: 2e-4, 4e-4
+    assert f"adapter written to {out} (2 steps" in capsys.readouterr().out
+
+    assert (out / "config.json").is_file() and (out / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((out / "train" / "config.json").read_text())["base"] == str(base_folder)
+    trained = SpatialLockAdapter.from_pretrained(out)
+    base = load_base(base_folder)
+    trained.attach(base.unet)  # fits the base it was trained on
+    width = 32 if base_kind == "sd" else 384  # CLIP-tiny or all-MiniLM-L6-v2
+    assert trained.config.variant == "spatiallock"
+    assert trained.config.context_dim == width and trained.config.phrase_dim == width
+    assert trained.config.num_classes == SYNTH_CLASSES
+    assert list(trained.config.blocks) == [
+        "down_blocks.0.attentions.0.transformer_blocks.0",
+        "up_blocks.1.attentions.0.transformer_blocks.0",
+    ]
+
+    init, after = fresh_adapter(base_folder).state_dict(), trained.state_dict()
+    assert init.keys() == after.keys()
+    gates = [k for k in init if k.endswith(("gate_attn", "gate_ff"))]
+    assert len(gates) == 4
+    for key in gates:  # zero at init (identity blocks), opened by training
+        assert init[key].item() == 0.0 and after[key].item() != 0.0, key
+    assert not torch.equal(init["weighting.log_vars"], after["weighting.log_vars"])
+    # every tensor moved, even those behind zero-initialised gates and projections (no gradient in step 1), but
+    # maybe a LayerNorm scale: its step-2 gradient can be ~1e-13, and an Adam step ~1e-9 is lost next to 1.0
+    unchanged = [k for k in init if torch.equal(init[k], after[k])]
+    assert all(".norm" in k and k.endswith(".weight") and bool((init[k] == 1).all()) for k in unchanged), unchanged
+    assert len(unchanged) <= 0.1 * len(init), unchanged
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+
+def test_unknown_position_fails_with_the_valid_names(tiny_sd, tiny_shapes, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    assert train(tiny_sd, tiny_shapes, out, "--max-steps", "1", "--positions", "nosuchblock") == 2
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith("spatiallock: error: positions: nosuchblock names no attention block; valid: ")
+    valid = "down_blocks.0.attentions.0, mid_block.attentions.0, up_blocks.1.attentions.0, up_blocks.1.attentions.1"
+    assert f"valid: {valid} or a preset: default, all, down, up, inner" in err
+    assert not (out / "config.json").exists()
+
+
+def test_fixed_loss_weights_are_recorded_and_used(tiny_sd, tiny_shapes, tmp_path):
+    out = tmp_path / "adapter"
+    assert train(tiny_sd, tiny_shapes, out, "--max-steps", "1", "--loss-weights", "0.5,0.5") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["loss_weighting"] == "fixed" and config["loss_weights"] == [0.5, 0.5]
+    assert json.loads((out / "train" / "config.json").read_text())["loss_weights"] == [0.5, 0.5]
+    adapter = SpatialLockAdapter.from_pretrained(out)
+    assert adapter.weighting.log_vars is None and "weighting.log_vars" not in adapter.state_dict()
+    assert adapter.weighting.weights() == {"diffusion": 0.5, "perception": 0.5}
+    entry = json.loads((out / "train" / "log.jsonl").read_text().splitlines()[-1])
+    assert entry["step"] == 1 and entry["weights"] == {"diffusion": 0.5, "perception": 0.5}
+    assert entry["loss"] == pytest.approx(0.5 * entry["diffusion"] + 0.5 * entry["perception"], rel=1e-6)
+
+
+@pytest.mark.parametrize("text", ["0.5", "0.5,x", "0.5,-1"])
+def test_malformed_loss_weights_are_refused_by_the_parser(tmp_path, capsys, text):
+    with pytest.raises(SystemExit) as exit_info:
+        train(tmp_path / "base", tmp_path / "data", tmp_path / "out", "--loss-weights", text)
+    assert exit_info.value.code == 2
+    assert "--loss-weights" in capsys.readouterr().err
+
+
+def _file_hashes(folder) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _tensors(base) -> dict[str, dict[str, torch.Tensor]]:
+    parts = {"unet": base.unet, "vae": base.vae, "text_encoder": base.text_encoder}
+    return {name: {k: v.detach().clone() for k, v in part.state_dict().items()} for name, part in parts.items()}
+
+
+def test_training_leaves_the_base_bit_identical(tiny_sd, tiny_shapes, tmp_path, monkeypatch):
+    files_before = _file_hashes(tiny_sd)
+    tensors_before = _tensors(load_base(tiny_sd))
+    loaded = []  # the base object the training run used
+
+    def recording_load_base(*args, **kwargs):
+        loaded.append(load_base(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(adapter_training, "load_base", recording_load_base)
+    assert train(tiny_sd, tiny_shapes, tmp_path / "adapter", "--max-steps", "2", "--lr", "1e-2") == 0
+    assert len(loaded) == 1
+
+    # on disk: not one byte changed, nothing added or removed
+    assert _file_hashes(tiny_sd) == files_before
+    # in memory, after training: the base the run used still holds exactly its weights, frozen, no adapter keys
+    for name, tensors in _tensors(loaded[0]).items():
+        assert tensors.keys() == tensors_before[name].keys(), name
+        for key, value in tensors.items():
+            assert torch.equal(value, tensors_before[name][key]), f"{name}.{key}"
+        assert not any(p.requires_grad for p in getattr(loaded[0], name).parameters()), name
+    # and reloaded from disk
+    reloaded = _tensors(load_base(tiny_sd))
+    for name, tensors in reloaded.items():
+        assert all(torch.equal(v, tensors_before[name][k]) for k, v in tensors.items()), name
+    # the adapter did train (so the base really was run under a changing adapter)
+    trained = load_file(tmp_path / "adapter" / "diffusion_pytorch_model.safetensors")
+    assert trained["fusers.0.gate_attn"].item() != 0.0
