@@ -54,8 +54,9 @@ def test_default_variant_injects_two_blocks_gligen_every_block(unet):
     assert len(new_adapter(unet, "gligen").config.blocks) == 2 + 1 + 4
 
 
-def test_padded_slots_do_not_change_output(unet):
-    adapter = new_adapter(unet).attach(unet)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_padded_slots_do_not_change_output(unet, variant):
+    adapter = new_adapter(unet, variant).attach(unet)
     open_gates(adapter)
     few = make_inputs(slots=3, objects=2)
     many = make_inputs(slots=9, objects=2, seed=5)  # different garbage in the padded slots
@@ -70,8 +71,9 @@ def test_padded_slots_do_not_change_output(unet):
     assert not torch.allclose(grounded(adapter, unet, few), grounded(adapter, unet, moved), atol=1e-5)
 
 
-def test_layout_without_objects_equals_null_grounding_whatever_the_slot_count(unet):
-    adapter = new_adapter(unet).attach(unet)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_layout_without_objects_equals_null_grounding_whatever_the_slot_count(unet, variant):
+    adapter = new_adapter(unet, variant).attach(unet)
     open_gates(adapter)
     empty_small = make_inputs(slots=1, objects=0)
     empty_large = make_inputs(slots=6, objects=0, seed=3)

@@ -117,11 +117,24 @@ class GroundingAttention(nn.Module):
 
 
 class GatedSelfAttention(GatedSelfAttentionDense):
-    """The GLIGEN baseline: gated self-attention over concat(visual tokens, grounding tokens).
+    """The GLIGEN baseline: gated self-attention over concat(visual tokens, grounding tokens), then a gated
+    feed-forward (diffusers' layer and weights).
 
-    diffusers' layer as it is; only the token container is unpacked. As in GLIGEN, empty slots
-    (null tokens) take part in the attention.
+    One change from GLIGEN, which always pads to 30 slots and lets the null tokens take part: empty slots are
+    hidden from the attention as in `GroundingAttention`, so that the output does not depend on how many
+    slots a layout was padded to (training pads to 30, a sampling batch to its longest layout).
     """
 
     def forward(self, x: torch.Tensor, objs: GroundingTokens) -> torch.Tensor:
-        return super().forward(x, objs.tokens)
+        if not self.enabled:
+            return x
+        # 1. gated self-attention: (B, HW + N, C) tokens; every token may attend to all visual tokens and to
+        #    the real objects' tokens only (a layout without objects: to the visual tokens alone)
+        n_visual = x.shape[1]
+        tokens = torch.cat([x, self.linear(objs.tokens)], dim=1)
+        bias = torch.zeros(x.shape[0], 1, tokens.shape[1], dtype=x.dtype, device=x.device)
+        bias[:, :, n_visual:].masked_fill_(objs.mask[:, None] < 0.5, torch.finfo(x.dtype).min)
+        attn = self.attn(self.norm1(tokens), attention_mask=bias)[:, :n_visual]
+        x = x + self.alpha_attn.tanh() * attn
+        # 2. gated feed-forward
+        return x + self.alpha_dense.tanh() * self.ff(self.norm2(x))
