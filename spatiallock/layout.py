@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +127,7 @@ def layouts_from_coco(
         if not isinstance(ann, dict):
             raise SpatialLockError(f"{name}: annotations[{i}]: expected an object")
         per_image.setdefault(ann.get("image_id"), []).append((i, ann))
-    layouts = []
+    layouts, trimmed = [], 0
     for k, image in enumerate(instances["images"]):
         if not isinstance(image, dict) or not {"id", "width", "height"} <= image.keys():
             raise SpatialLockError(f"{name}: images[{k}]: needs 'id', 'width' and 'height'")
@@ -147,13 +148,21 @@ def layouts_from_coco(
             labels.append(categories[ann["category_id"]])
         if not labels:
             continue
-        if len(labels) > max_objects:
-            raise SpatialLockError(f"{name}: image {image['id']}: {len(labels)} objects, at most {max_objects}")
+        if len(labels) > max_objects:  # as the training data set does: keep the largest, and say so
+            areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
+            keep = sorted(sorted(range(len(boxes)), key=lambda j: -areas[j])[:max_objects])
+            labels, boxes = [labels[j] for j in keep], [boxes[j] for j in keep]
+            trimmed += 1
         caption = texts.get(image["id"]) or ", ".join(f"a {label}" for label in labels)
         meta = {"file_name": image.get("file_name"), "width": width, "height": height}
         layouts.append(Layout(caption, tuple(labels), tuple(boxes), image_id=image["id"], meta=meta))
     if not layouts:
         raise SpatialLockError(f"{name}: no image with objects")
+    if trimmed:
+        warnings.warn(
+            f"{name}: {trimmed} images have more than {max_objects} objects; their {max_objects} largest are used",
+            stacklevel=2,
+        )
     return layouts
 
 

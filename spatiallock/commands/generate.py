@@ -369,6 +369,8 @@ def run_generate_dataset(args: argparse.Namespace) -> int:
     size = args.size or pipe.native_size
     if state.is_main_process:
         (out / "images").mkdir(parents=True, exist_ok=True)
+        for partial in (out / "images").glob(".*.part"):  # left by a run killed in the middle of a write
+            partial.unlink()
         write_json_atomic(settings_file, settings)
     state.wait_for_everyone()
 
