@@ -147,3 +147,29 @@ def test_bad_pipeline_arguments_raise_clear_errors(tiny_small_base):
         pipe("a red circle", phrases=["red circle"], boxes=[[0.1, 0.1, 0.2, 0.5], [0.1, 0.1, 0.2, 0.5]])
     with pytest.raises(SpatialLockError, match="grounding_steps"):
         pipe("a red circle", phrases=["red circle"], boxes=[[0.1, 0.1, 0.2, 0.5]], grounding_steps=1.5)
+
+
+def test_unconditional_branch_gets_empty_caption_and_null_grounding_for_the_grounded_share(tiny_small_base):
+    pipe = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=make_adapter(tiny_small_base))
+    calls = []
+    predict = pipe.predict
+
+    def recording_predict(latents, t, states, caption_mask, grounding):
+        calls.append((states.clone(), None if grounding is None else tuple(x.clone() for x in grounding)))
+        return predict(latents, t, states, caption_mask, grounding)
+
+    pipe.predict = recording_predict
+    sample(pipe, num_inference_steps=4, grounding_steps=0.5)
+    empty, _ = pipe.encode_prompts([""] * 2)
+    captions, _ = pipe.encode_prompts([layout.caption for layout in LAYOUTS])
+    assert len(calls) == 4
+    for step, (states, grounding) in enumerate(calls):
+        torch.testing.assert_close(states[:2], empty)  # unconditional rows first, as in Stable Diffusion
+        torch.testing.assert_close(states[2:], captions)
+        if step >= 2:  # grounding_steps=0.5: the layout guides the first half of the steps only
+            assert grounding is None
+            continue
+        embeds, boxes, masks = grounding
+        assert masks[:2].sum() == 0  # null grounding: no object slot is open in the unconditional rows
+        assert masks[2].tolist()[:2] == [1.0, 1.0] and masks[3].tolist()[:1] == [1.0] and masks[3, 1:].sum() == 0
+        torch.testing.assert_close(boxes[2, :2], torch.tensor(TWO, dtype=boxes.dtype))
