@@ -22,11 +22,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from spatiallock.detector import Detector
+from spatiallock.draw import draw_boxes, grid
 from spatiallock.evaluate import DetectorFeatures, evaluate_pipeline, frechet_distance, load_real_images, score_images
 from spatiallock.layout import read_layouts
 from spatiallock.pipeline import SpatialLockPipeline, load_adapter
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SAMPLES = RESULTS / "synthetic_samples"
 METRICS = ("ap", "ap50", "ap75", "miou", "fd")
 
 
@@ -71,6 +73,38 @@ def plot(rows: list[dict], path: Path) -> None:
     image.save(path)
 
 
+def save_strip(images: list[Image.Image], layouts: list, name: str) -> None:
+    """The first generated images of a row, each at 2x with its requested boxes drawn (dashed)."""
+    cells = [
+        draw_boxes(image, layout.labels, layout.boxes, min_side=128, dashed=True)
+        for image, layout in zip(images, layouts)
+    ]
+    SAMPLES.mkdir(parents=True, exist_ok=True)
+    grid(cells, columns=len(cells), gap=2).save(SAMPLES / f"{name.replace('/', '_')}.png")
+
+
+def samples_figure(names: list[str], path: Path) -> None:
+    """One row per benchmark row (real images first), the same layouts in every column."""
+    strips = [
+        (n, Image.open(SAMPLES / f"{n.replace('/', '_')}.png"))
+        for n in names
+        if (SAMPLES / f"{n.replace('/', '_')}.png").is_file()
+    ]
+    if not strips:
+        return
+    left, width = 190, max(strip.size[0] for _, strip in strips)
+    height = sum(strip.size[1] + 4 for _, strip in strips)
+    sheet = Image.new("RGB", (left + width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=15)
+    y = 0
+    for name, strip in strips:
+        sheet.paste(strip, (left, y))
+        draw.text((8, y + strip.size[1] // 2 - 8), name, fill=(0, 0, 0), font=font)
+        y += strip.size[1] + 4
+    sheet.save(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="synthetic data folder (instances_val.json, val/, train/)")
@@ -84,6 +118,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default: 5.0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-steps", type=int, default=None, help="adapter training steps, recorded")
+    parser.add_argument("--samples", type=int, default=6, help="layouts shown per row in the samples figure")
     parser.add_argument("--out", default=str(RESULTS / "synthetic.json"))
     args = parser.parse_args()
 
@@ -104,6 +139,7 @@ def main() -> None:
         scores["fd"] = frechet_distance(reference, real, DetectorFeatures(detector))
         rows["real-images"] = {"variant": "real-images", **{k: round(v, 4) for k, v in scores.items()}, **common}
         rows["real-images"]["note"] = "detector on real val images; fd: train vs val images (the floor)"
+        save_strip(real[: args.samples], layouts[: args.samples], "real-images")
         print(f"real-images: {rows['real-images']}  ({time.perf_counter() - start:.0f} s)")
 
     pipe = SpatialLockPipeline.from_pretrained(args.base)
@@ -113,7 +149,8 @@ def main() -> None:
         pipe.set_adapter(None if folder is None else load_adapter(folder))
         sampling = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, **options}
         start = time.perf_counter()
-        report, *_ = evaluate_pipeline(pipe, detector, layouts, 1, args.seed, sampling, real)
+        report, images, *_ = evaluate_pipeline(pipe, detector, layouts, 1, args.seed, sampling, real)
+        save_strip(images[: args.samples], layouts[: args.samples], name)
         row = {"variant": name, **{k: report[k] for k in METRICS}, "seconds_per_image": report["seconds_per_image"]}
         row.update(common, adapter=folder, options=options)
         if folder is not None:
@@ -134,7 +171,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result["rows"], out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    samples_figure([row["variant"] for row in result["rows"]], out.with_name(out.stem + "_samples.png"))
+    print(f"wrote {out}, {out.with_suffix('.png')} and {out.with_name(out.stem + '_samples.png')}")
     header = f"{'variant':28s} " + " ".join(f"{m:>7s}" for m in METRICS) + "  s/image"
     print(header)
     for row in result["rows"]:
