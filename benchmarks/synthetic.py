@@ -127,8 +127,6 @@ def main() -> None:
     detector = Detector.from_pretrained(args.detector)
     real = load_real_images([data / "val" / layout.meta["file_name"] for layout in layouts])
     out = Path(args.out)
-    previous = json.loads(out.read_text()) if out.is_file() else {}
-    rows = {row["variant"]: row for row in previous.get("rows", [])}
     common = {"layouts": len(layouts), "sampling_steps": args.steps, "guidance": args.guidance, "seed": args.seed}
 
     if not args.no_real:
@@ -137,10 +135,11 @@ def main() -> None:
         train_layouts = read_layouts(data / "instances_train.json")[: len(layouts)]
         reference = load_real_images([data / "train" / layout.meta["file_name"] for layout in train_layouts])
         scores["fd"] = frechet_distance(reference, real, DetectorFeatures(detector))
-        rows["real-images"] = {"variant": "real-images", **{k: round(v, 4) for k, v in scores.items()}, **common}
-        rows["real-images"]["note"] = "detector on real val images; fd: train vs val images (the floor)"
+        row = {"variant": "real-images", **{k: round(v, 4) for k, v in scores.items()}, **common}
+        row["note"] = "detector on real val images; fd: train vs val images (the floor)"
         save_strip(real[: args.samples], layouts[: args.samples], "real-images")
-        print(f"real-images: {rows['real-images']}  ({time.perf_counter() - start:.0f} s)")
+        write_row(out, row, args)
+        print(f"real-images: {row}  ({time.perf_counter() - start:.0f} s)")
 
     pipe = SpatialLockPipeline.from_pretrained(args.base)
     pipe.set_progress_bar_config(disable=True)
@@ -157,27 +156,37 @@ def main() -> None:
             saved = Path(folder) / "train" / "config.json"
             config = json.loads(saved.read_text()) if saved.is_file() else {}
             row["train_steps"] = config.get("loop", {}).get("max_steps")
-        rows[name] = row
+        write_row(out, row, args)
         print(f"{name}: {row}  ({time.perf_counter() - start:.0f} s)")
 
-    order = ["real-images", "base"] + [n for n in rows if n not in ("real-images", "base")]
-    result = {
-        "device": device_name(),
-        "train_steps": args.train_steps if args.train_steps is not None else previous.get("train_steps"),
-        "detector": args.detector,
-        "base": args.base,
-        "rows": [rows[n] for n in order if n in rows],
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result["rows"], out.with_suffix(".png"))
-    samples_figure([row["variant"] for row in result["rows"]], out.with_name(out.stem + "_samples.png"))
-    print(f"wrote {out}, {out.with_suffix('.png')} and {out.with_name(out.stem + '_samples.png')}")
+    result = json.loads(out.read_text())
     header = f"{'variant':28s} " + " ".join(f"{m:>7s}" for m in METRICS) + "  s/image"
     print(header)
     for row in result["rows"]:
         values = " ".join(f"{row[m]:7.3f}" if row.get(m) is not None else "    n/a" for m in METRICS)
         print(f"{row['variant']:28s} {values}  {row.get('seconds_per_image', float('nan')):.3f}")
+
+
+def write_row(out: Path, row: dict, args: argparse.Namespace) -> None:
+    """Put one row into the results file as soon as it is computed (rows other runs wrote are kept), atomically,
+    and redraw the figures."""
+    latest = json.loads(out.read_text()) if out.is_file() else {}
+    rows = {r["variant"]: r for r in latest.get("rows", [])}
+    rows[row["variant"]] = row
+    order = ["real-images", "base"] + [n for n in rows if n not in ("real-images", "base")]
+    result = {
+        "device": device_name(),
+        "train_steps": args.train_steps if args.train_steps is not None else latest.get("train_steps"),
+        "detector": args.detector,
+        "base": args.base,
+        "rows": [rows[n] for n in order if n in rows],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.part")
+    partial.write_text(json.dumps(result, indent=2) + "\n")
+    partial.replace(out)
+    plot(result["rows"], out.with_suffix(".png"))
+    samples_figure([r["variant"] for r in result["rows"]], out.with_name(out.stem + "_samples.png"))
 
 
 if __name__ == "__main__":

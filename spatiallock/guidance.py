@@ -48,15 +48,25 @@ def caption_token_ids(tokenizer, caption: str, max_length: int) -> list[int]:
     return tokenizer(caption, max_length=max_length, truncation=True).input_ids
 
 
+def plural(label: str) -> str:
+    """The label with its last word in the plural ("red circle" -> "red circles", "box" -> "boxes")."""
+    return label + ("es" if label.endswith(("s", "x", "z", "ch", "sh")) else "s")
+
+
 def label_positions(tokenizer, caption: str, label: str, max_length: int) -> list[list[int]]:
-    """Every occurrence of `label`'s token ids in the tokenized caption, each as its token positions.
+    """Every occurrence of `label`'s token ids (or of its plural's: "two red squares") in the tokenized caption,
+    each as its token positions, in caption order.
 
     Works for CLIP's BPE and BERT's WordPiece alike: both tokenize a word the same way inside a caption as alone
     (both lowercase; punctuation is split off), so the label's ids form a subsequence of the caption's.
     """
     ids = caption_token_ids(tokenizer, caption, max_length)
-    part = tokenizer(label, add_special_tokens=False).input_ids
-    return [list(range(start, start + len(part))) for start in _find(ids, part)]
+    found = {}
+    for form in (label, plural(label)):
+        part = tokenizer(form, add_special_tokens=False).input_ids
+        for start in _find(ids, part):
+            found.setdefault(start, list(range(start, start + len(part))))
+    return [found[start] for start in sorted(found)]
 
 
 def _with_label(caption: str, label: str) -> str:
@@ -70,8 +80,10 @@ def caption_targets(
 ) -> tuple[list[Layout], list[list[list[int]]]]:
     """Layouts whose captions name every label, and each object's token positions in its caption.
 
-    A label that does not occur in the caption is appended to it (", a green triangle") and reported by a
-    warning, or, with `missing="error"`, refused with a `SpatialLockError` naming it. The n-th object of a
+    A label that does not occur in the caption (nor in the plural) is appended to it (", a green triangle") and
+    reported by a warning, or, with `missing="error"`, refused with a `SpatialLockError` naming it. A label that
+    cannot be appended within `max_length` tokens is reported by a warning and its objects get no tokens
+    (no guidance). The n-th object of a
     label takes the n-th occurrence of the label when the caption has as many, else all of them.
 
     Returns the layouts (captions completed) and positions[b][n] = token positions of object n of layout b.
@@ -89,12 +101,15 @@ def caption_targets(
                     f"layouts[{b}]: label {label!r} does not occur in the caption {caption!r} "
                     f"(within its first {max_length} tokens); name it in the caption or let it be added"
                 )
-            caption = _with_label(caption, label)
-            if not label_positions(tokenizer, caption, label, max_length):
-                raise SpatialLockError(
-                    f"layouts[{b}]: label {label!r} cannot be added to the caption: it would fall beyond the "
-                    f"caption's {max_length} tokens; shorten the caption"
-                )
+            longer = _with_label(caption, label)
+            if not label_positions(tokenizer, longer, label, max_length):
+                logger.warning(
+                    "layout guidance: label %r is not in layouts[%d]'s caption and cannot be added within its %d "
+                    "tokens: its objects get no attention guidance",
+                    label, b, max_length,
+                )  # fmt: skip
+                continue
+            caption = longer
             logger.warning("layout guidance: label %r is not in the caption; added: %r", label, caption)
         if caption != layout.caption:
             layout = replace(layout, caption=caption)
@@ -240,6 +255,8 @@ def layout_loss(
     for b in range(batch):
         per_object = []
         for tokens, box in zip(positions[b], boxes[b]):
+            if not tokens:  # a label the caption could not hold: not guided
+                continue
             per_layer = []
             for attention in maps:
                 attention = attention[b, :, :, list(tokens)].float()  # (heads, HW, T)
@@ -282,7 +299,7 @@ class LayoutGuidance:
     def update(self, pipe, latents, t, step: int, states, caption_mask=None, grounding=None) -> torch.Tensor:
         """The latents after `iterations` gradient steps on the loss; `states` etc. are the conditional branch's."""
         size = self.step_size(step)
-        if not any(self.positions):  # no object in the batch: nothing to guide
+        if not any(tokens for image in self.positions for tokens in image):  # no object with tokens: nothing to do
             return latents
         for _ in range(self.iterations):
             with torch.enable_grad():

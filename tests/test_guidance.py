@@ -64,6 +64,9 @@ def test_loss_is_zero_with_all_attention_in_the_boxes_and_positive_otherwise():
     assert 0.1 < partly < 1.0
     # an image without objects costs nothing; a box between cells covers them in part
     assert layout_loss(ones, [[]], [[]], (16, 16)).item() == 0.0
+    # an object without caption tokens (its label did not fit) is left out, the others still count
+    only_first = layout_loss(ones, [[[1, 2], []]], boxes, (16, 16)).item()
+    assert only_first == pytest.approx((1 - 0.25) ** 2, abs=1e-6)
     np.testing.assert_allclose(box_mask((0.1, 0.0, 0.6, 1.0), (1, 2)).numpy(), [[0.8, 0.2]], atol=1e-6)
 
 
@@ -104,8 +107,20 @@ def test_label_tokens_are_found_and_missing_labels_are_added_or_refused(tokenize
     assert tokenizer.decode([ids[p] for p in positions[0][1]]).strip() == "green triangle"
     with pytest.raises(SpatialLockError, match="label 'green triangle' does not occur in the caption"):
         caption_targets([missing], tokenizer, 32, missing="error")
-    with pytest.raises(SpatialLockError, match="'green triangle' cannot be added .* beyond the caption's 5 tokens"):
-        caption_targets([missing], tokenizer, 5)
+    # no room left in the caption's tokens: reported, and that object is not guided (the others still are)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatiallock.guidance"):
+        (kept,), positions = caption_targets([missing], tokenizer, 5)
+    assert kept.caption == "a red circle" and positions[0][1] == [] and positions[0][0]
+    assert "'green triangle' is not in layouts[0]'s caption and cannot be added within its 5 tokens" in caplog.text
+
+    # plurals name their objects: "two blue squares" holds both blue squares
+    plural = Layout("two blue squares and a red circle", ("blue square", "red circle", "blue square"), (*TWO, TWO[0]))
+    (same,), positions = caption_targets([plural], tokenizer, 32)
+    assert same is plural
+    ids = tokenizer(plural.caption).input_ids
+    assert tokenizer.decode([ids[p] for p in positions[0][0]]).strip() == "blue squares"
+    assert positions[0][0] == positions[0][2]
 
 
 # ---- layers and the gradient step on tiny U-Nets ---------------------------------------------------------------
