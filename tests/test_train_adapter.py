@@ -151,3 +151,24 @@ def test_training_leaves_the_base_bit_identical(tiny_sd, tiny_shapes, tmp_path, 
     # the adapter did train (so the base really was run under a changing adapter)
     trained = load_file(tmp_path / "adapter" / "diffusion_pytorch_model.safetensors")
     assert trained["fusers.0.gate_attn"].item() != 0.0
+
+
+def test_cubic_timestep_sampling_favours_the_noisy_steps():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents = torch.zeros(4000, 1, 1, 1)
+    steps = {}
+    for sampling in ("uniform", "cubic"):
+        _, t, _ = adapter_training.noisy_inputs(scheduler, latents, torch.Generator().manual_seed(0), sampling)
+        assert t.min() >= 0 and t.max() <= 999 and t.dtype == torch.int64
+        steps[sampling] = t.float()
+    assert abs(steps["uniform"].mean() - 500) < 20
+    assert abs(steps["cubic"].mean() - 750) < 20  # E[1 - u^3] = 3/4
+    assert (steps["cubic"] >= 500).float().mean() > 0.75  # P(u^3 <= 1/2) = 0.79
+
+
+def test_an_unknown_timestep_sampling_is_refused(tiny_small_base, tiny_shapes, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train(tiny_small_base, tiny_shapes, tmp_path / "a", "--timestep-sampling", "log-normal")
+    assert "invalid choice: 'log-normal'" in capsys.readouterr().err

@@ -41,6 +41,7 @@ class AdapterTrainConfig:
     caption_dropout: float = 0.1
     layout_dropout: float = 0.1
     flip_prob: float = 0.5
+    timestep_sampling: str = "uniform"
     max_objects: int = MAX_OBJECTS
     split: str = "train"
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=1000, batch_size=16, learning_rate=1e-4))
@@ -53,12 +54,22 @@ def latents_of(base: BaseModel, pixels: torch.Tensor, generator: torch.Generator
         return posterior.sample(generator=generator) * base.vae.config.scaling_factor
 
 
-def noisy_inputs(scheduler, latents: torch.Tensor, generator: torch.Generator):
-    """(noisy latents, timesteps, diffusion target) for epsilon or v-prediction."""
+TIMESTEP_SAMPLING = ("uniform", "cubic")
+
+
+def noisy_inputs(scheduler, latents: torch.Tensor, generator: torch.Generator, sampling: str = "uniform"):
+    """(noisy latents, timesteps, diffusion target) for epsilon or v-prediction.
+
+    `sampling`: "uniform" timesteps, or "cubic": t = (1 - u^3) T with u uniform, which favours the noisy early
+    steps where a layout decides where objects go (T2I-Adapter's non-uniform sampling for spatial control).
+    """
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    steps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
-    )
+    total = scheduler.config.num_train_timesteps
+    if sampling == "cubic":
+        u = torch.rand(latents.shape[0], generator=generator, device=latents.device)
+        steps = ((1 - u**3) * total).long().clamp(0, total - 1)
+    else:
+        steps = torch.randint(0, total, (latents.shape[0],), generator=generator, device=latents.device)
     noisy = scheduler.add_noise(latents, noise, steps)
     if scheduler.config.prediction_type == "v_prediction":
         return noisy, steps, scheduler.get_velocity(latents, noise, steps)
@@ -80,6 +91,10 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
     """Train an adapter as configured; writes the adapter folder at `config.out` when done."""
     out = Path(config.out)
     folder = out / "train"
+    if config.timestep_sampling not in TIMESTEP_SAMPLING:
+        raise SpatialLockError(
+            f"timestep sampling: one of {', '.join(TIMESTEP_SAMPLING)}, got {config.timestep_sampling!r}"
+        )
     if list_checkpoints(folder / "checkpoints" / "adapter") and not config.loop.resume:
         raise SpatialLockError(f"out: {out} already holds checkpoints; pass --resume to continue or choose another")
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
@@ -113,7 +128,7 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
         objects = batch["masks"].to(device)
         _, keep_layout = drop(batch["captions"], config.layout_dropout, generator, None)
         grounding = objects * keep_layout.to(device, objects.dtype)[:, None]
-        noisy, steps, target = noisy_inputs(base.scheduler, latents, generator)
+        noisy, steps, target = noisy_inputs(base.scheduler, latents, generator, config.timestep_sampling)
         output = models["adapter"](
             base.unet, noisy, steps, states, phrase_embeds, batch["boxes"].to(device, dtype), grounding,
             labels=batch["category_ids"].to(device),
