@@ -121,3 +121,30 @@ def test_empty_slots_use_the_null_embeddings():
     # both empty slots are the same null token, whatever their phrase and box held
     torch.testing.assert_close(objs.tokens[0, 1], objs.tokens[0, 2])
     assert not torch.allclose(objs.tokens[0, 0], objs.tokens[0, 1])
+
+
+def test_query_positions_start_as_the_identity_and_make_cells_tell_apart(unet):
+    x = make_inputs()
+    before = plain(unet, x)
+    adapter = new_adapter(unet, query_positions=True).attach(unet)
+    assert torch.equal(grounded(adapter, unet, x), before)  # gates and the position projection start at zero
+    open_gates(adapter)
+    without = grounded(adapter, unet, x)
+    with torch.no_grad():
+        for fuser in adapter.fusers:
+            fuser.query_position.weight.normal_(std=1.0)
+    assert not torch.allclose(grounded(adapter, unet, x), without, atol=1e-5)
+    with pytest.raises(SpatialLockError, match="query positions: only for Grounding-Attention variants"):
+        new_adapter(unet, "gligen", query_positions=True)
+
+
+def test_cell_embedding_is_the_box_embedding_of_each_cell():
+    from diffusers.models.embeddings import get_fourier_embeds_from_boundingbox
+
+    from spatiallock.models.grounding import cell_embedding
+
+    cells = cell_embedding(16, torch.zeros(1))  # a 4x4 grid, row by row
+    third = torch.tensor([[[0.5, 0.0, 0.75, 0.25]]])  # row 0, column 2
+    torch.testing.assert_close(cells[:, 2:3], get_fourier_embeds_from_boundingbox(8, third))
+    with pytest.raises(SpatialLockError, match="square token grid"):
+        cell_embedding(12, torch.zeros(1))

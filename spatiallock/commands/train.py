@@ -118,6 +118,7 @@ def run_adapter(args: argparse.Namespace) -> int:
         base=args.base, data=args.data, out=args.out, variant=args.variant, positions=args.positions,
         loss_weights=args.loss_weights, resolution=args.resolution, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, split=args.split, timestep_sampling=args.timestep_sampling,
+        query_positions=args.query_positions,
         loop=_loop(args, args.max_steps, args.batch_size, args.lr, warmup=50),
     )  # fmt: skip
     result = train_adapter(config)
@@ -190,6 +191,11 @@ def register(subparsers) -> None:
     adapter.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="default: no")
     adapter.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     adapter.add_argument("--split", default="train", help="split of the data folder (default: train)")
+    adapter.add_argument(
+        "--query-positions", action="store_true",
+        help="add each visual token's cell position to its Grounding-Attention query (beyond the paper; for small "
+        "bases whose features carry little absolute position)",
+    )  # fmt: skip
     adapter.add_argument(
         "--timestep-sampling", default="uniform", choices=["uniform", "cubic"],
         help="training timesteps: uniform, or cubic (t = (1 - u^3) T: more of the noisy steps where layout matters)",

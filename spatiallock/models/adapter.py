@@ -66,6 +66,8 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         num_classes: object categories for the perception head.
         feature_channels: channels of each U-Net down block (perception input).
         loss_weighting: `learned` (uncertainty weighting) or `fixed` with `loss_weights` (diffusion, perception).
+        query_positions: add each visual token's cell position (Fourier) to its Grounding-Attention query; an
+            option beyond the paper, for bases whose features carry little absolute position.
     """
 
     config_name = "config.json"
@@ -90,6 +92,7 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         fourier_freqs: int = 8,
         hidden_dim: int = 512,
         max_objects: int = MAX_OBJECTS,
+        query_positions: bool = False,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -97,9 +100,18 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         if len(blocks) != len(block_dims) or not blocks:
             raise SpatialLockError("adapter config: `blocks` and `block_dims` must be non-empty and of equal length")
         attention, perception, enh_fusion = VARIANTS[variant]
+        if query_positions and attention != "grounding":
+            raise SpatialLockError(f"query positions: only for Grounding-Attention variants, not {variant!r}")
         self.tokenizer = GroundingTokenizer(phrase_dim, context_dim, fourier_freqs, hidden_dim, max_objects)
-        block_cls = GroundingAttention if attention == "grounding" else GatedSelfAttention
-        self.fusers = nn.ModuleList(block_cls(width, context_dim, heads, head) for width, heads, head in block_dims)
+        if attention == "grounding":
+            self.fusers = nn.ModuleList(
+                GroundingAttention(width, context_dim, heads, head, query_positions)
+                for width, heads, head in block_dims
+            )
+        else:
+            self.fusers = nn.ModuleList(
+                GatedSelfAttention(width, context_dim, heads, head) for width, heads, head in block_dims
+            )
         self.perception = None
         if perception:
             self.perception = PerceptionHead(

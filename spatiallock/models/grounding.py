@@ -6,6 +6,7 @@ embeddings (zero-initialised) and are masked out of the attention, so padding ne
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -88,6 +89,21 @@ def slot_attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias.unsqueeze(1)
 
 
+FOURIER_FREQS = 8
+
+
+def cell_embedding(tokens: int, like: torch.Tensor) -> torch.Tensor:
+    """(1, HW, 64) Fourier embedding of each cell of a square grid of `tokens` cells, as a normalised xyxy box
+    (the same embedding as the objects' boxes)."""
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise SpatialLockError(f"query positions: need a square token grid, got {tokens} tokens")
+    edges = torch.arange(side + 1, device=like.device, dtype=like.dtype) / side
+    y0, x0 = torch.meshgrid(edges[:-1], edges[:-1], indexing="ij")
+    cells = torch.stack([x0, y0, x0 + 1 / side, y0 + 1 / side], dim=-1).reshape(1, tokens, 4)
+    return get_fourier_embeds_from_boundingbox(FOURIER_FREQS, cells)
+
+
 class GroundingAttention(nn.Module):
     """Gated cross-attention (visual tokens query the grounding tokens) plus a gated feed-forward.
 
@@ -95,8 +111,16 @@ class GroundingAttention(nn.Module):
     The call signature matches diffusers' GLIGEN `fuser` slot of `BasicTransformerBlock`.
     """
 
-    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int):
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int, query_positions: bool = False):
         super().__init__()
+        # optional (not in the paper): the Fourier embedding of each visual token's own cell added to its query,
+        # so that "this cell lies in that box" is a dot product away even where the U-Net's features carry little
+        # absolute position (small U-Nets, very noisy latents); zero-initialised
+        self.query_position = None
+        if query_positions:
+            self.query_position = nn.Linear(FOURIER_FREQS * 2 * 4, query_dim)
+            nn.init.zeros_(self.query_position.weight)
+            nn.init.zeros_(self.query_position.bias)
         self.norm1 = nn.LayerNorm(query_dim)
         self.attn = Attention(query_dim=query_dim, cross_attention_dim=context_dim, heads=heads, dim_head=dim_head)
         self.norm2 = nn.LayerNorm(query_dim)
@@ -110,7 +134,10 @@ class GroundingAttention(nn.Module):
             return hidden_states
         # 1. gated cross-attention: (B, HW, C) queries over (B, N, D) grounding tokens
         bias = slot_attention_bias(objs.mask, hidden_states.dtype)
-        attn = self.attn(self.norm1(hidden_states), encoder_hidden_states=objs.tokens, attention_mask=bias)
+        queries = self.norm1(hidden_states)
+        if self.query_position is not None:
+            queries = queries + self.query_position(cell_embedding(hidden_states.shape[1], queries))
+        attn = self.attn(queries, encoder_hidden_states=objs.tokens, attention_mask=bias)
         hidden_states = hidden_states + self.gate_attn.tanh() * attn
         # 2. gated feed-forward
         return hidden_states + self.gate_ff.tanh() * self.ff(self.norm2(hidden_states))

@@ -42,6 +42,7 @@ class AdapterTrainConfig:
     layout_dropout: float = 0.1
     flip_prob: float = 0.5
     timestep_sampling: str = "uniform"
+    query_positions: bool = False
     max_objects: int = MAX_OBJECTS
     split: str = "train"
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=1000, batch_size=16, learning_rate=1e-4))
@@ -107,6 +108,8 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
     )  # fmt: skip
     torch.manual_seed(config.loop.seed)
     weights = {} if config.loss_weights is None else {"loss_weighting": "fixed", "loss_weights": config.loss_weights}
+    if config.query_positions:
+        weights["query_positions"] = True
     adapter = SpatialLockAdapter.from_unet(
         base.unet, config.variant, config.positions, phrase_dim(base.text_encoder), len(dataset.categories), **weights
     )
