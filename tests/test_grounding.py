@@ -8,7 +8,7 @@ from conftest import NUM_CLASSES, PHRASE_DIM, make_inputs
 
 from spatiallock.errors import SpatialLockError
 from spatiallock.models.adapter import VARIANTS, SpatialLockAdapter
-from spatiallock.models.grounding import GroundingTokenizer
+from spatiallock.models.grounding import GroundingAttention, GroundingTokenizer
 
 
 def plain(unet, x):
@@ -121,6 +121,30 @@ def test_empty_slots_use_the_null_embeddings():
     # both empty slots are the same null token, whatever their phrase and box held
     torch.testing.assert_close(objs.tokens[0, 1], objs.tokens[0, 2])
     assert not torch.allclose(objs.tokens[0, 0], objs.tokens[0, 1])
+
+
+def test_a_single_object_can_be_told_here_from_not_here():
+    """With one object, a softmax over the objects alone would hand every visual token the same value: the
+    null token in the keys lets tokens outside the box attend elsewhere, so the block's output varies."""
+    torch.manual_seed(0)
+    tokenizer = GroundingTokenizer(PHRASE_DIM, 32)
+    block = GroundingAttention(query_dim=16, context_dim=32, heads=2, dim_head=8)
+    with torch.no_grad():
+        tokenizer.null_phrase.normal_()
+        block.gate_attn.fill_(1.0)  # the feed-forward gate stays closed: the attention alone
+        block.attn.to_k.weight.mul_(20.0)  # sharper attention than at initialisation
+    objs = tokenizer(torch.randn(1, 1, PHRASE_DIM), torch.tensor([[[0.1, 0.1, 0.5, 0.5]]]), torch.ones(1, 1))
+    visual = torch.randn(1, 16, 16)
+    update = block(visual, objs) - visual
+    assert update.std(dim=1).mean() > 1e-4  # not the same for every visual token
+    # the same layout padded to more slots gives the same update
+    padded = tokenizer(
+        torch.randn(1, 3, PHRASE_DIM),
+        torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0, 0, 1, 1], [0, 0, 1, 1]]]),
+        torch.tensor([[1.0, 0.0, 0.0]]),
+    )
+    padded = padded._replace(tokens=torch.cat([objs.tokens, padded.tokens[:, 1:]], dim=1))
+    torch.testing.assert_close(block(visual, padded) - visual, update)
 
 
 def test_query_positions_start_as_the_identity_and_make_cells_tell_apart(unet):

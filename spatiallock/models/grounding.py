@@ -1,7 +1,10 @@
 """PoI: grounding tokens (one per object) and the gated Grounding-Attention block.
 
 Grounding token = MLP(concat(phrase embedding, Fourier(box))). Empty object slots take learnable null
-embeddings (zero-initialised) and are masked out of the attention, so padding never changes the output.
+embeddings (zero-initialised) and are masked out of the attention, so padding never changes the output. One
+null token (the MLP of the null embeddings) always stays in Grounding-Attention's keys: it is where a visual
+token that lies in no box attends ("no object here"). Without it the softmax over a single object would give
+every visual token the same value, and the block could not say where that object is.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class GroundingTokens(NamedTuple):
 
     tokens: torch.Tensor  # (B, N, context_dim)
     mask: torch.Tensor  # (B, N), 1.0 for a real object, 0.0 for an empty slot
+    null: torch.Tensor | None = None  # (1, 1, context_dim), the null token: "no object here"
 
 
 class GroundingTokenizer(nn.Module):
@@ -73,7 +77,9 @@ class GroundingTokenizer(nn.Module):
         phrase = phrase_embeds * m + (1 - m) * self.null_phrase.to(phrase_embeds.dtype)
         position = position * m + (1 - m) * self.null_position.to(phrase_embeds.dtype)
         tokens = self.mlp(torch.cat([phrase, position], dim=-1))
-        return GroundingTokens(tokens, masks)
+        null = torch.cat([self.null_phrase, self.null_position]).to(phrase_embeds.dtype)
+        null = self.mlp(null.expand(tokens.shape[0], 1, -1))[:1]
+        return GroundingTokens(tokens, masks, null)
 
 
 def slot_attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -133,11 +139,18 @@ class GroundingAttention(nn.Module):
         if not self.enabled:
             return hidden_states
         # 1. gated cross-attention: (B, HW, C) queries over (B, N, D) grounding tokens
-        bias = slot_attention_bias(objs.mask, hidden_states.dtype)
+        #    plus the null token, always present, where a visual token outside every box can attend
+        keys, bias = objs.tokens, slot_attention_bias(objs.mask, hidden_states.dtype)
+        if objs.null is not None:
+            keys = torch.cat([objs.null.expand(keys.shape[0], 1, -1).to(keys.dtype), keys], dim=1)
+            hidden = torch.finfo(bias.dtype).min
+            bias = torch.cat(
+                [bias.new_zeros(bias.shape[0], 1, 1), bias.masked_fill(objs.mask[:, None] < 0.5, hidden)], 2
+            )
         queries = self.norm1(hidden_states)
         if self.query_position is not None:
             queries = queries + self.query_position(cell_embedding(hidden_states.shape[1], queries))
-        attn = self.attn(queries, encoder_hidden_states=objs.tokens, attention_mask=bias)
+        attn = self.attn(queries, encoder_hidden_states=keys, attention_mask=bias)
         hidden_states = hidden_states + self.gate_attn.tanh() * attn
         # 2. gated feed-forward
         return hidden_states + self.gate_ff.tanh() * self.ff(self.norm2(hidden_states))
