@@ -88,8 +88,10 @@ class BaseModel:
         return not getattr(self.text_encoder.config, "model_type", "").startswith("clip")
 
     def to(self, device=None, dtype=None) -> BaseModel:
+        # only what is asked for: diffusers warns about any dtype argument, None included
+        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            module.to(**moves)
         return self
 
 

@@ -109,7 +109,7 @@ def add_layout_control_options(parser: argparse.ArgumentParser) -> None:
         "with or without an adapter; see the modules spatiallock.guidance and spatiallock.init",
     )
     group.add_argument(
-        "--layout-guidance-steps", type=int, default=0, metavar="N",
+        "--layout-guidance-steps", "--guidance-steps", type=int, default=0, metavar="N",
         help="cross-attention layout guidance for the first N sampling steps: the latents follow the gradient of "
         "a loss that wants each label's tokens to attend inside its box (default: 0, off). Not --guidance, which "
         "is classifier-free guidance",
