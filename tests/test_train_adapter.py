@@ -172,3 +172,16 @@ def test_an_unknown_timestep_sampling_is_refused(tiny_small_base, tiny_shapes, t
     with pytest.raises(SystemExit):
         train(tiny_small_base, tiny_shapes, tmp_path / "a", "--timestep-sampling", "log-normal")
     assert "invalid choice: 'log-normal'" in capsys.readouterr().err
+
+
+def test_gate_lr_scale_lets_the_gates_take_larger_steps(tiny_small_base, tiny_shapes, tmp_path):
+    # one step at lr 1e-2 (warm-up: 2e-4); Adam's first step moves every parameter with a gradient by the lr
+    out = tmp_path / "adapter"
+    assert train(tiny_small_base, tiny_shapes, out, "--max-steps", "1", "--lr", "1e-2", "--gate-lr-scale", "10") == 0
+    assert json.loads((out / "train" / "config.json").read_text())["gate_lr_scale"] == 10.0
+    init, after = fresh_adapter(tiny_small_base).state_dict(), SpatialLockAdapter.from_pretrained(out).state_dict()
+    gates = [k for k in init if k.endswith(("gate_attn", "gate_ff"))]
+    for key in gates:
+        assert abs(after[key].item() - init[key].item()) == pytest.approx(2e-3, rel=1e-3), key
+    steps = (after["weighting.log_vars"] - init["weighting.log_vars"]).abs()
+    torch.testing.assert_close(steps, torch.full_like(steps, 2e-4), rtol=1e-3, atol=0)

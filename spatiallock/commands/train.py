@@ -54,6 +54,16 @@ example:
 """
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _loss_weights(text: str) -> tuple[float, float]:
     try:
         values = tuple(float(v) for v in text.split(","))
@@ -118,7 +128,7 @@ def run_adapter(args: argparse.Namespace) -> int:
         base=args.base, data=args.data, out=args.out, variant=args.variant, positions=args.positions,
         loss_weights=args.loss_weights, resolution=args.resolution, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, split=args.split, timestep_sampling=args.timestep_sampling,
-        query_positions=args.query_positions,
+        query_positions=args.query_positions, gate_lr_scale=args.gate_lr_scale,
         loop=_loop(args, args.max_steps, args.batch_size, args.lr, warmup=50),
     )  # fmt: skip
     result = train_adapter(config)
@@ -199,6 +209,10 @@ def register(subparsers) -> None:
     adapter.add_argument(
         "--timestep-sampling", default="uniform", choices=["uniform", "cubic"],
         help="training timesteps: uniform, or cubic (t = (1 - u^3) T: more of the noisy steps where layout matters)",
+    )  # fmt: skip
+    adapter.add_argument(
+        "--gate-lr-scale", type=_positive, default=1.0, metavar="F",
+        help="the zero-initialised gates learn at F times the learning rate (default: 1): they open sooner",
     )  # fmt: skip
     _add_loop_options(adapter, steps=2000, batch=16, lr=1e-4)
     adapter.set_defaults(func=run_adapter)

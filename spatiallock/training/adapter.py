@@ -7,7 +7,7 @@ trained, goes through `accelerator.prepare` and is saved. Data: any COCO-format 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ from spatiallock.checkpoint import atomic_save_pretrained, list_checkpoints
 from spatiallock.data.coco import LayoutDataset, collate_layouts
 from spatiallock.errors import SpatialLockError
 from spatiallock.models.adapter import SpatialLockAdapter
-from spatiallock.models.grounding import MAX_OBJECTS
+from spatiallock.models.grounding import GATES, MAX_OBJECTS
 from spatiallock.text import PhraseCache, encode_captions, phrase_dim
 from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
 
@@ -43,6 +43,7 @@ class AdapterTrainConfig:
     flip_prob: float = 0.5
     timestep_sampling: str = "uniform"
     query_positions: bool = False
+    gate_lr_scale: float = 1.0  # the zero-initialised gates learn at this multiple of the learning rate
     max_objects: int = MAX_OBJECTS
     split: str = "train"
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=1000, batch_size=16, learning_rate=1e-4))
@@ -146,7 +147,8 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
     result = train_loop(
         accelerator=accelerator, stage="adapter", folder=folder, models={"adapter": adapter}, dataset=dataset,
         collate_fn=lambda samples: collate_layouts(samples, config.max_objects), compute_losses=compute_losses,
-        config=config.loop, log_extra=log_extra,
+        config=replace(config.loop, lr_scales=tuple((name, config.gate_lr_scale) for name in GATES)),
+        log_extra=log_extra,
     )  # fmt: skip
     if not result.interrupted and accelerator.is_main_process:
         atomic_save_pretrained(accelerator.unwrap_model(adapter), out)

@@ -47,6 +47,8 @@ class LoopConfig:
     num_workers: int = 0
     resume: bool = False
     progress: bool = True
+    # parameters whose names end with one of these suffixes learn at `learning_rate * factor`
+    lr_scales: tuple[tuple[str, float], ...] = ()
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -160,6 +162,15 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def param_groups(named: list[tuple[str, nn.Parameter]], config: LoopConfig) -> list[dict]:
+    """One optimiser group at the base learning rate, one per `lr_scales` entry that names any parameter."""
+    groups = {1.0: []}
+    for name, param in named:
+        factor = next((f for suffix, f in config.lr_scales if name.endswith(suffix)), 1.0)
+        groups.setdefault(factor, []).append(param)
+    return [{"params": ps, "lr": config.learning_rate * f} for f, ps in groups.items() if ps]
+
+
 def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the base learning rate, then constant."""
     return torch.optim.lr_scheduler.LambdaLR(
@@ -196,8 +207,10 @@ def train_loop(
     Checkpoints go to `folder/checkpoints/<stage>/`, the log to `folder/log.jsonl`.
     """
     checkpoints = folder / "checkpoints" / stage
-    params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    named = [(n, p) for m in models.values() for n, p in m.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    groups = param_groups(named, config)
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     lr_scheduler = constant_with_warmup(optimizer, config.warmup_steps)
     start = 0
     found = list_checkpoints(checkpoints) if config.resume else []
