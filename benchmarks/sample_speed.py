@@ -6,6 +6,7 @@ Diffusion v1.4 architecture at 512 px in fp16 with 50 steps.
 
     python benchmarks/sample_speed.py                 # the device's default setting
     python benchmarks/sample_speed.py --steps 25 --images 8 --repeats 3
+    python benchmarks/sample_speed.py --layout-control   # plus the training-free tools' rows (guidance, init)
 
 Writes benchmarks/results/sample_speed_<cpu|cuda>.json with the device named.
 """
@@ -109,6 +110,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per model, after one warm-up call")
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even when a GPU is there")
     parser.add_argument(
+        "--layout-control", action="store_true",
+        help="add rows with cross-attention layout guidance (10 steps) and layout-rendered initialisation, on the "
+        "base and on SpatialLock: what the training-free tools cost",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", default=None, help="result JSON (default: benchmarks/results/sample_speed_<dev>.json)"
     )
     args = parser.parse_args()
@@ -127,33 +133,42 @@ def main() -> None:
         "spatiallock": SpatialLockAdapter.from_unet(unet, "spatiallock", None, phrase_dim(text_encoder), 16),
         "gligen": SpatialLockAdapter.from_unet(unet, "gligen", None, phrase_dim(text_encoder), 16),
     }
+    # row name -> (adapter, pipeline options)
+    runs = {name: (name, {}) for name in adapters}
+    if args.layout_control:
+        guided, init = {"layout_guidance_steps": 10}, {"layout_guidance_steps": 10, "init_from_layout": True}
+        runs.update({"base+guidance": ("base", guided), "base+guidance+init": ("base", init)})
+        runs["spatiallock+guidance+init"] = ("spatiallock", init)
     layouts = [LAYOUTS[i % len(LAYOUTS)] for i in range(images)]
     size = pipe.native_size
     rows = []
     print(f"device: {device_name(device)}; {size}px, {steps} steps, {images} images per call, {dtype}")
     # round-robin over the models, so that any load on the machine falls on all of them alike
-    times: dict[str, list[float]] = {name: [] for name in adapters}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for repeat in range(args.repeats + 1):
-        for name, adapter in adapters.items():
+        for name, (model, options) in runs.items():
+            adapter = adapters[model]
             pipe.set_adapter(None if adapter is None else open_gates(adapter))
             generator = [torch.Generator(device).manual_seed(i) for i in range(images)]
             if gpu:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            pipe(layouts=layouts, num_inference_steps=steps, generator=generator, output_type="np")
+            pipe(layouts=layouts, num_inference_steps=steps, generator=generator, output_type="np", **options)
             if gpu:
                 torch.cuda.synchronize()
             if repeat:  # the first round warms up
                 times[name].append((time.perf_counter() - start) / images)
-    for name, adapter in adapters.items():
+    for name, (model, options) in runs.items():
+        adapter = adapters[model]
         row = {
             "model": name,
+            "options": options,
             "s_per_image": round(statistics.median(times[name]), 4),
             "s_per_image_all": [round(t, 4) for t in times[name]],
             "adapter_params": 0 if adapter is None else sum(p.numel() for p in adapter.parameters()),
         }
         rows.append(row)
-        print(f"  {name:12s} {row['s_per_image']:.4f} s/image  (adapter {row['adapter_params'] / 1e6:.2f} M)")
+        print(f"  {name:26s} {row['s_per_image']:.4f} s/image  (adapter {row['adapter_params'] / 1e6:.2f} M)")
     base = rows[0]["s_per_image"]
     for row in rows:
         row["vs_base"] = round(row["s_per_image"] / base, 3)
