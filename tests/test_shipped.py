@@ -1,0 +1,65 @@
+"""The shipped default model and detector (`spatiallock/assets/`): a regression test of the model's purpose.
+
+For two fixed layouts, generated on CPU with fixed seeds, every requested object must be found by the shipped
+detector in its box (IoU of at least 0.5 with a detection of its class).
+
+The shipped adapter (2,000 CPU steps on a base that still draws blobs) does not place objects yet: that test is a
+strict expected failure, so the suite turns red the day it passes and the marker must go (README, Benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spatiallock.commands.evaluate import default_detector_path
+from spatiallock.commands.generate import default_model_path, image_generator
+from spatiallock.detector import Detector
+from spatiallock.evaluate import score_images
+from spatiallock.layout import Layout
+from spatiallock.pipeline import SpatialLockPipeline
+
+LAYOUTS = [
+    Layout(
+        "a red circle to the left of a blue square",
+        ("red circle", "blue square"),
+        ((0.06, 0.3, 0.44, 0.68), (0.56, 0.3, 0.94, 0.68)),
+    ),
+    Layout(
+        "a yellow square above a green triangle",
+        ("yellow square", "green triangle"),
+        ((0.3, 0.05, 0.7, 0.45), (0.25, 0.52, 0.75, 0.95)),
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    pipe = SpatialLockPipeline.from_pretrained(default_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, Detector.from_pretrained(default_detector_path())
+
+
+def test_the_shipped_assets_are_small_safetensors_and_say_where_they_come_from():
+    root = default_model_path().parent
+    files = [f for f in root.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) < 30 * 2**20
+    weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")]
+    assert weights and all(f.suffix == ".safetensors" for f in weights)
+    provenance = json.loads((default_model_path() / "provenance.json").read_text())
+    assert provenance["adapter_training"]["variant"] == "spatiallock"
+    assert json.loads((default_detector_path() / "eval.json").read_text())["ap"] > 0.8
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped adapter does not place objects yet (README, Benchmark)")
+def test_every_requested_object_lands_in_its_box(shipped):
+    pipe, detector = shipped
+    generators = [image_generator(0, i, 0) for i in range(len(LAYOUTS))]
+    with torch.no_grad():
+        images = pipe(layouts=LAYOUTS, generator=generators, num_inference_steps=25).images
+    _, objects, _ = score_images(detector, images, LAYOUTS)
+    assert len(objects) == 4
+    missed = [(o["label"], o["iou"]) for o in objects if o["iou"] < 0.5]
+    assert not missed, f"objects not found in their boxes (label, best IoU): {missed}"
