@@ -28,6 +28,7 @@ from spatiallock.base import CAPTION_TOKENS, small_scheduler, small_unet_config,
 from spatiallock.configs import SD_V1_UNET
 from spatiallock.layout import Layout
 from spatiallock.models.adapter import SpatialLockAdapter
+from spatiallock.models.grounding import GATES
 from spatiallock.pipeline import SpatialLockPipeline
 from spatiallock.text import phrase_dim
 
@@ -98,7 +99,7 @@ def sd_parts():
 def open_gates(adapter: SpatialLockAdapter) -> SpatialLockAdapter:
     with torch.no_grad():
         for name, parameter in adapter.named_parameters():
-            if name.rsplit(".", 1)[-1] in ("gate_attn", "gate_ff", "alpha_attn", "alpha_dense"):
+            if name.rsplit(".", 1)[-1] in GATES:
                 parameter.fill_(0.5)
     return adapter
 

@@ -30,7 +30,7 @@ class GroundingTokens(NamedTuple):
 
     tokens: torch.Tensor  # (B, N, context_dim)
     mask: torch.Tensor  # (B, N), 1.0 for a real object, 0.0 for an empty slot
-    null: torch.Tensor | None = None  # (1, 1, context_dim), the null token: "no object here"
+    null: torch.Tensor  # (1, 1, context_dim), the null token: "no object here"
 
 
 class GroundingTokenizer(nn.Module):
@@ -79,21 +79,18 @@ class GroundingTokenizer(nn.Module):
         phrase = phrase_embeds * m + (1 - m) * self.null_phrase.to(phrase_embeds.dtype)
         position = position * m + (1 - m) * self.null_position.to(phrase_embeds.dtype)
         tokens = self.mlp(torch.cat([phrase, position], dim=-1))
+        # computed in a batch of B rows like the tokens: a one-row matmul takes another kernel path, whose last bits
+        # differ between a fresh and a reloaded adapter
         null = torch.cat([self.null_phrase, self.null_position]).to(phrase_embeds.dtype)
         null = self.mlp(null.expand(tokens.shape[0], 1, -1))[:1]
         return GroundingTokens(tokens, masks, null)
 
 
 def slot_attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, N) slot mask -> (B, 1, N) additive attention bias that hides empty slots.
-
-    A sample without any object keeps all its slots: they all hold the same null token, so attending to
-    them gives the null token whatever their number.
-    """
-    keep = mask > 0.5
-    keep = keep | ~keep.any(dim=1, keepdim=True)
-    bias = torch.zeros(keep.shape, dtype=dtype, device=mask.device)
-    bias.masked_fill_(~keep, torch.finfo(dtype).min)
+    """(B, N) slot mask -> (B, 1, 1 + N) additive attention bias over [null token, slots]: the null token always
+    visible, empty slots hidden (a sample without any object attends to the null token alone)."""
+    bias = torch.zeros(mask.shape[0], 1 + mask.shape[1], dtype=dtype, device=mask.device)
+    bias[:, 1:].masked_fill_(mask < 0.5, torch.finfo(dtype).min)
     return bias.unsqueeze(1)
 
 
@@ -142,13 +139,8 @@ class GroundingAttention(nn.Module):
             return hidden_states
         # 1. gated cross-attention: (B, HW, C) queries over (B, N, D) grounding tokens
         #    plus the null token, always present, where a visual token outside every box can attend
-        keys, bias = objs.tokens, slot_attention_bias(objs.mask, hidden_states.dtype)
-        if objs.null is not None:
-            keys = torch.cat([objs.null.expand(keys.shape[0], 1, -1).to(keys.dtype), keys], dim=1)
-            hidden = torch.finfo(bias.dtype).min
-            bias = torch.cat(
-                [bias.new_zeros(bias.shape[0], 1, 1), bias.masked_fill(objs.mask[:, None] < 0.5, hidden)], 2
-            )
+        keys = torch.cat([objs.null.expand(objs.tokens.shape[0], 1, -1), objs.tokens], dim=1)
+        bias = slot_attention_bias(objs.mask, hidden_states.dtype)
         queries = self.norm1(hidden_states)
         if self.query_position is not None:
             queries = queries + self.query_position(cell_embedding(hidden_states.shape[1], queries))
