@@ -29,7 +29,7 @@ from spatiallock.pipeline import SpatialLockPipeline, load_adapter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLES = RESULTS / "synthetic_samples"
-METRICS = ("ap", "ap50", "ap75", "miou", "fd")
+METRICS = ("ap", "ap50", "ap75", "miou", "miou_any", "fd")
 
 
 def device_name() -> str:

@@ -4,6 +4,8 @@
   "YOLO score" of LAMA / seed 003, with the project's own detector for the synthetic domain);
 - `miou`: per requested object, the best IoU with a detection of its class (scoring at least
   `score_threshold`), 0 when there is none, averaged over all requested objects;
+- `miou_any`: the same with a detection of any class: where objects land, whether or not the detector can
+  name them (when it is far above `miou`, the objects are placed but not drawn well enough to be recognised);
 - `fd`: the Frechet distance between generated and real images of the domain in the detector's feature space
   (torchmetrics' Frechet distance with the detector as feature extractor). It is not FID and is never called so;
 - `fid`: FID through torchmetrics, only when Inception weights are given as a local file.
@@ -61,7 +63,7 @@ def score_images(
 ) -> tuple[dict, list[dict], list[dict]]:
     """Detect on `images` (one per layout) and score against the layouts.
 
-    Returns ({"ap", "ap50", "ap75", "miou"}, per-object records, the detections).
+    Returns ({"ap", "ap50", "ap75", "miou", "miou_any"}, per-object records, the detections).
     """
     if len(images) != len(layouts):
         raise ValueError(f"{len(images)} images for {len(layouts)} layouts")
@@ -77,16 +79,27 @@ def score_images(
             x0, y0, x1, y1 = box
             bbox = [x0 * width, y0 * height, (x1 - x0) * width, (y1 - y0) * height]
             instances["annotations"].append({"image_id": n + 1, "category_id": ids[label], "bbox": bbox})
+            ious = box_iou(torch.tensor([box], dtype=torch.float32), found["boxes"].float().reshape(-1, 4))[0]
             same = confident & (found["labels"] == ids[label])
             iou, score = 0.0, None
             if same.any():
-                ious = box_iou(torch.tensor([box], dtype=torch.float32), found["boxes"][same].float())[0]
-                best = int(ious.argmax())
-                iou, score = float(ious[best]), float(found["scores"][same][best])
-            objects.append({"image": n, "label": label, "box": list(box), "iou": round(iou, 4), "score": score})
+                best = int(torch.where(same, ious, -1.0).argmax())
+                iou, score = float(ious[best]), float(found["scores"][best])
+            iou_any = float(ious[confident].max()) if confident.any() else 0.0
+            objects.append(
+                {
+                    "image": n,
+                    "label": label,
+                    "box": list(box),
+                    "iou": round(iou, 4),
+                    "score": score,
+                    "iou_any": round(iou_any, 4),
+                }
+            )
     results = to_coco_results(detections, [n + 1 for n in range(len(images))], sizes)
     scores = coco_ap(instances, results) if instances["annotations"] else {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
-    scores["miou"] = sum(o["iou"] for o in objects) / len(objects) if objects else 0.0
+    for key, field in (("miou", "iou"), ("miou_any", "iou_any")):
+        scores[key] = sum(o[field] for o in objects) / len(objects) if objects else 0.0
     return scores, objects, detections
 
 

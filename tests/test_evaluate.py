@@ -64,6 +64,9 @@ def test_shifted_missing_and_wrong_class_detections_score_less():
     # a 0.3-wide box moved by 0.1: IoU 0.2/0.4 = 0.5; a 0.4-wide box: 0.3/0.5 = 0.6; the triangle: 0
     assert [o["iou"] for o in objects] == pytest.approx([0.5, 0.6, 0.0], abs=1e-4)
     assert scores["miou"] == pytest.approx(1.1 / 3, abs=1e-4)
+    # placed where asked but named wrongly: it counts for miou_any, not for miou
+    assert [o["iou_any"] for o in objects] == pytest.approx([0.5, 0.6, 1.0], abs=1e-4)
+    assert scores["miou_any"] == pytest.approx(2.1 / 3, abs=1e-4)
     assert 0.0 < scores["ap50"] < 1.0 and scores["ap75"] < scores["ap50"]
 
 
@@ -71,6 +74,7 @@ def test_low_scores_do_not_count_for_miou():
     weak = [found(LAYOUTS[0].boxes, [1, 2], [0.1, 0.9]), found(LAYOUTS[1].boxes, [7], [0.9])]
     scores, objects, _ = score_images(FixedDetector(weak), images(), LAYOUTS)
     assert [o["iou"] for o in objects] == pytest.approx([0.0, 1.0, 1.0])
+    assert [o["iou_any"] for o in objects] == pytest.approx([0.0, 1.0, 1.0])
     assert scores["ap"] == pytest.approx(1.0)  # AP ranks by score and uses every detection
 
 
@@ -106,7 +110,7 @@ def test_evaluate_command_writes_a_report_and_a_picture(tiny_small_base, tiny_sh
     assert main([*common, "--detector", str(detector_folder), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["num_layouts"] == 4 and report["real_images"] == 4  # val/ beside the instances file
-    for key in ("ap", "ap50", "ap75", "miou", "fd", "seconds_per_image"):
+    for key in ("ap", "ap50", "ap75", "miou", "miou_any", "fd", "seconds_per_image"):
         assert isinstance(report[key], float), key
     assert 0.0 <= report["ap"] <= 1.0 and 0.0 <= report["miou"] <= 1.0
     annotations = json.loads((tiny_shapes / "instances_val.json").read_text())["annotations"]

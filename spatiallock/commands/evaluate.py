@@ -10,7 +10,8 @@ from spatiallock.errors import SpatialLockError
 HELP = """\
 Measure how well objects land: generate K images per layout, run a detector on them and score the detections
 against the requested boxes with pycocotools (ap, ap50, ap75), plus miou (per requested object the best IoU
-with a confident detection of its class, 0 when none, averaged), fd (Frechet distance in the detector's
+with a confident detection of its class, 0 when none, averaged), miou_any (the same with a detection of any
+class: placed, whether or not recognised), fd (Frechet distance in the detector's
 feature space against real images of the domain; not FID) and, with --fid-weights, FID through torchmetrics.
 
 LAYOUTS is a layout JSON (one or a list) or a COCO instances file. Real images for fd are taken from the
@@ -98,7 +99,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     fd = "n/a (no real images)" if report["fd"] is None else f"{report['fd']:.3f}"
     print(
         f"ap {report['ap']:.3f}  ap50 {report['ap50']:.3f}  ap75 {report['ap75']:.3f}  miou {report['miou']:.3f}  "
-        f"fd {fd}  ({total} images, {report['seconds_per_image']:.3f} s/image)"
+        f"miou_any {report['miou_any']:.3f}  fd {fd}  ({total} images, {report['seconds_per_image']:.3f} s/image)"
     )
     print(f"wrote {out} and {picture}")
     return 0
