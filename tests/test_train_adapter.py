@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +186,28 @@ def test_gate_lr_scale_lets_the_gates_take_larger_steps(tiny_small_base, tiny_sh
         assert abs(after[key].item() - init[key].item()) == pytest.approx(2e-3, rel=1e-3), key
     steps = (after["weighting.log_vars"] - init["weighting.log_vars"]).abs()
     torch.testing.assert_close(steps, torch.full_like(steps, 2e-4), rtol=1e-3, atol=0)
+
+
+def test_max_train_samples_trains_on_the_first_images_only(tiny_small_base, tiny_shapes, tmp_path, monkeypatch):
+    from spatiallock.data.coco import LayoutDataset
+
+    drawn = []
+    sample = LayoutDataset._sample
+
+    def recording(self, i, image):
+        drawn.append(Path(self.records[i].path).name)
+        return sample(self, i, image)
+
+    monkeypatch.setattr(LayoutDataset, "_sample", recording)
+    out = tmp_path / "adapter"
+    assert train(tiny_small_base, tiny_shapes, out, "--max-steps", "4", "--max-train-samples", "2") == 0
+    assert json.loads((out / "train" / "config.json").read_text())["max_train_samples"] == 2
+    first_two = sorted((tiny_shapes / "train").iterdir())[:2]
+    assert len(drawn) == 8 and set(drawn) == {path.name for path in first_two}
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "two", "1.5"])
+def test_max_train_samples_must_be_a_positive_whole_number(tmp_path, capsys, text):
+    with pytest.raises(SystemExit):
+        train(tmp_path / "base", tmp_path / "data", tmp_path / "a", "--max-train-samples", text)
+    assert f"argument --max-train-samples: expected a positive whole number, got '{text}'" in capsys.readouterr().err

@@ -11,8 +11,8 @@ HELP = """\
 Measure how well objects land: generate K images per layout, run a detector on them and score the detections
 against the requested boxes with pycocotools (ap, ap50, ap75), plus miou (per requested object the best IoU
 with a confident detection of its class, 0 when none, averaged), miou_any (the same with a detection of any
-class: placed, whether or not recognised), fd (Frechet distance in the detector's
-feature space against real images of the domain; not FID) and, with --fid-weights, FID through torchmetrics.
+class: placed, whether or not recognised), fd (Frechet distance in the detector's feature space against real
+images of the domain; not FID) and, with --fid-weights, FID through torchmetrics.
 
 LAYOUTS is a layout JSON (one or a list) or a COCO instances file. Real images for fd are taken from the
 split folder beside a COCO file (data/shapes/instances_val.json -> data/shapes/val/) or from --real DIR.

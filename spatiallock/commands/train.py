@@ -64,6 +64,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
 def _loss_weights(text: str) -> tuple[float, float]:
     try:
         values = tuple(float(v) for v in text.split(","))
@@ -129,6 +139,7 @@ def run_adapter(args: argparse.Namespace) -> int:
         loss_weights=args.loss_weights, resolution=args.resolution, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, split=args.split, timestep_sampling=args.timestep_sampling,
         query_positions=args.query_positions, gate_lr_scale=args.gate_lr_scale,
+        max_train_samples=args.max_train_samples,
         loop=_loop(args, args.max_steps, args.batch_size, args.lr, warmup=50),
     )  # fmt: skip
     result = train_adapter(config)
@@ -213,6 +224,11 @@ def register(subparsers) -> None:
     adapter.add_argument(
         "--gate-lr-scale", type=_positive, default=1.0, metavar="F",
         help="the zero-initialised gates learn at F times the learning rate (default: 1): they open sooner",
+    )  # fmt: skip
+    adapter.add_argument(
+        "--max-train-samples", type=_positive_int, default=None, metavar="N",
+        help="train on the first N images of the split only: an overfitting check (can the adapter place objects "
+        "on layouts it sees again and again?) or a quick trial",
     )  # fmt: skip
     _add_loop_options(adapter, steps=2000, batch=16, lr=1e-4)
     adapter.set_defaults(func=run_adapter)

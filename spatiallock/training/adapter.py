@@ -46,6 +46,7 @@ class AdapterTrainConfig:
     gate_lr_scale: float = 1.0  # the zero-initialised gates learn at this multiple of the learning rate
     max_objects: int = MAX_OBJECTS
     split: str = "train"
+    max_train_samples: int | None = None  # None: the whole split; N: its first N images
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=1000, batch_size=16, learning_rate=1e-4))
 
 
@@ -107,6 +108,8 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
         config.data, config.split, resolution=resolution, flip_prob=config.flip_prob, random_caption=True,
         max_boxes=config.max_objects, seed=config.loop.seed,
     )  # fmt: skip
+    if config.max_train_samples is not None:
+        dataset.records = dataset.records[: config.max_train_samples]
     torch.manual_seed(config.loop.seed)
     weights = {} if config.loss_weights is None else {"loss_weighting": "fixed", "loss_weights": config.loss_weights}
     if config.query_positions:
