@@ -63,6 +63,7 @@ class LayoutDataset(torch.utils.data.Dataset):
         flip_prob: probability of a horizontal flip.
         random_caption: pick one of the image's captions at random instead of the first.
         min_kept: a box that keeps less than this share of its area after cropping is dropped.
+        max_images: keep only the first this many images after filtering (None: all of them).
         seed: seed of the per-sample randomness, which depends only on (seed, epoch, index).
     """
 
@@ -81,6 +82,7 @@ class LayoutDataset(torch.utils.data.Dataset):
         flip_prob: float = 0.0,
         random_caption: bool = False,
         min_kept: float = 0.5,
+        max_images: int | None = None,
         seed: int = 0,
     ):
         if resolution < 1 or seed < 0:
@@ -89,7 +91,7 @@ class LayoutDataset(torch.utils.data.Dataset):
         captions = read_coco_json(captions_file, "captions")
         filters = LayoutFilters(min_area, min_objects, max_objects, max_boxes)
         index: CocoIndex = build_index(instances, captions, image_root, filters)
-        self.records: list[ImageRecord] = index.records
+        self.records: list[ImageRecord] = index.records[:max_images]
         self.categories: list[str] = [c["name"] for c in index.categories]
         self.category_index: dict[int, int] = {c["id"]: i for i, c in enumerate(index.categories)}
         self.skipped: dict[str, int] = index.skipped

@@ -106,10 +106,8 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
     resolution = config.resolution or native_resolution(base)
     dataset = LayoutDataset.from_split(
         config.data, config.split, resolution=resolution, flip_prob=config.flip_prob, random_caption=True,
-        max_boxes=config.max_objects, seed=config.loop.seed,
+        max_boxes=config.max_objects, max_images=config.max_train_samples, seed=config.loop.seed,
     )  # fmt: skip
-    if config.max_train_samples is not None:
-        dataset.records = dataset.records[: config.max_train_samples]
     torch.manual_seed(config.loop.seed)
     weights = {} if config.loss_weights is None else {"loss_weighting": "fixed", "loss_weights": config.loss_weights}
     if config.query_positions:
