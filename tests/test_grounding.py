@@ -172,3 +172,74 @@ def test_cell_embedding_is_the_box_embedding_of_each_cell():
     torch.testing.assert_close(cells[:, 2:3], get_fourier_embeds_from_boundingbox(8, third))
     with pytest.raises(SpatialLockError, match="square token grid"):
         cell_embedding(12, torch.zeros(1))
+
+
+def test_box_coverage_is_the_share_of_each_cell_inside_the_box():
+    from spatiallock.models.grounding import box_coverage
+
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.25, 0.0, 0.75, 0.5]]])  # (1, 2, 4)
+    coverage = box_coverage(boxes, rows=2, columns=2)  # cells row by row: (0,0) (0,1) (1,0) (1,1)
+    torch.testing.assert_close(coverage[0, :, 0], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(coverage[0, :, 1], torch.tensor([0.5, 0.5, 0.0, 0.0]))
+    # a 1x2 grid (a wide latent): the second box covers half of each column's cell, in the top half
+    torch.testing.assert_close(box_coverage(boxes, rows=1, columns=2)[0, :, 1], torch.tensor([0.25, 0.25]))
+
+
+def test_token_grid_follows_the_down_sampling_of_a_non_square_latent():
+    from spatiallock.models.grounding import token_grid
+
+    assert token_grid(96 * 64, (64, 96)) == (64, 96)
+    assert token_grid(12 * 8, (64, 96)) == (8, 12)
+    assert token_grid(3 * 2, (9, 5)) == (3, 2)  # 9x5 -> 5x3 -> 3x2: halved, rounding up
+    with pytest.raises(SpatialLockError, match="box attention: 7 visual tokens"):
+        token_grid(7, (8, 8))
+
+
+def test_box_attention_writes_an_object_only_inside_its_box():
+    """With box attention a visual token outside every box sees the null token only: what an object is (its
+    phrase) changes the block's output inside its box and nowhere else."""
+    from spatiallock.models.grounding import box_attention_bias
+
+    torch.manual_seed(0)
+    tokenizer = GroundingTokenizer(PHRASE_DIM, 32)
+    block = GroundingAttention(query_dim=16, context_dim=32, heads=2, dim_head=8, box_attention=True)
+    with torch.no_grad():
+        block.gate_attn.fill_(1.0)
+        block.gate_ff.fill_(1.0)
+    box = torch.tensor([[[0.0, 0.0, 0.5, 0.5]]])  # the top-left quarter of a 4x4 grid: cells 0, 1, 4, 5
+    visual = torch.randn(1, 16, 16)
+    changed = []
+    for _ in range(2):
+        objs = tokenizer(torch.randn(1, 1, PHRASE_DIM), box, torch.ones(1, 1))._replace(grid=(4, 4))
+        changed.append(block(visual, objs))
+    moved = (changed[0] - changed[1]).abs().amax(dim=-1)[0]  # (16,) per visual token
+    inside = torch.zeros(16, dtype=torch.bool)
+    inside[[0, 1, 4, 5]] = True
+    assert (moved[inside] > 1e-4).all() and torch.equal(moved[~inside], torch.zeros(int((~inside).sum())))
+    # an empty slot is hidden even where its (padding) box would cover the cell
+    padded = tokenizer(
+        torch.randn(1, 2, PHRASE_DIM), torch.tensor([[[0, 0, 0.5, 0.5], [0, 0, 1, 1]]]), torch.ones(1, 2)
+    )
+    padded = padded._replace(mask=torch.tensor([[1.0, 0.0]]), grid=(4, 4))
+    bias = box_attention_bias(padded, 16, torch.float32)
+    assert bias.shape == (1, 16, 3) and (bias[0, :, 2] < -1e30).all() and (bias[0, :, 0] == 0).all()
+    # without the latent size the block cannot place boxes: a clear error, not a wrong guess
+    with pytest.raises(SpatialLockError, match="box attention: the grounding tokens carry no boxes or latent size"):
+        block(visual, objs._replace(grid=None))
+
+
+def test_box_attention_adapter_starts_as_the_identity_and_keeps_padding_invisible(unet):
+    x = make_inputs()
+    before = plain(unet, x)
+    adapter = new_adapter(unet, box_attention=True).attach(unet)
+    assert torch.equal(grounded(adapter, unet, x), before)
+    open_gates(adapter)
+    with_boxes = grounded(adapter, unet, x)
+    assert not torch.allclose(with_boxes, before, atol=1e-4)
+    more = dict(x)  # the same layouts padded with two more empty slots
+    more["phrase_embeds"] = torch.cat([x["phrase_embeds"], torch.randn(x["phrase_embeds"].shape[0], 2, PHRASE_DIM)], 1)
+    more["boxes"] = torch.cat([x["boxes"], torch.rand(x["boxes"].shape[0], 2, 4).sort(-1).values], 1)
+    more["masks"] = torch.cat([x["masks"], torch.zeros(x["masks"].shape[0], 2)], 1)
+    torch.testing.assert_close(grounded(adapter, unet, more), with_boxes)
+    with pytest.raises(SpatialLockError, match="box attention: only for Grounding-Attention variants"):
+        new_adapter(unet, "gligen", box_attention=True)

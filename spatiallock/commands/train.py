@@ -118,7 +118,8 @@ def run_base(args: argparse.Namespace) -> int:
     from spatiallock.training.base import BaseTrainConfig, train_base
 
     config = BaseTrainConfig(
-        data=args.data, out=args.out, resolution=args.resolution,
+        data=args.data, out=args.out, resolution=args.resolution, init_from=args.init_from,
+        mixed_precision=args.mixed_precision, snr_gamma=args.snr_gamma,
         vae=_loop(args, args.vae_steps, args.vae_batch_size, args.vae_lr),
         unet=_loop(args, args.max_steps, args.batch_size, args.lr, warmup=100),
     )  # fmt: skip
@@ -137,7 +138,7 @@ def run_adapter(args: argparse.Namespace) -> int:
         base=args.base, data=args.data, out=args.out, variant=args.variant, positions=args.positions,
         loss_weights=args.loss_weights, resolution=args.resolution, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, split=args.split, timestep_sampling=args.timestep_sampling,
-        query_positions=args.query_positions, gate_lr_scale=args.gate_lr_scale,
+        query_positions=args.query_positions, box_attention=args.box_attention, gate_lr_scale=args.gate_lr_scale,
         max_train_samples=args.max_train_samples,
         loop=_loop(args, args.max_steps, args.batch_size, args.lr, warmup=50),
     )  # fmt: skip
@@ -186,6 +187,19 @@ def register(subparsers) -> None:
         "--ema-decay", type=float, default=0.999, metavar="D",
         help="save the U-Net as a moving average of its weights with this decay; 0: off (default: 0.999)",
     )  # fmt: skip
+    base.add_argument(
+        "--init-from", default=None, metavar="MODEL",
+        help="start from an existing base folder (the shipped one: spatiallock/assets/default): keep its autoencoder "
+        "and train its U-Net further",
+    )  # fmt: skip
+    base.add_argument(
+        "--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+        help="autocast; bf16 is about 1.3x faster on CPUs with AMX or AVX-512 BF16 (default: no)",
+    )  # fmt: skip
+    base.add_argument(
+        "--snr-gamma", type=_positive, default=None, metavar="G",
+        help="Min-SNR-gamma loss weighting (5 is the usual value): faster convergence (default: plain MSE)",
+    )  # fmt: skip
     _add_loop_options(base, steps=5000, batch=32, lr=3e-4)
     base.set_defaults(func=run_base)
 
@@ -215,6 +229,11 @@ def register(subparsers) -> None:
         "--query-positions", action="store_true",
         help="add each visual token's cell position to its Grounding-Attention query (beyond the paper; for small "
         "bases whose features carry little absolute position)",
+    )  # fmt: skip
+    adapter.add_argument(
+        "--box-attention", action="store_true",
+        help="each visual token attends only to the objects whose boxes cover it (beyond the paper: the attention is "
+        "told where each object is instead of learning it; far fewer steps to place objects)",
     )  # fmt: skip
     adapter.add_argument(
         "--timestep-sampling", default="uniform", choices=["uniform", "cubic"],

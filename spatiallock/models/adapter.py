@@ -68,6 +68,8 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         loss_weighting: `learned` (uncertainty weighting) or `fixed` with `loss_weights` (diffusion, perception).
         query_positions: add each visual token's cell position (Fourier) to its Grounding-Attention query; an
             option beyond the paper, for bases whose features carry little absolute position.
+        box_attention: each visual token attends only to the objects whose boxes cover it (and the null token);
+            an option beyond the paper: placement is given to the attention instead of learned by it.
     """
 
     config_name = "config.json"
@@ -93,6 +95,7 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         hidden_dim: int = 512,
         max_objects: int = MAX_OBJECTS,
         query_positions: bool = False,
+        box_attention: bool = False,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -100,12 +103,13 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         if len(blocks) != len(block_dims) or not blocks:
             raise SpatialLockError("adapter config: `blocks` and `block_dims` must be non-empty and of equal length")
         attention, perception, enh_fusion = VARIANTS[variant]
-        if query_positions and attention != "grounding":
-            raise SpatialLockError(f"query positions: only for Grounding-Attention variants, not {variant!r}")
+        for name, wanted in (("query positions", query_positions), ("box attention", box_attention)):
+            if wanted and attention != "grounding":
+                raise SpatialLockError(f"{name}: only for Grounding-Attention variants, not {variant!r}")
         self.tokenizer = GroundingTokenizer(phrase_dim, context_dim, fourier_freqs, hidden_dim, max_objects)
         if attention == "grounding":
             self.fusers = nn.ModuleList(
-                GroundingAttention(width, context_dim, heads, head, query_positions)
+                GroundingAttention(width, context_dim, heads, head, query_positions, box_attention)
                 for width, heads, head in block_dims
             )
         else:
@@ -222,7 +226,7 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             object_masks: (B, N) objects present in the image for the perception loss (default: `masks`).
         """
         # 1. grounding tokens, computed here so that the adapter's own forward holds the whole graph
-        objs = self.tokenizer(phrase_embeds, boxes, masks)
+        objs = self.tokenizer(phrase_embeds, boxes, masks)._replace(grid=tuple(sample.shape[-2:]))
         kwargs = grounding_kwargs(objs)
         # 2. the U-Net, with its down-block features tapped when the perception loss is wanted
         perceive = labels is not None and self.perception is not None

@@ -31,6 +31,8 @@ class GroundingTokens(NamedTuple):
     tokens: torch.Tensor  # (B, N, context_dim)
     mask: torch.Tensor  # (B, N), 1.0 for a real object, 0.0 for an empty slot
     null: torch.Tensor  # (1, 1, context_dim), the null token: "no object here"
+    boxes: torch.Tensor | None = None  # (B, N, 4) normalised xyxy, for box attention
+    grid: tuple[int, int] | None = None  # (height, width) of the U-Net's input latent, for box attention
 
 
 class GroundingTokenizer(nn.Module):
@@ -83,7 +85,7 @@ class GroundingTokenizer(nn.Module):
         # differ between a fresh and a reloaded adapter
         null = torch.cat([self.null_phrase, self.null_position]).to(phrase_embeds.dtype)
         null = self.mlp(null.expand(tokens.shape[0], 1, -1))[:1]
-        return GroundingTokens(tokens, masks, null)
+        return GroundingTokens(tokens, masks, null, boxes)
 
 
 def slot_attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -95,6 +97,43 @@ def slot_attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 FOURIER_FREQS = 8
+
+
+def token_grid(tokens: int, latent: tuple[int, int]) -> tuple[int, int]:
+    """(rows, columns) of a U-Net level with `tokens` visual tokens, for an input latent of `latent` (h, w):
+    every down-sampling halves a side, rounding up as diffusers' strided convolutions do."""
+    h, w = latent
+    while h * w > tokens and h > 1:
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != tokens:
+        raise SpatialLockError(f"box attention: {tokens} visual tokens do not tile a {latent[0]}x{latent[1]} latent")
+    return h, w
+
+
+def box_coverage(boxes: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """(B, N, 4) normalised xyxy boxes -> (B, rows * columns, N): the share of each grid cell's area that lies
+    inside each box (1 deep inside, 0 outside, a fraction on the border)."""
+    xs = torch.arange(columns + 1, device=boxes.device, dtype=boxes.dtype) / columns
+    ys = torch.arange(rows + 1, device=boxes.device, dtype=boxes.dtype) / rows
+    b = boxes[:, None, :, :]  # (B, 1, N, 4)
+    # overlap of each cell's span with each box's span, per axis: (B, columns, N) and (B, rows, N)
+    over_x = (torch.minimum(xs[1:, None], b[..., 2]) - torch.maximum(xs[:-1, None], b[..., 0])).clamp(min=0)
+    over_y = (torch.minimum(ys[1:, None], b[..., 3]) - torch.maximum(ys[:-1, None], b[..., 1])).clamp(min=0)
+    coverage = over_y[:, :, None, :] * over_x[:, None, :, :] * (rows * columns)  # (B, rows, columns, N)
+    return coverage.reshape(boxes.shape[0], rows * columns, boxes.shape[1])
+
+
+def box_attention_bias(objs: GroundingTokens, tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, HW, 1 + N) additive bias over [null token, slots] for box attention: log of the share of the visual
+    token's cell inside each object's box, so a visual token attends only to the objects whose boxes cover it
+    (and to the null token, always visible); empty slots stay hidden."""
+    if objs.boxes is None or objs.grid is None:
+        raise SpatialLockError("box attention: the grounding tokens carry no boxes or latent size")
+    rows, columns = token_grid(tokens, objs.grid)
+    coverage = box_coverage(objs.boxes.float(), rows, columns) * (objs.mask[:, None, :] > 0.5)
+    low = torch.finfo(dtype).min
+    slots = torch.where(coverage > 0, coverage.clamp(min=1e-6).log(), torch.full_like(coverage, low))
+    return torch.cat([torch.zeros_like(slots[..., :1]), slots], dim=-1).to(dtype)
 
 
 def cell_embedding(tokens: int, like: torch.Tensor) -> torch.Tensor:
@@ -114,10 +153,23 @@ class GroundingAttention(nn.Module):
 
     Both branches are scaled by tanh(gate) with gates initialised to zero, so a fresh block is the identity.
     The call signature matches diffusers' GLIGEN `fuser` slot of `BasicTransformerBlock`.
+
+    `box_attention` (not in the paper): each visual token attends only to the objects whose boxes cover its cell,
+    weighted by how much of the cell they cover (`box_attention_bias`), and to the null token. Where an object
+    is then is given, not learned; what the block learns is what to write there.
     """
 
-    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int, query_positions: bool = False):
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: int,
+        heads: int,
+        dim_head: int,
+        query_positions: bool = False,
+        box_attention: bool = False,
+    ):
         super().__init__()
+        self.box_attention = box_attention
         # optional (not in the paper): the Fourier embedding of each visual token's own cell added to its query,
         # so that "this cell lies in that box" is a dot product away even where the U-Net's features carry little
         # absolute position (small U-Nets, very noisy latents); zero-initialised
@@ -140,7 +192,10 @@ class GroundingAttention(nn.Module):
         # 1. gated cross-attention: (B, HW, C) queries over (B, N, D) grounding tokens
         #    plus the null token, always present, where a visual token outside every box can attend
         keys = torch.cat([objs.null.expand(objs.tokens.shape[0], 1, -1), objs.tokens], dim=1)
-        bias = slot_attention_bias(objs.mask, hidden_states.dtype)
+        if self.box_attention:  # (B, HW, 1 + N): per visual token
+            bias = box_attention_bias(objs, hidden_states.shape[1], hidden_states.dtype)
+        else:  # (B, 1, 1 + N): the same for every visual token
+            bias = slot_attention_bias(objs.mask, hidden_states.dtype)
         queries = self.norm1(hidden_states)
         if self.query_position is not None:
             queries = queries + self.query_position(cell_embedding(hidden_states.shape[1], queries))

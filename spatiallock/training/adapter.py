@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 
 from spatiallock.base import BaseModel, load_base
 from spatiallock.checkpoint import atomic_save_pretrained, list_checkpoints
@@ -20,7 +19,7 @@ from spatiallock.errors import SpatialLockError
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.models.grounding import GATES, MAX_OBJECTS
 from spatiallock.text import PhraseCache, encode_captions, phrase_dim
-from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
+from spatiallock.training.loop import LoopConfig, LoopResult, make_accelerator, train_loop
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -43,6 +42,7 @@ class AdapterTrainConfig:
     flip_prob: float = 0.5
     timestep_sampling: str = "uniform"
     query_positions: bool = False
+    box_attention: bool = False
     gate_lr_scale: float = 1.0  # the zero-initialised gates learn at this multiple of the learning rate
     max_objects: int = MAX_OBJECTS
     split: str = "train"
@@ -100,9 +100,9 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
         )
     if list_checkpoints(folder / "checkpoints" / "adapter") and not config.loop.resume:
         raise SpatialLockError(f"out: {out} already holds checkpoints; pass --resume to continue or choose another")
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(config.mixed_precision)
     dtype = DTYPES[config.mixed_precision]
-    base = load_base(config.base)
+    base = load_base(config.base, dtype)  # the frozen base in the training precision, loaded as such
     resolution = config.resolution or native_resolution(base)
     dataset = LayoutDataset.from_split(
         config.data, config.split, resolution=resolution, flip_prob=config.flip_prob, random_caption=True,
@@ -110,15 +110,16 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
     )  # fmt: skip
     torch.manual_seed(config.loop.seed)
     weights = {} if config.loss_weights is None else {"loss_weighting": "fixed", "loss_weights": config.loss_weights}
-    if config.query_positions:
-        weights["query_positions"] = True
+    for option in ("query_positions", "box_attention"):
+        if getattr(config, option):
+            weights[option] = True
     adapter = SpatialLockAdapter.from_unet(
         base.unet, config.variant, config.positions, phrase_dim(base.text_encoder), len(dataset.categories), **weights
     )
     adapter.attach(base.unet)
     if config.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
-    base.to(accelerator.device, None if dtype == torch.float32 else dtype)
+    base.to(accelerator.device)
     phrases = PhraseCache(base.text_encoder, base.tokenizer)
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)

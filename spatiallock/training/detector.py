@@ -12,13 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 
 from spatiallock.checkpoint import list_checkpoints
 from spatiallock.data.coco import LayoutDataset, collate_layouts, split_files
 from spatiallock.detector import Detector, DetectorConfig, evaluate_detector, save_detector
 from spatiallock.errors import SpatialLockError
-from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
+from spatiallock.training.loop import LoopConfig, LoopResult, make_accelerator, train_loop
 
 STAGE = "detector"
 EVAL_NAME = "eval.json"
@@ -69,7 +68,7 @@ def train_detector(config: DetectorTrainConfig) -> LoopResult:
         raise SpatialLockError(f"flip prob: must lie in [0, 1], got {config.flip_prob}")
     if not 0.0 <= config.loop.ema_decay < 1.0:
         raise SpatialLockError(f"EMA decay: must lie in [0, 1), got {config.loop.ema_decay}")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator()
     device = accelerator.device
     dataset = LayoutDataset.from_split(
         config.data, config.split, resolution=config.image_size, flip_prob=config.flip_prob, seed=config.loop.seed

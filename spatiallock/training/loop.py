@@ -51,6 +51,18 @@ class LoopConfig:
     lr_scales: tuple[tuple[str, float], ...] = ()
 
 
+def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+    """The `Accelerator` of one training run: the GPU when there is one, `mixed_precision` autocast.
+
+    accelerate keeps its precision state per process; it is reset (the process group is kept) so that one
+    Python process can run several trainings with different precisions one after another.
+    """
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
 def step_generator(seed: int, step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The random generator of one step on one process."""
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 101 + rank)

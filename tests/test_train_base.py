@@ -1,0 +1,71 @@
+"""`spatiallock train base` on a tiny data set: the folder it writes, `--init-from`, Min-SNR weighting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+from spatiallock.base import load_base, small_unet_config
+from spatiallock.cli import main
+from spatiallock.training.base import min_snr_weights
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def train(data, out, *options: str) -> int:
+    args = ["train", "base", "--data", str(data), "--out", str(out), "--resolution", "32", "--no-progress"]
+    return main([*args, "--batch-size", "2", "--vae-batch-size", "2", *options])
+
+
+def test_train_base_writes_a_loadable_base_with_a_measured_latent_scale(tiny_shapes, tmp_path):
+    out = tmp_path / "base"
+    assert train(tiny_shapes, out, "--vae-steps", "2", "--max-steps", "2") == 0
+    base = load_base(out)
+    assert base.vae.config.scaling_factor != 1.0  # measured on the images, not the default
+    wanted = small_unet_config(latent_size=8, cross_attention_dim=384)
+    assert {k: base.unet.config[k] for k in wanted} == wanted
+    stages = {json.loads(line)["stage"] for line in (out / "train" / "log.jsonl").read_text().splitlines()}
+    assert stages == {"vae", "unet"}
+
+
+def test_init_from_keeps_the_autoencoder_and_trains_the_given_unet_further(tiny_shapes, tiny_small_base, tmp_path):
+    out = tmp_path / "further"
+    options = ("--init-from", str(tiny_small_base), "--max-steps", "1", "--lr", "1e-5", "--snr-gamma", "5")
+    assert train(tiny_shapes, out, *options, "--mixed-precision", "bf16") == 0
+    before_vae, after_vae = (AutoencoderKL.from_pretrained(p, subfolder="vae") for p in (tiny_small_base, out))
+    for key, value in before_vae.state_dict().items():
+        assert torch.equal(after_vae.state_dict()[key], value), key  # not trained again
+    before, after = (UNet2DConditionModel.from_pretrained(p, subfolder="unet") for p in (tiny_small_base, out))
+    assert after.config.block_out_channels == before.config.block_out_channels  # its architecture, not the default
+    moved = [k for k, v in before.state_dict().items() if not torch.equal(after.state_dict()[k], v)]
+    assert moved  # trained ...
+    for key, value in before.state_dict().items():  # ... from those weights: one small step away
+        torch.testing.assert_close(after.state_dict()[key], value, atol=1e-3, rtol=0)
+    log = (out / "train" / "log.jsonl").read_text().splitlines()
+    assert {json.loads(line)["stage"] for line in log} == {"unet"}
+
+
+def test_init_from_a_folder_without_a_unet_is_one_clear_line(tiny_shapes, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert train(tiny_shapes, tmp_path / "o", "--init-from", str(tmp_path / "empty")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"spatiallock: error: init from: {tmp_path / 'empty'} is not a base folder (no unet/config.json)"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_min_snr_weights_cap_the_nearly_clean_steps():
+    v = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction"
+    )
+    eps = DDPMScheduler.from_config(v.config, prediction_type="epsilon")
+    steps = torch.tensor([0, 100, 500, 999])
+    alphas = v.alphas_cumprod[steps]
+    snr = alphas / (1 - alphas)
+    assert snr[0] > 5 > snr[-1]  # the clean end above gamma, the noisy end below
+    torch.testing.assert_close(min_snr_weights(v, steps, 5.0), snr.clamp(max=5.0) / (snr + 1))
+    torch.testing.assert_close(min_snr_weights(eps, steps, 5.0), snr.clamp(max=5.0) / snr)
+    w = min_snr_weights(eps, steps, 5.0)
+    assert w[-1] == 1.0 and w[0] < 0.1  # noisy steps keep their weight, clean ones lose most of it
