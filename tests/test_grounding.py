@@ -243,3 +243,34 @@ def test_box_attention_adapter_starts_as_the_identity_and_keeps_padding_invisibl
     torch.testing.assert_close(grounded(adapter, unet, more), with_boxes)
     with pytest.raises(SpatialLockError, match="box attention: only for Grounding-Attention variants"):
         new_adapter(unet, "gligen", box_attention=True)
+
+
+def test_box_relative_positions_run_from_zero_to_one_across_each_box():
+    from spatiallock.models.grounding import SHAPE_FREQS, box_relative_positions
+
+    boxes = torch.tensor([[[0.0, 0.0, 1.0, 1.0], [0.0, 0.5, 0.5, 1.0]]])
+    features = box_relative_positions(boxes, rows=2, columns=2)  # cell centres at 0.25 and 0.75
+    assert features.shape == (1, 4, 2, 4 * SHAPE_FREQS)
+    first = torch.pi * torch.tensor([0.25, 0.25])[:, None] * torch.arange(1, SHAPE_FREQS + 1)  # cell 0, box 0
+    torch.testing.assert_close(features[0, 0, 0], torch.cat([first.sin(), first.cos()], dim=-1).reshape(-1))
+    # cell 2 (bottom left, centre (0.25, 0.75)) lies in the middle of box 1 along x and y
+    middle = torch.pi * torch.tensor([0.5, 0.5])[:, None] * torch.arange(1, SHAPE_FREQS + 1)
+    torch.testing.assert_close(features[0, 2, 1], torch.cat([middle.sin(), middle.cos()], dim=-1).reshape(-1))
+
+
+def test_the_learned_shape_term_moves_attention_inside_the_box_only():
+    torch.manual_seed(0)
+    tokenizer = GroundingTokenizer(PHRASE_DIM, 32)
+    block = GroundingAttention(query_dim=16, context_dim=32, heads=2, dim_head=8, box_attention=True)
+    with torch.no_grad():
+        block.gate_attn.fill_(1.0)
+    objs = tokenizer(torch.randn(1, 1, PHRASE_DIM), torch.tensor([[[0.0, 0.0, 0.5, 0.5]]]), torch.ones(1, 1))
+    objs = objs._replace(grid=(4, 4))
+    visual = torch.randn(1, 16, 16)
+    fresh = block(visual, objs)
+    with torch.no_grad():  # zero at first: a fresh block is plain box attention; trained, the term matters
+        block.shape_object.weight.normal_(std=1.0)
+    moved = (block(visual, objs) - fresh).abs().amax(dim=-1)[0]
+    inside = torch.zeros(16, dtype=torch.bool)
+    inside[[0, 1, 4, 5]] = True
+    assert (moved[inside] > 1e-4).all() and torch.equal(moved[~inside], torch.zeros(12))

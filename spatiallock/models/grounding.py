@@ -123,6 +123,24 @@ def box_coverage(boxes: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
     return coverage.reshape(boxes.shape[0], rows * columns, boxes.shape[1])
 
 
+SHAPE_FREQS = 4  # Fourier frequencies per axis of a visual token's place inside a box
+SHAPE_RANK = 16  # width of the learned (place in the box) x (object) attention term
+
+
+def box_relative_positions(boxes: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """(B, N, 4) normalised xyxy boxes -> (B, rows * columns, N, 4 * SHAPE_FREQS): where each grid cell's centre
+    lies inside each box (0 to 1 across it along x and along y), as sin and cos of pi * k * that for k = 1..F."""
+    xs = (torch.arange(columns, device=boxes.device, dtype=boxes.dtype) + 0.5) / columns
+    ys = (torch.arange(rows, device=boxes.device, dtype=boxes.dtype) + 0.5) / rows
+    b = boxes[:, None, :, :]  # (B, 1, N, 4)
+    u = (xs[:, None] - b[..., 0]) / (b[..., 2] - b[..., 0]).clamp(min=1e-4)  # (B, columns, N)
+    v = (ys[:, None] - b[..., 1]) / (b[..., 3] - b[..., 1]).clamp(min=1e-4)  # (B, rows, N)
+    uv = torch.stack(torch.broadcast_tensors(u[:, None], v[:, :, None]), dim=-1)  # (B, rows, columns, N, 2)
+    angles = math.pi * uv[..., None] * torch.arange(1, SHAPE_FREQS + 1, device=boxes.device, dtype=boxes.dtype)
+    features = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (B, rows, columns, N, 2, 2F)
+    return features.reshape(boxes.shape[0], rows * columns, boxes.shape[1], 4 * SHAPE_FREQS)
+
+
 def box_attention_bias(objs: GroundingTokens, tokens: int, dtype: torch.dtype) -> torch.Tensor:
     """(B, HW, 1 + N) additive bias over [null token, slots] for box attention: log of the share of the visual
     token's cell inside each object's box, so a visual token attends only to the objects whose boxes cover it
@@ -156,7 +174,10 @@ class GroundingAttention(nn.Module):
 
     `box_attention` (not in the paper): each visual token attends only to the objects whose boxes cover its cell,
     weighted by how much of the cell they cover (`box_attention_bias`), and to the null token. Where an object
-    is then is given, not learned; what the block learns is what to write there.
+    is then is given, not learned; what the block learns is what to write there. A learned term, zero at
+    first, adds to each (visual token, object) logit a product of where the token lies inside the object's box
+    and the object's token: the block can trace an object's outline (a circle leaves its box's corners to the
+    null token) rather than fill its box.
     """
 
     def __init__(
@@ -178,6 +199,10 @@ class GroundingAttention(nn.Module):
             self.query_position = nn.Linear(FOURIER_FREQS * 2 * 4, query_dim)
             nn.init.zeros_(self.query_position.weight)
             nn.init.zeros_(self.query_position.bias)
+        if box_attention:
+            self.shape_place = nn.Linear(4 * SHAPE_FREQS, SHAPE_RANK, bias=False)
+            self.shape_object = nn.Linear(context_dim, SHAPE_RANK, bias=False)
+            nn.init.zeros_(self.shape_object.weight)
         self.norm1 = nn.LayerNorm(query_dim)
         self.attn = Attention(query_dim=query_dim, cross_attention_dim=context_dim, heads=heads, dim_head=dim_head)
         self.norm2 = nn.LayerNorm(query_dim)
@@ -194,6 +219,10 @@ class GroundingAttention(nn.Module):
         keys = torch.cat([objs.null.expand(objs.tokens.shape[0], 1, -1), objs.tokens], dim=1)
         if self.box_attention:  # (B, HW, 1 + N): per visual token
             bias = box_attention_bias(objs, hidden_states.shape[1], hidden_states.dtype)
+            rows, columns = token_grid(hidden_states.shape[1], objs.grid)
+            place = self.shape_place(box_relative_positions(objs.boxes.to(keys.dtype), rows, columns))
+            shape = torch.einsum("bqnr,bnr->bqn", place, self.shape_object(objs.tokens))  # (B, HW, N)
+            bias = torch.cat([bias[..., :1], bias[..., 1:] + shape.to(bias.dtype)], dim=-1)
         else:  # (B, 1, 1 + N): the same for every visual token
             bias = slot_attention_bias(objs.mask, hidden_states.dtype)
         queries = self.norm1(hidden_states)
