@@ -1,5 +1,8 @@
 """Sampling speed: seconds per image of the plain base pipeline, SpatialLock and the GLIGEN-style baseline.
 
+Rows: `base`; `spatiallock` (the paper's two blocks); `spatiallock-box-all` (box attention in every down and up
+transformer block: the shipped default's configuration); `gligen`.
+
 One run, one device, the same steps, the same latents and layouts for all three; random weights (speed does
 not depend on them). On CPU: the project's small base architecture at its native 64 px. On a GPU: the Stable
 Diffusion v1.4 architecture at 512 px in fp16 with 50 steps.
@@ -133,6 +136,10 @@ def main() -> None:
         "base": None,
         "spatiallock": SpatialLockAdapter.from_unet(unet, "spatiallock", None, phrase_dim(text_encoder), 16),
         "gligen": SpatialLockAdapter.from_unet(unet, "gligen", None, phrase_dim(text_encoder), 16),
+        # the shipped configuration: box attention in every down and up transformer block
+        "spatiallock-box-all": SpatialLockAdapter.from_unet(
+            unet, "spatiallock", "all", phrase_dim(text_encoder), 16, box_attention=True
+        ),
     }
     # row name -> (adapter, pipeline options)
     runs = {name: (name, {}) for name in adapters}

@@ -13,6 +13,7 @@ sessions, and redraws benchmarks/results/synthetic.png.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import platform
 import time
@@ -169,7 +170,14 @@ def main() -> None:
 
 def write_row(out: Path, row: dict, args: argparse.Namespace) -> None:
     """Put one row into the results file as soon as it is computed (rows other runs wrote are kept), atomically,
-    and redraw the figures."""
+    and redraw the figures. A lock file serialises runs that write the same results side by side."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _write_row(out, row, args)
+
+
+def _write_row(out: Path, row: dict, args: argparse.Namespace) -> None:
     latest = json.loads(out.read_text()) if out.is_file() else {}
     rows = {r["variant"]: r for r in latest.get("rows", [])}
     rows[row["variant"]] = row
@@ -181,7 +189,6 @@ def write_row(out: Path, row: dict, args: argparse.Namespace) -> None:
         "base": args.base,
         "rows": [rows[n] for n in order if n in rows],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.part")
     partial.write_text(json.dumps(result, indent=2) + "\n")
     partial.replace(out)

@@ -2,9 +2,6 @@
 
 For two fixed layouts, generated on CPU with fixed seeds, every requested object must be found by the shipped
 detector in its box (IoU of at least 0.5 with a detection of its class).
-
-The shipped adapter (2,000 CPU steps on a base that still draws blobs) does not place objects yet: that test is a
-strict expected failure, so the suite turns red the day it passes and the marker must go (README, Benchmark).
 """
 
 from __future__ import annotations
@@ -53,7 +50,6 @@ def test_the_shipped_assets_are_small_safetensors_and_say_where_they_come_from()
     assert json.loads((default_detector_path() / "eval.json").read_text())["ap"] > 0.8
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped adapter does not place objects yet (README, Benchmark)")
 def test_every_requested_object_lands_in_its_box(shipped):
     pipe, detector = shipped
     generators = [image_generator(0, i, 0) for i in range(len(LAYOUTS))]

@@ -33,6 +33,8 @@ variants:
 
 examples:
   spatiallock train adapter --base models/base --data data/shapes --out models/spatiallock
+  spatiallock train adapter --base models/base --data data/shapes --out models/spatiallock-box \\
+      --box-attention --positions all --lr 5e-4 --gate-lr-scale 10 --mixed-precision bf16 --max-steps 3000
   spatiallock train adapter --base models/base --data data/shapes --out runs/all --positions all
   spatiallock train adapter --base models/base --data data/shapes --out runs/fixed --loss-weights 0.5,0.5
 """
@@ -232,8 +234,9 @@ def register(subparsers) -> None:
     )  # fmt: skip
     adapter.add_argument(
         "--box-attention", action="store_true",
-        help="each visual token attends only to the objects whose boxes cover it (beyond the paper: the attention is "
-        "told where each object is instead of learning it; far fewer steps to place objects)",
+        help="each visual token attends only to the objects whose boxes cover it, plus a learned term for where in "
+        "the box it lies (beyond the paper: the attention is told where each object is instead of learning it, and "
+        "can trace its outline; places objects in far fewer steps)",
     )  # fmt: skip
     adapter.add_argument(
         "--timestep-sampling", default="uniform", choices=["uniform", "cubic"],
