@@ -16,9 +16,11 @@ from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.models.injection import resolve_positions
 
 
-@pytest.mark.parametrize("variant", ["spatiallock", "gligen"])
-def test_save_load_round_trip_reproduces_output_exactly(unet, tmp_path, variant):
-    adapter = new_adapter(unet, variant, loss_weighting="fixed", loss_weights=(0.3, 0.7)).attach(unet)
+@pytest.mark.parametrize(
+    "variant, options", [("spatiallock", {}), ("gligen", {}), ("spatiallock", {"box_attention": True})]
+)
+def test_save_load_round_trip_reproduces_output_exactly(unet, tmp_path, variant, options):
+    adapter = new_adapter(unet, variant, loss_weighting="fixed", loss_weights=(0.3, 0.7), **options).attach(unet)
     open_gates(adapter, 0.7)
     with torch.no_grad():
         for p in adapter.parameters():
@@ -30,6 +32,7 @@ def test_save_load_round_trip_reproduces_output_exactly(unet, tmp_path, variant)
     assert not list((tmp_path / "adapter").glob("*.bin"))
     loaded = SpatialLockAdapter.from_pretrained(tmp_path / "adapter").attach(unet)
     assert loaded.config.variant == variant and loaded.config.loss_weights == [0.3, 0.7]
+    assert loaded.config.box_attention == options.get("box_attention", False)
     assert torch.equal(grounded(loaded, unet, x), expected)
 
 

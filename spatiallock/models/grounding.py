@@ -220,7 +220,8 @@ class GroundingAttention(nn.Module):
         if self.box_attention:  # (B, HW, 1 + N): per visual token
             bias = box_attention_bias(objs, hidden_states.shape[1], hidden_states.dtype)
             rows, columns = token_grid(hidden_states.shape[1], objs.grid)
-            place = self.shape_place(box_relative_positions(objs.boxes.to(keys.dtype), rows, columns))
+            place = box_relative_positions(objs.boxes.float(), rows, columns)  # (B, HW, N, 4F), fp32 angles
+            place = self.shape_place(place.to(self.shape_place.weight.dtype))
             shape = torch.einsum("bqnr,bnr->bqn", place, self.shape_object(objs.tokens))  # (B, HW, N)
             bias = torch.cat([bias[..., :1], bias[..., 1:] + shape.to(bias.dtype)], dim=-1)
         else:  # (B, 1, 1 + N): the same for every visual token
