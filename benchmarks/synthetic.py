@@ -1,6 +1,7 @@
 """The benchmark of the synthetic domain: every variant scored by the same detector on the same layouts.
 
-Rows: `real-images` (the detector on the real validation images: the ceiling), `base` (the base model alone,
+Rows: `real-images` (the detector on the real validation images: the ceiling), `autoencoder` (the same images
+through the base's autoencoder and back: what a perfect U-Net could reach), `base` (the base model alone,
 caption only), and one row per adapter given with --row NAME=ADAPTER_FOLDER. Rows may carry pipeline options
 after the folder, e.g. `--row base+guidance=none:layout_guidance_steps=10`. Each run updates the rows it
 computes in benchmarks/results/synthetic.json (others are kept), so the table can be filled over several
@@ -20,7 +21,9 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
 from PIL import Image, ImageDraw, ImageFont
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from spatiallock.detector import Detector
 from spatiallock.draw import draw_boxes, grid
@@ -50,6 +53,18 @@ def parse_row(text: str) -> tuple[str, str | None, dict]:
         key, _, value = option.partition("=")
         parsed[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
     return name, (None if folder in ("", "none") else folder), parsed
+
+
+@torch.no_grad()
+def round_trip(vae: AutoencoderKL, images: list[Image.Image], batch: int = 50) -> list[Image.Image]:
+    """Each image encoded (posterior mean) and decoded by `vae`."""
+    vae.eval()
+    out = []
+    for start in range(0, len(images), batch):
+        pixels = torch.stack([pil_to_tensor(image).float() / 127.5 - 1.0 for image in images[start : start + batch]])
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1.0, 1.0)
+        out += [to_pil_image(((d + 1.0) * 127.5).round().to(torch.uint8)) for d in decoded]
+    return out
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -142,6 +157,21 @@ def main() -> None:
         write_row(out, row, args)
         print(f"real-images: {row}  ({time.perf_counter() - start:.0f} s)")
 
+        # the same real images sent through the base's autoencoder and back: what a perfect U-Net would score
+        start = time.perf_counter()
+        decoded = round_trip(
+            AutoencoderKL.from_pretrained(args.base, subfolder="vae", torch_dtype=torch.float32), real
+        )
+        scores, _, _ = score_images(detector, decoded, layouts)
+        scores["fd"] = frechet_distance(reference, decoded, DetectorFeatures(detector))
+        row = {"variant": "autoencoder", **{k: round(v, 4) for k, v in scores.items()}, **common}
+        row["note"] = (
+            "real val images through the base's autoencoder (posterior mean) and back: the generator's ceiling"
+        )
+        save_strip(decoded[: args.samples], layouts[: args.samples], "autoencoder")
+        write_row(out, row, args)
+        print(f"autoencoder: {row}  ({time.perf_counter() - start:.0f} s)")
+
     pipe = SpatialLockPipeline.from_pretrained(args.base)
     pipe.set_progress_bar_config(disable=True)
     todo = ([] if args.no_base else [("base", None, {})]) + [parse_row(text) for text in args.row]
@@ -181,7 +211,8 @@ def _write_row(out: Path, row: dict, args: argparse.Namespace) -> None:
     latest = json.loads(out.read_text()) if out.is_file() else {}
     rows = {r["variant"]: r for r in latest.get("rows", [])}
     rows[row["variant"]] = row
-    order = ["real-images", "base"] + [n for n in rows if n not in ("real-images", "base")]
+    first = ("real-images", "autoencoder", "base")
+    order = [n for n in first if n in rows] + [n for n in rows if n not in first]
     result = {
         "device": device_name(),
         "train_steps": args.train_steps if args.train_steps is not None else latest.get("train_steps"),

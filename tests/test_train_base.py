@@ -69,3 +69,24 @@ def test_min_snr_weights_cap_the_nearly_clean_steps():
     torch.testing.assert_close(min_snr_weights(eps, steps, 5.0), snr.clamp(max=5.0) / snr)
     w = min_snr_weights(eps, steps, 5.0)
     assert w[-1] == 1.0 and w[0] < 0.1  # noisy steps keep their weight, clean ones lose most of it
+
+
+def test_train_decoder_changes_only_the_decoder_and_copies_the_rest(tiny_shapes, tiny_small_base, tmp_path, capsys):
+    out = tmp_path / "sharper"
+    args = ["train", "decoder", "--base", str(tiny_small_base), "--data", str(tiny_shapes), "--out", str(out)]
+    assert (
+        main([*args, "--resolution", "32", "--batch-size", "2", "--max-steps", "2", "--lr", "1e-3", "--no-progress"])
+        == 0
+    )
+    before, after = (AutoencoderKL.from_pretrained(p, subfolder="vae").state_dict() for p in (tiny_small_base, out))
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and decoder and len(encoder) + len(decoder) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in encoder)  # the latent space does not move
+    assert any(not torch.equal(before[k], after[k]) for k in decoder)
+    unet = (UNet2DConditionModel.from_pretrained(p, subfolder="unet").state_dict() for p in (tiny_small_base, out))
+    assert all(torch.equal(a, b) for a, b in zip(*(u.values() for u in unet)))  # copied as it is
+    load_base(out)  # a whole model folder
+    # the base is copied, never changed in place
+    assert main(["train", "decoder", "--base", str(out), "--data", str(tiny_shapes), "--out", str(out)]) == 2
+    assert "out: must be another folder than the base" in capsys.readouterr().err

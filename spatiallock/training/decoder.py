@@ -1,0 +1,106 @@
+"""`spatiallock train decoder`: sharpen a base's autoencoder by training its decoder alone.
+
+The encoder stays frozen, so the latent space does not move: the U-Net and every adapter trained on that base
+still fit, and only the pixels their latents decode to change. The autoencoder bounds every layout score
+(a detector on real images sent through the autoencoder and back scores what a perfect U-Net would), so a
+better decoder lifts every row at once without retraining anything. The result is a copy of the base folder
+with the new `vae/`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from torch import nn
+
+from spatiallock.checkpoint import atomic_save_pretrained, list_checkpoints
+from spatiallock.data.coco import LayoutDataset, collate_layouts
+from spatiallock.errors import SpatialLockError
+from spatiallock.training.loop import LoopConfig, LoopResult, make_accelerator, train_loop
+
+STAGE = "decoder"
+
+
+@dataclass
+class DecoderTrainConfig:
+    """Everything `train decoder` needs; written to `<out>/train/config.json`."""
+
+    base: str
+    data: str
+    out: str
+    resolution: int = 64
+    flip_prob: float = 0.5
+    mixed_precision: str = "no"
+    split: str = "train"
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=3000, batch_size=16, learning_rate=3e-4))
+
+
+class _Decoding(nn.Module):
+    """Images -> frozen encoder -> posterior sample -> trainable decoder: the reconstruction, in one module call."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        with torch.no_grad():
+            latents = self.vae.encode(pixels).latent_dist.sample(generator=generator)
+        return self.vae.decode(latents).sample
+
+
+def trainable_decoder(vae: AutoencoderKL) -> AutoencoderKL:
+    """Freeze the encoder side (`encoder`, `quant_conv`), train the decoder side (`post_quant_conv`, `decoder`)."""
+    vae.requires_grad_(False)
+    for part in (vae.post_quant_conv, vae.decoder):
+        if part is not None:
+            part.requires_grad_(True)
+    return vae
+
+
+def train_decoder(config: DecoderTrainConfig) -> LoopResult:
+    """Train the decoder of `config.base`'s autoencoder; writes the base with the new decoder at `config.out`."""
+    base, out = Path(config.base), Path(config.out)
+    folder = out / "train"
+    if not (base / "vae" / "config.json").is_file() or not (base / "model_index.json").is_file():
+        raise SpatialLockError(f"base: {base} is not a model folder with vae/ and model_index.json")
+    if out.resolve() == base.resolve():
+        raise SpatialLockError("out: must be another folder than the base (the base is copied, not changed)")
+    if list_checkpoints(folder / "checkpoints" / STAGE) and not config.loop.resume:
+        raise SpatialLockError(f"out: {out} already holds checkpoints; pass --resume to continue or choose another")
+    accelerator = make_accelerator(config.mixed_precision)
+    vae = trainable_decoder(AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32))
+    dataset = LayoutDataset.from_split(
+        config.data, config.split, resolution=config.resolution, flip_prob=config.flip_prob, seed=config.loop.seed
+    )
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+
+    def losses(models: dict, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        pixels = batch["pixel_values"].to(accelerator.device)
+        decoded = models["decoder"](pixels, generator).float()
+        l1, mse = F.l1_loss(decoded, pixels), F.mse_loss(decoded, pixels)
+        return {"loss": l1 + mse, "l1": l1, "mse": mse}
+
+    result = train_loop(
+        accelerator=accelerator, stage=STAGE, folder=folder, models={"decoder": _Decoding(vae)}, dataset=dataset,
+        collate_fn=collate_layouts, compute_losses=losses, config=config.loop,
+    )  # fmt: skip
+    if not result.interrupted and accelerator.is_main_process:
+        for item in base.iterdir():  # the rest of the model folder, as it is
+            if item.name in ("vae", "train") or item.name.startswith("."):
+                continue
+            target = out / item.name
+            if item.is_dir():
+                shutil.copytree(item, target, dirs_exist_ok=True)
+            else:
+                shutil.copy2(item, target)
+        atomic_save_pretrained(vae, out / "vae")
+    accelerator.wait_for_everyone()
+    return result
