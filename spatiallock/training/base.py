@@ -109,10 +109,11 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
 
-    # 1. the autoencoder, unless a finished one is already there
+    # 1. the autoencoder, unless a finished one is already there or `init_from` gives one
     vae_dir = folder / "vae"
     if config.init_from is not None and not (vae_dir / "config.json").is_file() and accelerator.is_main_process:
-        atomic_save_pretrained(AutoencoderKL.from_pretrained(config.init_from, subfolder="vae"), vae_dir)
+        vae = AutoencoderKL.from_pretrained(config.init_from, subfolder="vae", torch_dtype=torch.float32)
+        atomic_save_pretrained(vae, vae_dir)
     accelerator.wait_for_everyone()
     if (vae_dir / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(vae_dir)
