@@ -1,6 +1,6 @@
 """Training speed and peak memory of the SpatialLock adapter against the GLIGEN-style baseline, side by side.
 
-Both variants train through the adapter's real training path on the same frozen base and the same batch:
+Every variant trains through the adapter's real training path on the same frozen base and the same batch:
 `SpatialLockAdapter.from_unet` + `attach`, `forward(..., labels=..., target=..., object_masks=...)` -> `.loss`
 (diffusion loss plus, for SpatialLock, the PoG perception loss under learned weights), backward, gradient
 clipping and an AdamW step on the adapter's parameters only. Random weights and inputs: speed does not depend
@@ -19,8 +19,10 @@ Reported per variant: trainable parameters; steps per second and seconds per ste
 warm-up steps), with the median and fastest step and the process's CPU seconds per step (all its threads), which
 other jobs on a shared machine disturb less than wall time; and peak memory: on a GPU
 `torch.cuda.max_memory_allocated` (weights, optimiser state, activations), on CPU the process's peak resident
-memory (`ru_maxrss`) minus its resident memory before any model was built. Plus the ratio SpatialLock / GLIGEN
-of each. On a CPU shared with other jobs, prefer `--threads 1` and compare the fastest step.
+memory (`ru_maxrss`) minus its resident memory before any model was built. Plus the ratio of each SpatialLock
+row to GLIGEN. Rows: `spatiallock` (the paper's two Grounding-Attention blocks), `spatiallock-box-all` (box
+attention in every down and up transformer block: the shipped default's configuration), `gligen`. On a CPU
+shared with other jobs, prefer `--threads 1` and compare the fastest step.
 
     python benchmarks/train_speed.py                  # the device's default setting, 20 timed steps
     python benchmarks/train_speed.py --steps 10 --warmup 2
@@ -43,7 +45,13 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = ("spatiallock", "gligen")
+VARIANTS = ("spatiallock", "spatiallock-box-all", "gligen")
+# name -> (adapter variant, placement, extra options); `spatiallock-box-all` is the shipped default's configuration
+ADAPTERS = {
+    "spatiallock": ("spatiallock", None, {}),
+    "spatiallock-box-all": ("spatiallock", "all", {"box_attention": True}),
+    "gligen": ("gligen", None, {}),
+}
 MAX_OBJECTS_PER_IMAGE = 6
 OBJECT_SLOTS = 30  # spatiallock.models.grounding.MAX_OBJECTS, the slots `train adapter` pads layouts to
 
@@ -135,7 +143,9 @@ def run_variant(args: argparse.Namespace) -> dict:
     unet = freeze(build_unet(config)).to(device, torch.bfloat16 if bf16 else torch.float32)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    adapter = SpatialLockAdapter.from_unet(unet, args.worker, None, arch["text_dim"], arch["classes"]).to(device)
+    variant, positions, options = ADAPTERS[args.worker]
+    adapter = SpatialLockAdapter.from_unet(unet, variant, positions, arch["text_dim"], arch["classes"], **options)
+    adapter = adapter.to(device)
     adapter.attach(unet).train()
     params = [p for p in adapter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -235,12 +245,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the base U-Net")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random batch (default: 0)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated (default: both)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS) + " (default: all)")
     parser.add_argument(
         "--out", default=None, help="JSON file (default: benchmarks/results/train_speed_<cpu|cuda>.json)"
     )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     args = parser.parse_args(argv)
+    unknown = sorted({v.strip() for v in args.variants.split(",") if v.strip()} - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
     if args.device is None:
         import torch
 
@@ -299,13 +312,17 @@ def main(argv: list[str] | None = None) -> int:
     if device_type == "cpu":  # 1, 5, 15-minute load: other jobs on the machine slow every variant down
         result["load_average"] = {"start": load_at_start, "end": [round(v, 2) for v in os.getloadavg()]}
     by_name = {row["variant"]: row for row in rows}
-    if "spatiallock" in by_name and "gligen" in by_name:
-        a, b = by_name["spatiallock"], by_name["gligen"]
-        keys = (
-            "trainable_params", "steps_per_s", "s_per_step", "s_per_step_median", "s_per_step_min", "cpu_s_per_step",
-            "peak_memory_mb",
-        )  # fmt: skip
-        result["ratio"] = {"of": "spatiallock / gligen", **{k: round(a[k] / b[k], 4) for k in keys if b[k]}}
+    keys = (
+        "trainable_params", "steps_per_s", "s_per_step", "s_per_step_median", "s_per_step_min", "cpu_s_per_step",
+        "peak_memory_mb",
+    )  # fmt: skip
+    if "gligen" in by_name:
+        b = by_name["gligen"]
+        result["ratios"] = [
+            {"of": f"{name} / gligen", **{k: round(by_name[name][k] / b[k], 4) for k in keys if b[k]}}
+            for name in by_name
+            if name != "gligen"
+        ]
 
     print(f"\nTraining speed on {result['device']} (torch {result['torch']})")
     print(
@@ -322,10 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     print(header + "\n  " + "-" * (len(header) - 2))
     for row in rows:
         print(f"  {row['variant']:<26}" + "".join(f"{row[key]:>{width}{form}}" for _, key, width, form in columns))
-    if "ratio" in result:
-        ratio = result["ratio"]
+    for ratio in result.get("ratios", []):
         cells = "".join(f"{ratio.get(key, float('nan')):>{width}.3f}" for _, key, width, _ in columns)
-        print(f"  {'ratio spatiallock/gligen':<26}" + cells)
+        print(f"  {ratio['of'].replace(' ', ''):<26}" + cells)
     if device_type == "cpu":
         print(f"  load average (1, 5, 15 min): {load_at_start} at start, {result['load_average']['end']} at end")
     out = Path(args.out) if args.out else RESULTS / f"train_speed_{device_type}.json"
