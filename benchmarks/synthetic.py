@@ -68,13 +68,14 @@ def round_trip(vae: AutoencoderKL, images: list[Image.Image], batch: int = 50) -
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Bars of ap and miou per row (PIL only)."""
+    """Bars of ap and miou per row (PIL only), with the issue's targets as dashed lines: AP 0.8 of the
+    `real-images` AP (blue) and mIoU 0.8 (orange)."""
     width, bar_h, left = 720, 22, 230
     height = 40 + len(rows) * (2 * bar_h + 10)
     image = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=14)
-    title = "synthetic domain: AP (blue) and mIoU (orange), same detector and layouts"
+    title = "synthetic domain: AP (blue) and mIoU (orange), same detector and layouts; dashed: targets"
     draw.text((10, 8), title, fill=(0, 0, 0), font=font)
     y = 34
     for row in rows:
@@ -86,6 +87,12 @@ def plot(rows: list[dict], path: Path) -> None:
             end = left + int((width - left - 70) * value)
             draw.text((end + 4, top + 2), f"{value:.3f}", fill=(0, 0, 0), font=font)
         y += 2 * bar_h + 10
+    real = next((row for row in rows if row["variant"] == "real-images"), None)
+    targets = [(0.8, (230, 140, 40))] + ([(0.8 * real["ap"], (60, 110, 200))] if real else [])
+    for value, colour in targets:
+        x = left + int((width - left - 70) * value)
+        for top in range(30, height - 4, 10):
+            draw.line((x, top, x, top + 5), fill=colour, width=2)
     image.save(path)
 
 
