@@ -245,7 +245,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the base U-Net")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random batch (default: 0)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS) + " (default: all)")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated, of: " + ", ".join(VARIANTS) + " (default: all)",
+    )
     parser.add_argument(
         "--out", default=None, help="JSON file (default: benchmarks/results/train_speed_<cpu|cuda>.json)"
     )
