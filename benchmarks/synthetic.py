@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from spatiallock.detector import Detector
 from spatiallock.draw import draw_boxes, grid
@@ -59,11 +59,11 @@ def parse_row(text: str) -> tuple[str, str | None, dict]:
 def round_trip(vae: AutoencoderKL, images: list[Image.Image], batch: int = 50) -> list[Image.Image]:
     """Each image encoded (posterior mean) and decoded by `vae`."""
     vae.eval()
+    processor = VaeImageProcessor()  # the pipeline's own conversions: PIL -> [-1, 1] and back
     out = []
     for start in range(0, len(images), batch):
-        pixels = torch.stack([pil_to_tensor(image).float() / 127.5 - 1.0 for image in images[start : start + batch]])
-        decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1.0, 1.0)
-        out += [to_pil_image(((d + 1.0) * 127.5).round().to(torch.uint8)) for d in decoded]
+        pixels = processor.preprocess(images[start : start + batch])
+        out += processor.postprocess(vae.decode(vae.encode(pixels).latent_dist.mean).sample, output_type="pil")
     return out
 
 
@@ -152,32 +152,24 @@ def main() -> None:
     out = Path(args.out)
     common = {"layouts": len(layouts), "sampling_steps": args.steps, "guidance": args.guidance, "seed": args.seed}
 
-    if not args.no_real:
+    def image_row(name: str, images: list[Image.Image], reference: list[Image.Image], note: str) -> None:
+        """Score images that are not generated (the real ones, or them after the autoencoder) as row `name`."""
         start = time.perf_counter()
-        scores, _, _ = score_images(detector, real, layouts)
+        scores, _, _ = score_images(detector, images, layouts)
+        scores["fd"] = frechet_distance(reference, images, DetectorFeatures(detector))
+        row = {"variant": name, **{k: round(v, 4) for k, v in scores.items()}, **common, "note": note}
+        save_strip(images[: args.samples], layouts[: args.samples], name)
+        write_row(out, row, args)
+        print(f"{name}: {row}  ({time.perf_counter() - start:.0f} s)")
+
+    if not args.no_real:
         train_layouts = read_layouts(data / "instances_train.json")[: len(layouts)]
         reference = load_real_images([data / "train" / layout.meta["file_name"] for layout in train_layouts])
-        scores["fd"] = frechet_distance(reference, real, DetectorFeatures(detector))
-        row = {"variant": "real-images", **{k: round(v, 4) for k, v in scores.items()}, **common}
-        row["note"] = "detector on real val images; fd: train vs val images (the floor)"
-        save_strip(real[: args.samples], layouts[: args.samples], "real-images")
-        write_row(out, row, args)
-        print(f"real-images: {row}  ({time.perf_counter() - start:.0f} s)")
-
+        image_row("real-images", real, reference, "detector on real val images; fd: train vs val images (the floor)")
         # the same real images sent through the base's autoencoder and back: what a perfect U-Net would score
-        start = time.perf_counter()
-        decoded = round_trip(
-            AutoencoderKL.from_pretrained(args.base, subfolder="vae", torch_dtype=torch.float32), real
-        )
-        scores, _, _ = score_images(detector, decoded, layouts)
-        scores["fd"] = frechet_distance(reference, decoded, DetectorFeatures(detector))
-        row = {"variant": "autoencoder", **{k: round(v, 4) for k, v in scores.items()}, **common}
-        row["note"] = (
-            "real val images through the base's autoencoder (posterior mean) and back: the generator's ceiling"
-        )
-        save_strip(decoded[: args.samples], layouts[: args.samples], "autoencoder")
-        write_row(out, row, args)
-        print(f"autoencoder: {row}  ({time.perf_counter() - start:.0f} s)")
+        vae = AutoencoderKL.from_pretrained(args.base, subfolder="vae", torch_dtype=torch.float32)
+        note = "real val images through the base's autoencoder (posterior mean) and back: the generator's ceiling"
+        image_row("autoencoder", round_trip(vae, real), reference, note)
 
     pipe = SpatialLockPipeline.from_pretrained(args.base)
     pipe.set_progress_bar_config(disable=True)

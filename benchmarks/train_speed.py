@@ -45,13 +45,13 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = ("spatiallock", "spatiallock-box-all", "gligen")
 # name -> (adapter variant, placement, extra options); `spatiallock-box-all` is the shipped default's configuration
 ADAPTERS = {
     "spatiallock": ("spatiallock", None, {}),
     "spatiallock-box-all": ("spatiallock", "all", {"box_attention": True}),
     "gligen": ("gligen", None, {}),
 }
+VARIANTS = tuple(ADAPTERS)
 MAX_OBJECTS_PER_IMAGE = 6
 OBJECT_SLOTS = 30  # spatiallock.models.grounding.MAX_OBJECTS, the slots `train adapter` pads layouts to
 

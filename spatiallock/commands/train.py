@@ -128,6 +128,14 @@ def _loop(args: argparse.Namespace, steps: int, batch: int, lr: float, warmup: i
     )  # fmt: skip
 
 
+def _exit_code(result, message: str) -> int:
+    """130 when Ctrl-C stopped the run (a checkpoint is written); else print `message` and give 0."""
+    if result.interrupted:
+        return 130
+    print(message)
+    return 0
+
+
 def run_base(args: argparse.Namespace) -> int:
     from spatiallock.training.base import BaseTrainConfig, train_base
 
@@ -139,10 +147,10 @@ def run_base(args: argparse.Namespace) -> int:
     )  # fmt: skip
     config.unet.ema_decay = args.ema_decay
     result = train_base(config)
-    if result.interrupted:
-        return 130
-    print(f"base model written to {args.out} ({result.step} U-Net steps, last loss {result.last_losses.get('loss')})")
-    return 0
+    message = (
+        f"base model written to {args.out} ({result.step} U-Net steps, last loss {result.last_losses.get('loss')})"
+    )
+    return _exit_code(result, message)
 
 
 def run_adapter(args: argparse.Namespace) -> int:
@@ -157,10 +165,8 @@ def run_adapter(args: argparse.Namespace) -> int:
         loop=_loop(args, args.max_steps, args.batch_size, args.lr, warmup=50),
     )  # fmt: skip
     result = train_adapter(config)
-    if result.interrupted:
-        return 130
-    print(f"adapter written to {args.out} ({result.step} steps, last losses {result.last_losses})")
-    return 0
+    message = f"adapter written to {args.out} ({result.step} steps, last losses {result.last_losses})"
+    return _exit_code(result, message)
 
 
 def run_decoder(args: argparse.Namespace) -> int:
@@ -171,10 +177,10 @@ def run_decoder(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision, loop=_loop(args, args.max_steps, args.batch_size, args.lr, warmup=50),
     )  # fmt: skip
     result = train_decoder(config)
-    if result.interrupted:
-        return 130
-    print(f"base with the new decoder written to {args.out} ({result.step} steps, last losses {result.last_losses})")
-    return 0
+    message = (
+        f"base with the new decoder written to {args.out} ({result.step} steps, last losses {result.last_losses})"
+    )
+    return _exit_code(result, message)
 
 
 def run_detector(args: argparse.Namespace) -> int:
@@ -187,9 +193,8 @@ def run_detector(args: argparse.Namespace) -> int:
         loop=loop,
     )  # fmt: skip
     result = train_detector(config)
-    if result.interrupted:
+    if _exit_code(result, f"detector written to {args.out} ({result.step} steps, last losses {result.last_losses})"):
         return 130
-    print(f"detector written to {args.out} ({result.step} steps, last losses {result.last_losses})")
     metrics = evaluate_and_record(args.out, args.data, args.eval_split, steps=result.step)
     if metrics is None:
         print(f"no {args.eval_split} split in {args.data}: not scored")
