@@ -10,6 +10,7 @@ Diffusion v1.4 architecture at 512 px in fp16 with 50 steps.
     python benchmarks/sample_speed.py                 # the device's default setting
     python benchmarks/sample_speed.py --steps 25 --images 8 --repeats 3
     python benchmarks/sample_speed.py --layout-control   # plus the training-free tools' rows (guidance, init)
+    python benchmarks/sample_speed.py --save-images before.npz   # then, on changed code: --same-as before.npz
 
 Writes benchmarks/results/sample_speed_<cpu|cuda>.json with the device named.
 """
@@ -24,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
@@ -121,6 +123,14 @@ def main() -> None:
     parser.add_argument(
         "--out", default=None, help="result JSON (default: benchmarks/results/sample_speed_<dev>.json)"
     )
+    parser.add_argument(
+        "--save-images", default=None, metavar="FILE.npz", help="keep each row's images (of the warm-up call)"
+    )
+    parser.add_argument(
+        "--same-as", default=None, metavar="FILE.npz",
+        help="compare each row's images with those a --save-images run kept (another version of the code): the "
+        "largest difference per row goes into the results",
+    )  # fmt: skip
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -153,6 +163,7 @@ def main() -> None:
     print(f"device: {device_name(device)}; {size}px, {steps} steps, {images} images per call, {dtype}")
     # round-robin over the models, so that any load on the machine falls on all of them alike
     times: dict[str, list[float]] = {name: [] for name in runs}
+    kept: dict[str, np.ndarray] = {}
     for repeat in range(args.repeats + 1):
         for name, (model, options) in runs.items():
             adapter = adapters[model]
@@ -161,11 +172,16 @@ def main() -> None:
             if gpu:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            pipe(layouts=layouts, num_inference_steps=steps, generator=generator, output_type="np", **options)
+            out = pipe(layouts=layouts, num_inference_steps=steps, generator=generator, output_type="np", **options)
             if gpu:
                 torch.cuda.synchronize()
             if repeat:  # the first round warms up
                 times[name].append((time.perf_counter() - start) / images)
+            else:
+                kept[name] = out.images
+    if args.save_images:
+        np.savez_compressed(args.save_images, **kept)
+    reference = dict(np.load(args.same_as)) if args.same_as else {}
     for name, (model, options) in runs.items():
         adapter = adapters[model]
         row = {
@@ -175,8 +191,11 @@ def main() -> None:
             "s_per_image_all": [round(t, 4) for t in times[name]],
             "adapter_params": 0 if adapter is None else sum(p.numel() for p in adapter.parameters()),
         }
+        if name in reference:  # images in [0, 1]
+            row["max_abs_diff_vs_reference"] = float(np.abs(kept[name] - reference[name]).max())
         rows.append(row)
-        print(f"  {name:26s} {row['s_per_image']:.4f} s/image  (adapter {row['adapter_params'] / 1e6:.2f} M)")
+        same = f"  images differ by {row['max_abs_diff_vs_reference']:.2e}" if name in reference else ""
+        print(f"  {name:26s} {row['s_per_image']:.4f} s/image  (adapter {row['adapter_params'] / 1e6:.2f} M){same}")
     base = rows[0]["s_per_image"]
     for row in rows:
         row["vs_base"] = round(row["s_per_image"] / base, 3)

@@ -30,6 +30,7 @@ from spatiallock.draw import draw_boxes, grid
 from spatiallock.evaluate import DetectorFeatures, evaluate_pipeline, frechet_distance, load_real_images, score_images
 from spatiallock.layout import read_layouts
 from spatiallock.pipeline import SpatialLockPipeline, load_adapter
+from spatiallock.sampling import SamplingOptions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLES = RESULTS / "synthetic_samples"
@@ -176,9 +177,9 @@ def main() -> None:
     todo = ([] if args.no_base else [("base", None, {})]) + [parse_row(text) for text in args.row]
     for name, folder, options in todo:
         pipe.set_adapter(None if folder is None else load_adapter(folder))
-        sampling = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, **options}
+        sampling = SamplingOptions(seed=args.seed, steps=args.steps, guidance=args.guidance, **options)
         start = time.perf_counter()
-        report, images, *_ = evaluate_pipeline(pipe, detector, layouts, 1, args.seed, sampling, real)
+        report, images, *_ = evaluate_pipeline(pipe, detector, layouts, sampling, 1, real)
         save_strip(images[: args.samples], layouts[: args.samples], name)
         row = {"variant": name, **{k: report[k] for k in METRICS}, "seconds_per_image": report["seconds_per_image"]}
         row.update(common, adapter=folder, options=options)

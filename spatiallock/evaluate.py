@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from spatiallock.detector import Detector, coco_ap, to_coco_results, to_image_te
 from spatiallock.draw import draw_boxes, grid
 from spatiallock.errors import SpatialLockError
 from spatiallock.layout import Layout
+from spatiallock.sampling import SamplingOptions, sample
 
 SCORE_THRESHOLD = 0.3  # detections below it do not count for miou (AP uses them all, ranked by score)
 
@@ -171,38 +171,21 @@ def layout_picture(
     return grid(cells, columns=4 if len(cells) >= 4 else len(cells))
 
 
-def generate_images(pipe, layouts: Sequence[Layout], per_layout: int, seed: int, sampling: dict, progress=None):
-    """`per_layout` images per layout, each with its own seeded noise (independent of batching); and s/image."""
-    from spatiallock.commands.generate import image_generator
-
-    jobs = [(i, k) for i in range(len(layouts)) for k in range(per_layout)]
-    batch_size = sampling.pop("batch_size", 8)
-    images = []
-    start = time.perf_counter()
-    for s in range(0, len(jobs), batch_size):
-        batch = jobs[s : s + batch_size]
-        generators = [image_generator(seed, i, k) for i, k in batch]
-        images += pipe(layouts=[layouts[i] for i, _ in batch], generator=generators, **sampling).images
-        if progress is not None:
-            progress.update(len(batch))
-    seconds = (time.perf_counter() - start) / max(len(jobs), 1)
-    return images, [layouts[i] for i, _ in jobs], seconds
-
-
 def evaluate_pipeline(
     pipe,
     detector: Detector,
     layouts: Sequence[Layout],
+    options: SamplingOptions | None = None,
     per_layout: int = 1,
-    seed: int = 0,
-    sampling: dict | None = None,
     real_images: Sequence[Image.Image] | None = None,
     fid_weights: str | Path | None = None,
     progress=None,
 ) -> tuple[dict, list[Image.Image], list[Layout], list[dict], list[dict]]:
-    """Generate, detect and score. Returns (report, images, their layouts, per-object records, detections)."""
+    """Generate (with every option of `options`), detect and score.
+
+    Returns (report, images, their layouts, per-object records, detections)."""
     category_ids(detector, layouts)  # unknown labels fail before any sampling
-    images, asked, seconds = generate_images(pipe, layouts, per_layout, seed, dict(sampling or {}), progress)
+    images, asked, seconds = sample(pipe, layouts, options or SamplingOptions(), per_layout, progress)
     scores, objects, detections = score_images(detector, images, asked)
     report = {**{k: round(v, 4) for k, v in scores.items()}, "seconds_per_image": round(seconds, 4)}
     report["fd"] = None

@@ -25,6 +25,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from spatiallock.errors import SpatialLockError
+from spatiallock.geometry import box_coverage, level_grid
 from spatiallock.layout import Layout
 from spatiallock.models.injection import attention_stages
 
@@ -211,30 +212,6 @@ class AttentionStore:
 # ---- the loss ------------------------------------------------------------------------------------------------
 
 
-def map_size(latent_size: tuple[int, int], cells: int) -> tuple[int, int]:
-    """(h, w) of an attention map with `cells` positions in a U-Net fed latents of `latent_size`.
-
-    Each down-sampling halves the side rounding up (stride-2 convolution with padding 1)."""
-    h, w = latent_size
-    while h * w > cells:
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-    if h * w != cells:
-        raise ValueError(f"an attention map of {cells} positions does not fit latents of {latent_size}")
-    return h, w
-
-
-def box_mask(box: Sequence[float], size: tuple[int, int], device=None) -> torch.Tensor:
-    """(h, w) share of each cell covered by the normalised xyxy `box` (1 inside, fractions on its border)."""
-    x0, y0, x1, y1 = box
-    h, w = size
-
-    def cover(lo: float, hi: float, n: int) -> torch.Tensor:
-        edges = torch.arange(n + 1, dtype=torch.float32, device=device) / n
-        return ((edges[1:].clamp(max=hi) - edges[:-1].clamp(min=lo)).clamp(min=0) * n).clamp(max=1)
-
-    return cover(y0, y1, h)[:, None] * cover(x0, x1, w)[None, :]
-
-
 def layout_loss(
     maps: Sequence[torch.Tensor],
     positions: Sequence[Sequence[Sequence[int]]],
@@ -260,7 +237,8 @@ def layout_loss(
             per_layer = []
             for attention in maps:
                 attention = attention[b, :, :, list(tokens)].float()  # (heads, HW, T)
-                mask = box_mask(box, map_size(latent_size, attention.shape[1]), attention.device).flatten()
+                rows, columns = level_grid(attention.shape[1], latent_size)
+                mask = box_coverage(torch.tensor([[box]], device=attention.device), rows, columns).flatten()
                 inside = (attention * mask[:, None]).sum(1) / attention.sum(1).clamp(min=1e-12)  # (heads, T)
                 per_layer.append(((1 - inside) ** 2).mean())
             per_object.append(torch.stack(per_layer).mean())

@@ -39,6 +39,7 @@ from spatiallock.guidance import make_layout_guidance
 from spatiallock.init import initial_latents
 from spatiallock.layout import Layout, as_layouts, pad_layouts
 from spatiallock.models.adapter import SpatialLockAdapter
+from spatiallock.models.grounding import GroundingTokens
 from spatiallock.text import PhraseCache, encode_captions, is_clip, phrase_dim
 
 # --scheduler names -> diffusers classes (and the options that make them what the name says)
@@ -248,13 +249,12 @@ class SpatialLockPipeline(DiffusionPipeline):
         t: torch.Tensor,
         states: torch.Tensor,
         caption_mask: torch.Tensor | None,
-        grounding: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        grounding: GroundingTokens | None,
     ) -> torch.Tensor:
-        """One U-Net call on an already expanded batch, with grounding tokens when `grounding` is given."""
+        """One U-Net call on an already expanded batch, with the adapter's grounding when `grounding` is given."""
         if grounding is None or self.adapter is None:
             return self.unet(latents, t, encoder_hidden_states=states, encoder_attention_mask=caption_mask).sample
-        embeds, boxes, masks = grounding
-        output = self.adapter(self.unet, latents, t, states, embeds, boxes, masks, encoder_attention_mask=caption_mask)
+        output = self.adapter(self.unet, latents, t, states, encoder_attention_mask=caption_mask, grounding=grounding)
         return output.sample
 
     @torch.no_grad()
@@ -331,18 +331,24 @@ class SpatialLockPipeline(DiffusionPipeline):
                 layout_guidance_layers, missing_labels,
             )  # fmt: skip
 
-        # 1. captions (unconditional first, as Stable Diffusion orders them) and grounding tokens
+        # 1. captions (unconditional first, as Stable Diffusion orders them) and grounding tokens, computed once for
+        #    every step: the unconditional rows get null grounding (every slot masked)
         states, caption_mask = self.encode_prompts([layout.caption for layout in layouts])
-        grounding = None
+        layout_inputs = None
         if self.adapter is not None:
-            grounding = tuple(x.to(device) for x in self.encode_layouts(layouts))
+            layout_inputs = [x.to(device) for x in self.encode_layouts(layouts)]
         if guided:
             empty, empty_mask = self.encode_prompts([""] * batch)
             states = torch.cat([empty, states])
             caption_mask = None if caption_mask is None else torch.cat([empty_mask, caption_mask])
-            if grounding is not None:
-                embeds, bxs, masks = grounding
-                grounding = (embeds.repeat(2, 1, 1), bxs.repeat(2, 1, 1), torch.cat([torch.zeros_like(masks), masks]))
+            if layout_inputs is not None:
+                embeds, bxs, masks = layout_inputs
+                null = torch.zeros_like(masks)
+                layout_inputs = [embeds.repeat(2, 1, 1), bxs.repeat(2, 1, 1), torch.cat([null, masks])]
+        grounding = None
+        if layout_inputs is not None:
+            latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+            grounding = self.adapter.encode_grounding(*layout_inputs, latent_size)
         states = states.to(device)
         caption_mask = None if caption_mask is None else caption_mask.to(device)
         cond_rows = slice(batch, None) if guided else slice(None)  # the conditional rows: for guidance and inversion
@@ -363,12 +369,15 @@ class SpatialLockPipeline(DiffusionPipeline):
             latents = self.prepare_latents(batch, height, width, states.dtype, device, generator, latents)
         extra = self.prepare_extra_step_kwargs(generator, eta)
         grounded = int(grounding_steps * len(timesteps) + 1e-6)
+        cond_grounding = grounding  # the conditional rows' own, for layout guidance
+        if grounding is not None and guided:
+            cond_grounding = grounding.select(cond_rows)
 
         # 3. denoising
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 if layout_guidance is not None and i < layout_guidance.steps:
-                    ground = None if grounding is None or i >= grounded else tuple(x[cond_rows] for x in grounding)
+                    ground = None if i >= grounded else cond_grounding
                     latents = layout_guidance.update(self, latents, t, i, states[cond_rows], cond_mask, ground)
                 model_input = torch.cat([latents] * 2) if guided else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)

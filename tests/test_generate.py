@@ -10,7 +10,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from test_pipeline import make_adapter
 
-import spatiallock.commands.generate as generate_cmd
+import spatiallock.sampling as sampling
 from spatiallock.cli import main
 from spatiallock.layout import read_layouts
 
@@ -150,7 +150,7 @@ def test_generate_dataset_killed_and_resumed_equals_one_run(tiny_small_base, ada
 
     # a kill after 4 of the 8 images: the batch in flight is lost, nothing half-written remains
     resumed = tmp_path / "resumed"
-    real_save, calls = generate_cmd.sample_batch, []
+    real_save, calls = sampling.sample_batch, []
 
     def dying_sample_batch(*args, **kwargs):
         images = real_save(*args, **kwargs)
@@ -162,12 +162,12 @@ def test_generate_dataset_killed_and_resumed_equals_one_run(tiny_small_base, ada
             raise KeyboardInterrupt
         return images
 
-    monkeypatch.setattr(generate_cmd, "sample_batch", dying_sample_batch)
+    monkeypatch.setattr(sampling, "sample_batch", dying_sample_batch)
     assert generate_dataset(layouts, tiny_small_base, adapter_folder, resumed) == 130
     assert sorted(p.name for p in (resumed / "images").iterdir()) == [f"{i:012d}.png" for i in range(1, 5)]
     assert not (resumed / "instances.json").exists()
     (resumed / "images" / ".000000000005.png.4242.part").write_bytes(b"\x89PNG cut off by a kill -9")
-    monkeypatch.setattr(generate_cmd, "sample_batch", real_save)
+    monkeypatch.setattr(sampling, "sample_batch", real_save)
     assert generate_dataset(layouts, tiny_small_base, adapter_folder, resumed) == 0
 
     files = sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file())

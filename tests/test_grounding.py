@@ -175,7 +175,7 @@ def test_cell_embedding_is_the_box_embedding_of_each_cell():
 
 
 def test_box_coverage_is_the_share_of_each_cell_inside_the_box():
-    from spatiallock.models.grounding import box_coverage
+    from spatiallock.geometry import box_coverage
 
     boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.25, 0.0, 0.75, 0.5]]])  # (1, 2, 4)
     coverage = box_coverage(boxes, rows=2, columns=2)  # cells row by row: (0,0) (0,1) (1,0) (1,1)
@@ -185,20 +185,20 @@ def test_box_coverage_is_the_share_of_each_cell_inside_the_box():
     torch.testing.assert_close(box_coverage(boxes, rows=1, columns=2)[0, :, 1], torch.tensor([0.25, 0.25]))
 
 
-def test_token_grid_follows_the_down_sampling_of_a_non_square_latent():
-    from spatiallock.models.grounding import token_grid
+def test_level_grid_follows_the_down_sampling_of_a_non_square_latent():
+    from spatiallock.geometry import level_grid
 
-    assert token_grid(96 * 64, (64, 96)) == (64, 96)
-    assert token_grid(12 * 8, (64, 96)) == (8, 12)
-    assert token_grid(3 * 2, (9, 5)) == (3, 2)  # 9x5 -> 5x3 -> 3x2: halved, rounding up
-    with pytest.raises(SpatialLockError, match="box attention: 7 visual tokens"):
-        token_grid(7, (8, 8))
+    assert level_grid(96 * 64, (64, 96)) == (64, 96)
+    assert level_grid(12 * 8, (64, 96)) == (8, 12)
+    assert level_grid(3 * 2, (9, 5)) == (3, 2)  # 9x5 -> 5x3 -> 3x2: halved, rounding up
+    with pytest.raises(SpatialLockError, match="7 positions of a U-Net level do not tile"):
+        level_grid(7, (8, 8))
 
 
 def test_box_attention_writes_an_object_only_inside_its_box():
     """With box attention a visual token outside every box sees the null token only: what an object is (its
     phrase) changes the block's output inside its box and nowhere else."""
-    from spatiallock.models.grounding import box_attention_bias
+    from spatiallock.models.grounding import box_attention_bias, box_geometry
 
     torch.manual_seed(0)
     tokenizer = GroundingTokenizer(PHRASE_DIM, 32)
@@ -221,7 +221,7 @@ def test_box_attention_writes_an_object_only_inside_its_box():
         torch.randn(1, 2, PHRASE_DIM), torch.tensor([[[0, 0, 0.5, 0.5], [0, 0, 1, 1]]]), torch.ones(1, 2)
     )
     padded = padded._replace(mask=torch.tensor([[1.0, 0.0]]), grid=(4, 4))
-    bias = box_attention_bias(padded, 16, torch.float32)
+    bias = box_attention_bias(box_geometry(padded, 16).coverage, torch.float32)
     assert bias.shape == (1, 16, 3) and (bias[0, :, 2] < -1e30).all() and (bias[0, :, 0] == 0).all()
     # without the latent size the block cannot place boxes: a clear error, not a wrong guess
     with pytest.raises(SpatialLockError, match="box attention: the grounding tokens carry no boxes or latent size"):

@@ -13,7 +13,8 @@ from test_pipeline import make_adapter
 
 from spatiallock.cli import main
 from spatiallock.errors import SpatialLockError
-from spatiallock.guidance import box_mask, caption_targets, guidance_layers, layout_loss, make_layout_guidance
+from spatiallock.geometry import box_coverage
+from spatiallock.guidance import caption_targets, guidance_layers, layout_loss, make_layout_guidance
 from spatiallock.init import BACKGROUND, NAMED_COLOURS, encode_images, label_colour, render_layout
 from spatiallock.layout import Layout
 from spatiallock.pipeline import SpatialLockPipeline
@@ -48,7 +49,7 @@ def test_loss_is_zero_with_all_attention_in_the_boxes_and_positive_otherwise():
         for side in (16, 8):
             attention = torch.rand(1, 2, side * side, 6, generator=torch.Generator().manual_seed(side))
             for tokens, box in zip(positions[0], boxes[0]):
-                mask = box_mask(box, (side, side)).flatten()
+                mask = box_coverage(torch.tensor([[box]]), side, side).flatten()
                 weight = {"inside": mask, "outside": 1 - mask, "uniform": torch.ones_like(mask)}[where]
                 attention[0, :, :, tokens] *= weight[:, None]
             out.append(attention / attention.sum(-1, keepdim=True).clamp(min=1e-12))  # rows are distributions
@@ -67,7 +68,9 @@ def test_loss_is_zero_with_all_attention_in_the_boxes_and_positive_otherwise():
     # an object without caption tokens (its label did not fit) is left out, the others still count
     only_first = layout_loss(ones, [[[1, 2], []]], boxes, (16, 16)).item()
     assert only_first == pytest.approx((1 - 0.25) ** 2, abs=1e-6)
-    np.testing.assert_allclose(box_mask((0.1, 0.0, 0.6, 1.0), (1, 2)).numpy(), [[0.8, 0.2]], atol=1e-6)
+    np.testing.assert_allclose(
+        box_coverage(torch.tensor([[(0.1, 0.0, 0.6, 1.0)]]), 1, 2).numpy().ravel(), [0.8, 0.2], atol=1e-6
+    )
 
 
 # ---- label tokens ----------------------------------------------------------------------------------------------

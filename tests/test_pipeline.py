@@ -161,7 +161,8 @@ def test_unconditional_branch_gets_empty_caption_and_null_grounding_for_the_grou
     predict = pipe.predict
 
     def recording_predict(latents, t, states, caption_mask, grounding):
-        calls.append((states.clone(), None if grounding is None else tuple(x.clone() for x in grounding)))
+        layout = None if grounding is None else (grounding.boxes.clone(), grounding.mask.clone())
+        calls.append((states.clone(), layout))
         return predict(latents, t, states, caption_mask, grounding)
 
     pipe.predict = recording_predict
@@ -175,7 +176,7 @@ def test_unconditional_branch_gets_empty_caption_and_null_grounding_for_the_grou
         if step >= 2:  # grounding_steps=0.5: the layout guides the first half of the steps only
             assert grounding is None
             continue
-        embeds, boxes, masks = grounding
+        boxes, masks = grounding
         assert masks[:2].sum() == 0  # null grounding: no object slot is open in the unconditional rows
         assert masks[2].tolist()[:2] == [1.0, 1.0] and masks[3].tolist()[:1] == [1.0] and masks[3, 1:].sum() == 0
         torch.testing.assert_close(boxes[2, :2], torch.tensor(TWO, dtype=boxes.dtype))

@@ -11,12 +11,11 @@ import json
 import pytest
 import torch
 
-from spatiallock.commands.evaluate import default_detector_path
-from spatiallock.commands.generate import default_model_path, image_generator
 from spatiallock.detector import Detector
 from spatiallock.evaluate import score_images
 from spatiallock.layout import Layout
 from spatiallock.pipeline import SpatialLockPipeline
+from spatiallock.sampling import default_detector_path, default_model_path, image_generator
 
 LAYOUTS = [
     Layout(

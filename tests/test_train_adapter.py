@@ -15,6 +15,7 @@ from spatiallock.base import load_base
 from spatiallock.cli import main
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.text import phrase_dim
+from spatiallock.training.common import noisy_inputs
 
 SYNTH_CLASSES = 16
 
@@ -161,7 +162,7 @@ def test_cubic_timestep_sampling_favours_the_noisy_steps():
     latents = torch.zeros(4000, 1, 1, 1)
     steps = {}
     for sampling in ("uniform", "cubic"):
-        _, t, _ = adapter_training.noisy_inputs(scheduler, latents, torch.Generator().manual_seed(0), sampling)
+        _, t, _ = noisy_inputs(scheduler, latents, torch.Generator().manual_seed(0), sampling)
         assert t.min() >= 0 and t.max() <= 999 and t.dtype == torch.int64
         steps[sampling] = t.float()
     assert abs(steps["uniform"].mean() - 500) < 20

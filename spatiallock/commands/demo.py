@@ -20,15 +20,11 @@ example:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    from spatiallock.commands.evaluate import resolve_detector
-    from spatiallock.commands.generate import image_generator, resolve_model
+    from spatiallock import sampling
     from spatiallock.detector import Detector
     from spatiallock.draw import draw_boxes, grid, save_image_atomic
     from spatiallock.evaluate import score_images
     from spatiallock.layout import read_layouts
-    from spatiallock.pipeline import SpatialLockPipeline
 
     start = time.perf_counter()
     examples = Path(args.examples)
@@ -36,13 +32,12 @@ def run_demo(args: argparse.Namespace) -> int:
     if not files or not files[0].exists():
         raise SpatialLockError(f"--examples: no layout JSON files in {examples}")
     requests = [(f.stem, layout) for f in files for layout in read_layouts(f)]
-    pipe = SpatialLockPipeline.from_pretrained(resolve_model(args.model), adapter=args.adapter)
-    pipe.set_progress_bar_config(disable=True)
-    detector = Detector.from_pretrained(resolve_detector(args.detector))
+    options = sampling.SamplingOptions(seed=args.seed, steps=args.steps)
+    options.check()
+    pipe = sampling.load_pipeline(args.model, args.adapter)
+    detector = Detector.from_pretrained(sampling.resolve_detector(args.detector)).to(pipe.device)
     layouts = [layout for _, layout in requests]
-    generators = [image_generator(args.seed, i, 0) for i in range(len(layouts))]
-    with torch.no_grad():
-        images = pipe(layouts=layouts, generator=generators, num_inference_steps=args.steps).images
+    images, _, _ = sampling.sample(pipe, layouts, options)
     _, objects, detections = score_images(detector, images, layouts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,18 +26,6 @@ examples:
 """
 
 
-def default_detector_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "assets" / "detector"
-
-
-def resolve_detector(name: str) -> Path:
-    path = default_detector_path() if name == "default" else Path(name)
-    if not path.exists():
-        what = "the shipped default detector is missing from" if name == "default" else "not found:"
-        raise SpatialLockError(f"detector: {what} {path}")
-    return path
-
-
 def _real_images(args: argparse.Namespace, layouts: list):
     from spatiallock.evaluate import load_real_images, real_image_paths
 
@@ -57,40 +45,38 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from spatiallock.commands.generate import check_sampling_options, load_pipeline
+    from spatiallock import sampling
     from spatiallock.data.cocofile import write_json_atomic
     from spatiallock.detector import Detector
     from spatiallock.draw import save_image_atomic
     from spatiallock.evaluate import category_ids, evaluate_pipeline, layout_picture
     from spatiallock.layout import read_layouts
 
-    check_sampling_options(args)
+    options = sampling.SamplingOptions.from_args(args)
+    options.check()
     if args.per_layout < 1:
         raise SpatialLockError(f"--per-layout: must be at least 1, got {args.per_layout}")
+    if args.limit is not None and args.limit < 1:
+        raise SpatialLockError(f"--limit: must be at least 1, got {args.limit}")
     out = Path(args.out)
     if out.suffix.lower() != ".json":
         raise SpatialLockError(f"--out: {out} should name a .json report")
-    layouts = read_layouts(args.layouts)
-    if args.limit is not None:
-        layouts = layouts[: max(args.limit, 1)]
-    detector = Detector.from_pretrained(resolve_detector(args.detector))
+    layouts = read_layouts(args.layouts)[: args.limit]
+    detector = Detector.from_pretrained(sampling.resolve_detector(args.detector))
     category_ids(detector, layouts)
     real = _real_images(args, layouts)
-    pipe = load_pipeline(args)
+    pipe = sampling.load_pipeline(args.model, args.adapter, options.dtype, options.scheduler)
+    options.check_for(pipe, layouts)
     detector.to(pipe.device)
-    sampling = {
-        "num_inference_steps": args.steps, "guidance_scale": args.guidance, "grounding_steps": args.grounding_steps,
-        "height": args.size, "width": args.size, "batch_size": args.batch_size,
-    }  # fmt: skip
     total = len(layouts) * args.per_layout
     with tqdm(total=total, unit="img", desc="evaluate", disable=args.no_progress) as bar:
         report, images, asked, objects, detections = evaluate_pipeline(
-            pipe, detector, layouts, args.per_layout, args.seed, sampling, real, args.fid_weights, bar
+            pipe, detector, layouts, options, args.per_layout, real, args.fid_weights, bar
         )
     report = {
         "model": args.model, "adapter": args.adapter, "detector": args.detector, "layouts": str(args.layouts),
-        "num_layouts": len(layouts), "per_layout": args.per_layout, "seed": args.seed, "steps": args.steps,
-        "guidance": args.guidance, "device": str(pipe.device), "torch": torch.__version__,
+        "num_layouts": len(layouts), "per_layout": args.per_layout, **options.record(pipe),
+        "device": str(pipe.device), "torch": torch.__version__,
         **report, "real_images": len(real) if real else 0, "objects": objects,
     }  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +92,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from spatiallock.commands.generate import add_sampling_options
+    from spatiallock.commands.options import add_sampling_options
 
     parser = subparsers.add_parser(
         "evaluate", help="score generated images with a detector", description=HELP,

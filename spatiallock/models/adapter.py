@@ -20,7 +20,13 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from spatiallock.errors import SpatialLockError
-from spatiallock.models.grounding import MAX_OBJECTS, GatedSelfAttention, GroundingAttention, GroundingTokenizer
+from spatiallock.models.grounding import (
+    MAX_OBJECTS,
+    GatedSelfAttention,
+    GroundingAttention,
+    GroundingTokenizer,
+    GroundingTokens,
+)
 from spatiallock.models.injection import (
     attach_fusers,
     count_parameters,
@@ -202,34 +208,58 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
 
     # ---- running -------------------------------------------------------------------------------------------
 
+    def encode_grounding(
+        self, phrase_embeds: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor, latent_size: tuple[int, int]
+    ) -> GroundingTokens:
+        """The grounding of a batch of layouts for U-Net inputs of `latent_size` (h, w), with a cache: computed
+        once, it serves every U-Net call on those layouts (a whole sampling call), and what each block derives
+        from the layout alone (keys, box geometry, attention bias) is computed at the first call only.
+
+        Args:
+            phrase_embeds: (B, N, phrase_dim); boxes: (B, N, 4) normalised xyxy; masks: (B, N) grounding slots
+                (all zero for a dropped layout, or the unconditional branch).
+        """
+        objs = self.tokenizer(phrase_embeds, boxes, masks)
+        return objs._replace(grid=tuple(int(n) for n in latent_size), cache={})
+
     def forward(
         self,
         unet: nn.Module,
         sample: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        phrase_embeds: torch.Tensor,
-        boxes: torch.Tensor,
-        masks: torch.Tensor,
+        phrase_embeds: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         target: torch.Tensor | None = None,
         object_masks: torch.Tensor | None = None,
+        grounding: GroundingTokens | None = None,
     ) -> AdapterOutput:
         """Run the attached `unet` with grounding; optionally the perception and training losses.
 
         Args:
             phrase_embeds: (B, N, phrase_dim); boxes: (B, N, 4) normalised xyxy; masks: (B, N) grounding slots
-                (all zero for a dropped layout).
+                (all zero for a dropped layout). Training passes these: the grounding is computed here, inside
+                the adapter's graph.
+            grounding: instead of them, `encode_grounding`'s output, reused across the calls of a sampling loop.
             labels: (B, N) class indices: the perception head is trained against `boxes` with them.
             target: the diffusion target; with it `loss` holds the weighted total and `losses` its parts.
             object_masks: (B, N) objects present in the image for the perception loss (default: `masks`).
         """
-        # 1. grounding tokens, computed here so that the adapter's own forward holds the whole graph
-        objs = self.tokenizer(phrase_embeds, boxes, masks)._replace(grid=tuple(sample.shape[-2:]))
-        kwargs = grounding_kwargs(objs)
+        # 1. grounding tokens (and, through their cache, each block's keys and attention bias)
+        if grounding is None:
+            if phrase_embeds is None or boxes is None or masks is None:
+                raise ValueError("give phrase_embeds, boxes and masks, or grounding")
+            grounding = self.encode_grounding(phrase_embeds, boxes, masks, sample.shape[-2:])
+        elif tuple(sample.shape[-2:]) != grounding.grid:
+            raise ValueError(f"grounding was encoded for {grounding.grid} latents, got {tuple(sample.shape[-2:])}")
+        kwargs = grounding_kwargs(grounding)
         # 2. the U-Net, with its down-block features tapped when the perception loss is wanted
         perceive = labels is not None and self.perception is not None
+        if perceive and boxes is None:
+            raise ValueError("the perception loss needs the boxes its labels belong to")
         with DownBlockTap(unet.down_blocks if perceive else []) as tap:
             sample = unet(
                 sample,

@@ -19,6 +19,7 @@ from diffusers.models.embeddings import get_fourier_embeds_from_boundingbox
 from torch import nn
 
 from spatiallock.errors import SpatialLockError
+from spatiallock.geometry import box_coverage, level_grid
 
 MAX_OBJECTS = 30
 # names of the zero-initialised gate parameters (Grounding-Attention and the GLIGEN baseline)
@@ -26,13 +27,33 @@ GATES = ("gate_attn", "gate_ff", "alpha_attn", "alpha_dense")
 
 
 class GroundingTokens(NamedTuple):
-    """What the U-Net's transformer blocks receive: one token per object slot and which slots are real."""
+    """What the U-Net's transformer blocks receive: one token per object slot and which slots are real.
+
+    `cache`, when a dict, keeps what depends on the layout alone (box geometry per latent level, each block's
+    keys and attention bias), computed at the first U-Net call and reused by every later one: a sampling call
+    encodes its layouts once and passes the same `GroundingTokens` to every step.
+    """
 
     tokens: torch.Tensor  # (B, N, context_dim)
     mask: torch.Tensor  # (B, N), 1.0 for a real object, 0.0 for an empty slot
     null: torch.Tensor  # (1, 1, context_dim), the null token: "no object here"
     boxes: torch.Tensor | None = None  # (B, N, 4) normalised xyxy, for box attention
     grid: tuple[int, int] | None = None  # (height, width) of the U-Net's input latent, for box attention
+    cache: dict | None = None
+
+    def select(self, rows: slice | torch.Tensor) -> GroundingTokens:
+        """The same grounding for a subset of the batch's rows (a cache of its own)."""
+        boxes = None if self.boxes is None else self.boxes[rows]
+        cache = None if self.cache is None else {}
+        return self._replace(tokens=self.tokens[rows], mask=self.mask[rows], boxes=boxes, cache=cache)
+
+    def cached(self, key, compute):
+        """`compute()`, kept under `key` when this grounding has a cache."""
+        if self.cache is None:
+            return compute()
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
 
 
 class GroundingTokenizer(nn.Module):
@@ -99,30 +120,6 @@ def slot_attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 FOURIER_FREQS = 8
 
 
-def token_grid(tokens: int, latent: tuple[int, int]) -> tuple[int, int]:
-    """(rows, columns) of a U-Net level with `tokens` visual tokens, for an input latent of `latent` (h, w):
-    every down-sampling halves a side, rounding up as diffusers' strided convolutions do."""
-    h, w = latent
-    while h * w > tokens and h > 1:
-        h, w = -(-h // 2), -(-w // 2)
-    if h * w != tokens:
-        raise SpatialLockError(f"box attention: {tokens} visual tokens do not tile a {latent[0]}x{latent[1]} latent")
-    return h, w
-
-
-def box_coverage(boxes: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
-    """(B, N, 4) normalised xyxy boxes -> (B, rows * columns, N): the share of each grid cell's area that lies
-    inside each box (1 deep inside, 0 outside, a fraction on the border)."""
-    xs = torch.arange(columns + 1, device=boxes.device, dtype=boxes.dtype) / columns
-    ys = torch.arange(rows + 1, device=boxes.device, dtype=boxes.dtype) / rows
-    b = boxes[:, None, :, :]  # (B, 1, N, 4)
-    # overlap of each cell's span with each box's span, per axis: (B, columns, N) and (B, rows, N)
-    over_x = (torch.minimum(xs[1:, None], b[..., 2]) - torch.maximum(xs[:-1, None], b[..., 0])).clamp(min=0)
-    over_y = (torch.minimum(ys[1:, None], b[..., 3]) - torch.maximum(ys[:-1, None], b[..., 1])).clamp(min=0)
-    coverage = over_y[:, :, None, :] * over_x[:, None, :, :] * (rows * columns)  # (B, rows, columns, N)
-    return coverage.reshape(boxes.shape[0], rows * columns, boxes.shape[1])
-
-
 SHAPE_FREQS = 4  # Fourier frequencies per axis of a visual token's place inside a box
 SHAPE_RANK = 16  # width of the learned (place in the box) x (object) attention term
 
@@ -141,14 +138,31 @@ def box_relative_positions(boxes: torch.Tensor, rows: int, columns: int) -> torc
     return features.reshape(boxes.shape[0], rows * columns, boxes.shape[1], 4 * SHAPE_FREQS)
 
 
-def box_attention_bias(objs: GroundingTokens, tokens: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B, HW, 1 + N) additive bias over [null token, slots] for box attention: log of the share of the visual
-    token's cell inside each object's box, so a visual token attends only to the objects whose boxes cover it
-    (and to the null token, always visible); empty slots stay hidden."""
-    if objs.boxes is None or objs.grid is None:
-        raise SpatialLockError("box attention: the grounding tokens carry no boxes or latent size")
-    rows, columns = token_grid(tokens, objs.grid)
-    coverage = box_coverage(objs.boxes.float(), rows, columns) * (objs.mask[:, None, :] > 0.5)
+class BoxGeometry(NamedTuple):
+    """The layout on one latent level, for box attention (fp32, shared by every block of that level)."""
+
+    coverage: torch.Tensor  # (B, HW, N): share of each cell inside each real object's box (0 for empty slots)
+    places: torch.Tensor  # (B, HW, N, 4 * SHAPE_FREQS): where each cell lies inside each box
+
+
+def box_geometry(objs: GroundingTokens, tokens: int) -> BoxGeometry:
+    """The `BoxGeometry` of the level with `tokens` visual tokens (once per level when `objs` has a cache)."""
+
+    def compute() -> BoxGeometry:
+        if objs.boxes is None or objs.grid is None:
+            raise SpatialLockError("box attention: the grounding tokens carry no boxes or latent size")
+        rows, columns = level_grid(tokens, objs.grid)
+        boxes = objs.boxes.float()
+        coverage = box_coverage(boxes, rows, columns) * (objs.mask[:, None, :] > 0.5)
+        return BoxGeometry(coverage, box_relative_positions(boxes, rows, columns))
+
+    return objs.cached(("box-geometry", tokens), compute)
+
+
+def box_attention_bias(coverage: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, HW, N) coverage -> (B, HW, 1 + N) additive bias over [null token, slots] for box attention: log of the
+    share of the visual token's cell inside each object's box, so a visual token attends only to the objects whose
+    boxes cover it (and to the null token, always visible); empty slots stay hidden."""
     low = torch.finfo(dtype).min
     slots = torch.where(coverage > 0, coverage.clamp(min=1e-6).log(), torch.full_like(coverage, low))
     return torch.cat([torch.zeros_like(slots[..., :1]), slots], dim=-1).to(dtype)
@@ -211,24 +225,28 @@ class GroundingAttention(nn.Module):
         self.gate_ff = nn.Parameter(torch.tensor(0.0))
         self.enabled = True
 
+    def keys_and_bias(self, objs: GroundingTokens, tokens: int, dtype: torch.dtype):
+        """This block's keys (B, 1 + N, D): the null token, then the grounding tokens; and its attention bias over
+        them: (B, HW, 1 + N) with box attention, else (B, 1, 1 + N). They depend on the layout alone."""
+        keys = torch.cat([objs.null.expand(objs.tokens.shape[0], 1, -1), objs.tokens], dim=1)
+        if not self.box_attention:  # the same for every visual token
+            return keys, slot_attention_bias(objs.mask, dtype)
+        geometry = box_geometry(objs, tokens)
+        bias = box_attention_bias(geometry.coverage, dtype)
+        place = self.shape_place(geometry.places.to(self.shape_place.weight.dtype))  # (B, HW, N, R)
+        shape = torch.einsum("bqnr,bnr->bqn", place, self.shape_object(objs.tokens))  # (B, HW, N)
+        return keys, torch.cat([bias[..., :1], bias[..., 1:] + shape.to(bias.dtype)], dim=-1)
+
     def forward(self, hidden_states: torch.Tensor, objs: GroundingTokens) -> torch.Tensor:
         if not self.enabled:
             return hidden_states
-        # 1. gated cross-attention: (B, HW, C) queries over (B, N, D) grounding tokens
-        #    plus the null token, always present, where a visual token outside every box can attend
-        keys = torch.cat([objs.null.expand(objs.tokens.shape[0], 1, -1), objs.tokens], dim=1)
-        if self.box_attention:  # (B, HW, 1 + N): per visual token
-            bias = box_attention_bias(objs, hidden_states.shape[1], hidden_states.dtype)
-            rows, columns = token_grid(hidden_states.shape[1], objs.grid)
-            place = box_relative_positions(objs.boxes.float(), rows, columns)  # (B, HW, N, 4F), fp32 angles
-            place = self.shape_place(place.to(self.shape_place.weight.dtype))
-            shape = torch.einsum("bqnr,bnr->bqn", place, self.shape_object(objs.tokens))  # (B, HW, N)
-            bias = torch.cat([bias[..., :1], bias[..., 1:] + shape.to(bias.dtype)], dim=-1)
-        else:  # (B, 1, 1 + N): the same for every visual token
-            bias = slot_attention_bias(objs.mask, hidden_states.dtype)
+        # 1. gated cross-attention: (B, HW, C) queries over (B, 1 + N, D) keys: the null token, always present,
+        #    where a visual token outside every box can attend, and the grounding tokens
+        tokens, dtype = hidden_states.shape[1], hidden_states.dtype
+        keys, bias = objs.cached((id(self), tokens, dtype), lambda: self.keys_and_bias(objs, tokens, dtype))
         queries = self.norm1(hidden_states)
         if self.query_position is not None:
-            queries = queries + self.query_position(cell_embedding(hidden_states.shape[1], queries))
+            queries = queries + self.query_position(cell_embedding(tokens, queries))
         attn = self.attn(queries, encoder_hidden_states=keys, attention_mask=bias)
         hidden_states = hidden_states + self.gate_attn.tanh() * attn
         # 2. gated feed-forward

@@ -6,20 +6,19 @@ trained, goes through `accelerator.prepare` and is saved. Data: any COCO-format 
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from spatiallock.base import BaseModel, load_base
-from spatiallock.checkpoint import atomic_save_pretrained, list_checkpoints
-from spatiallock.data.coco import LayoutDataset, collate_layouts
+from spatiallock.checkpoint import atomic_save_pretrained
+from spatiallock.data.coco import collate_layouts
 from spatiallock.errors import SpatialLockError
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.models.grounding import GATES, MAX_OBJECTS
 from spatiallock.text import PhraseCache, encode_captions, phrase_dim
-from spatiallock.training.loop import LoopConfig, LoopResult, make_accelerator, train_loop
+from spatiallock.training.common import TIMESTEP_SAMPLING, drop, latents_of, noisy_inputs, start_training
+from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -50,39 +49,18 @@ class AdapterTrainConfig:
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=1000, batch_size=16, learning_rate=1e-4))
 
 
-def latents_of(base: BaseModel, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Images in [-1, 1] -> scaled latents, sampled from the autoencoder's posterior."""
-    with torch.no_grad():
-        posterior = base.vae.encode(pixels).latent_dist
-        return posterior.sample(generator=generator) * base.vae.config.scaling_factor
+def drop_conditions(
+    captions: list[str], masks: torch.Tensor, caption_dropout: float, layout_dropout: float, generator: torch.Generator
+) -> tuple[list[str], torch.Tensor]:
+    """Classifier-free guidance dropout of one batch: each caption becomes "" with `caption_dropout` and,
+    independently, each whole layout is hidden with `layout_dropout`.
 
-
-TIMESTEP_SAMPLING = ("uniform", "cubic")
-
-
-def noisy_inputs(scheduler, latents: torch.Tensor, generator: torch.Generator, sampling: str = "uniform"):
-    """(noisy latents, timesteps, diffusion target) for epsilon or v-prediction.
-
-    `sampling`: "uniform" timesteps, or "cubic": t = (1 - u^3) T with u uniform, which favours the noisy early
-    steps where a layout decides where objects go (T2I-Adapter's non-uniform sampling for spatial control).
+    `masks`: (B, N) slot masks of the real objects. Returns the captions and the grounding masks the adapter
+    sees, (B, N): those of a hidden layout all 0.
     """
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    total = scheduler.config.num_train_timesteps
-    if sampling == "cubic":
-        u = torch.rand(latents.shape[0], generator=generator, device=latents.device)
-        steps = ((1 - u**3) * total).long().clamp(0, total - 1)
-    else:
-        steps = torch.randint(0, total, (latents.shape[0],), generator=generator, device=latents.device)
-    noisy = scheduler.add_noise(latents, noise, steps)
-    if scheduler.config.prediction_type == "v_prediction":
-        return noisy, steps, scheduler.get_velocity(latents, noise, steps)
-    return noisy, steps, noise
-
-
-def drop(items: list, probability: float, generator: torch.Generator, empty):
-    """Replace each item by `empty` with `probability` (classifier-free guidance needs unconditional steps)."""
-    keep = torch.rand(len(items), generator=generator, device=generator.device) >= probability
-    return [item if k else empty for item, k in zip(items, keep.tolist())], keep
+    captions, _ = drop(captions, caption_dropout, generator, "")
+    _, keep_layout = drop(captions, layout_dropout, generator, None)
+    return captions, masks * keep_layout.to(masks.device, masks.dtype)[:, None]
 
 
 def native_resolution(base: BaseModel) -> int:
@@ -92,21 +70,17 @@ def native_resolution(base: BaseModel) -> int:
 
 def train_adapter(config: AdapterTrainConfig) -> LoopResult:
     """Train an adapter as configured; writes the adapter folder at `config.out` when done."""
-    out = Path(config.out)
-    folder = out / "train"
     if config.timestep_sampling not in TIMESTEP_SAMPLING:
         raise SpatialLockError(
             f"timestep sampling: one of {', '.join(TIMESTEP_SAMPLING)}, got {config.timestep_sampling!r}"
         )
-    if list_checkpoints(folder / "checkpoints" / "adapter") and not config.loop.resume:
-        raise SpatialLockError(f"out: {out} already holds checkpoints; pass --resume to continue or choose another")
-    accelerator = make_accelerator(config.mixed_precision)
+    run = start_training(config, ("adapter",), config.loop.resume, config.mixed_precision)
+    accelerator = run.accelerator
     dtype = DTYPES[config.mixed_precision]
     base = load_base(config.base, dtype)  # the frozen base in the training precision, loaded as such
-    resolution = config.resolution or native_resolution(base)
-    dataset = LayoutDataset.from_split(
-        config.data, config.split, resolution=resolution, flip_prob=config.flip_prob, random_caption=True,
-        max_boxes=config.max_objects, max_images=config.max_train_samples, seed=config.loop.seed,
+    dataset = run.layout_data(
+        config.resolution or native_resolution(base), config.loop.seed, random_caption=True,
+        max_boxes=config.max_objects, max_images=config.max_train_samples,
     )  # fmt: skip
     torch.manual_seed(config.loop.seed)
     weights = {} if config.loss_weights is None else {"loss_weighting": "fixed", "loss_weights": config.loss_weights}
@@ -121,19 +95,17 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
         base.unet.enable_gradient_checkpointing()
     base.to(accelerator.device)
     phrases = PhraseCache(base.text_encoder, base.tokenizer)
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    run.record_config()
 
     def compute_losses(models: dict, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         device = accelerator.device
         latents = latents_of(base, batch["pixel_values"].to(device, dtype), generator)
-        captions, _ = drop(batch["captions"], config.caption_dropout, generator, "")
+        objects = batch["masks"].to(device)
+        captions, grounding = drop_conditions(
+            batch["captions"], objects, config.caption_dropout, config.layout_dropout, generator
+        )
         states, caption_mask = encode_captions(base.text_encoder, base.tokenizer, captions, base.caption_tokens)
         phrase_embeds, _ = phrases(batch["phrases"], config.max_objects)
-        objects = batch["masks"].to(device)
-        _, keep_layout = drop(batch["captions"], config.layout_dropout, generator, None)
-        grounding = objects * keep_layout.to(device, objects.dtype)[:, None]
         noisy, steps, target = noisy_inputs(base.scheduler, latents, generator, config.timestep_sampling)
         output = models["adapter"](
             base.unet, noisy, steps, states, phrase_embeds, batch["boxes"].to(device, dtype), grounding,
@@ -147,12 +119,12 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
         return {"weights": adapter.weighting.weights()}
 
     result = train_loop(
-        accelerator=accelerator, stage="adapter", folder=folder, models={"adapter": adapter}, dataset=dataset,
+        accelerator=accelerator, stage="adapter", folder=run.folder, models={"adapter": adapter}, dataset=dataset,
         collate_fn=lambda samples: collate_layouts(samples, config.max_objects), compute_losses=compute_losses,
         config=replace(config.loop, lr_scales=tuple((name, config.gate_lr_scale) for name in GATES)),
         log_extra=log_extra,
     )  # fmt: skip
     if not result.interrupted and accelerator.is_main_process:
-        atomic_save_pretrained(accelerator.unwrap_model(adapter), out)
+        atomic_save_pretrained(accelerator.unwrap_model(adapter), run.out)
     accelerator.wait_for_everyone()
     return result

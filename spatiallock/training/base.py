@@ -7,8 +7,7 @@ conditioned on the frozen all-MiniLM-L6-v2 caption states. The result is a diffu
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,12 +24,12 @@ from spatiallock.base import (
     small_unet_config,
     small_vae_config,
 )
-from spatiallock.checkpoint import atomic_save_pretrained, list_checkpoints
-from spatiallock.data.coco import LayoutDataset, collate_layouts
+from spatiallock.checkpoint import atomic_save_pretrained
+from spatiallock.data.coco import collate_layouts
 from spatiallock.errors import SpatialLockError
 from spatiallock.text import encode_captions, load_minilm
-from spatiallock.training.adapter import drop, latents_of, noisy_inputs
-from spatiallock.training.loop import LoopConfig, LoopResult, make_accelerator, train_loop
+from spatiallock.training.common import drop, latents_of, noisy_inputs, start_training
+from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
 
 
 @dataclass
@@ -86,28 +85,17 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
 
 def train_base(config: BaseTrainConfig) -> LoopResult:
     """Train the small base as configured; writes the model folder at `config.out` when done."""
-    out = Path(config.out)
-    folder = out / "train"
-    resume = config.vae.resume or config.unet.resume
-    if not resume and (
-        list_checkpoints(folder / "checkpoints" / "vae") or list_checkpoints(folder / "checkpoints" / "unet")
-    ):
-        raise SpatialLockError(f"out: {out} already holds checkpoints; pass --resume to continue or choose another")
     if config.resolution % 16:
         raise SpatialLockError(f"resolution: must be a multiple of 16, got {config.resolution}")
     if config.init_from is not None and not (Path(config.init_from) / "unet" / "config.json").is_file():
         raise SpatialLockError(f"init from: {config.init_from} is not a base folder (no unet/config.json)")
-    accelerator = make_accelerator(config.mixed_precision)
+    run = start_training(config, ("vae", "unet"), config.vae.resume or config.unet.resume, config.mixed_precision)
+    accelerator, folder = run.accelerator, run.folder
     device = accelerator.device
     text_encoder, tokenizer = load_minilm()
     text_encoder.to(device)
-    dataset = LayoutDataset.from_split(
-        config.data, config.split, resolution=config.resolution, flip_prob=config.flip_prob, random_caption=True,
-        seed=config.vae.seed,
-    )  # fmt: skip
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    dataset = run.layout_data(config.resolution, config.vae.seed, random_caption=True)
+    run.record_config()
 
     # 1. the autoencoder, unless a finished one is already there or `init_from` gives one
     vae_dir = folder / "vae"
@@ -166,6 +154,6 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
         collate_fn=collate_layouts, compute_losses=unet_losses, config=config.unet,
     )  # fmt: skip
     if not result.interrupted and accelerator.is_main_process:
-        save_small_base(out, accelerator.unwrap_model(unet), vae, scheduler, tokenizer)
+        save_small_base(run.out, accelerator.unwrap_model(unet), vae, scheduler, tokenizer)
     accelerator.wait_for_everyone()
     return result

@@ -9,9 +9,8 @@ with the new `vae/`.
 
 from __future__ import annotations
 
-import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,10 +18,11 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 
-from spatiallock.checkpoint import atomic_save_pretrained, list_checkpoints
-from spatiallock.data.coco import LayoutDataset, collate_layouts
+from spatiallock.checkpoint import atomic_save_pretrained
+from spatiallock.data.coco import collate_layouts
 from spatiallock.errors import SpatialLockError
-from spatiallock.training.loop import LoopConfig, LoopResult, make_accelerator, train_loop
+from spatiallock.training.common import start_training
+from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
 
 STAGE = "decoder"
 
@@ -65,22 +65,16 @@ def trainable_decoder(vae: AutoencoderKL) -> AutoencoderKL:
 
 def train_decoder(config: DecoderTrainConfig) -> LoopResult:
     """Train the decoder of `config.base`'s autoencoder; writes the base with the new decoder at `config.out`."""
-    base, out = Path(config.base), Path(config.out)
-    folder = out / "train"
+    base = Path(config.base)
     if not (base / "vae" / "config.json").is_file() or not (base / "model_index.json").is_file():
         raise SpatialLockError(f"base: {base} is not a model folder with vae/ and model_index.json")
-    if out.resolve() == base.resolve():
+    if Path(config.out).resolve() == base.resolve():
         raise SpatialLockError("out: must be another folder than the base (the base is copied, not changed)")
-    if list_checkpoints(folder / "checkpoints" / STAGE) and not config.loop.resume:
-        raise SpatialLockError(f"out: {out} already holds checkpoints; pass --resume to continue or choose another")
-    accelerator = make_accelerator(config.mixed_precision)
+    run = start_training(config, (STAGE,), config.loop.resume, config.mixed_precision)
+    accelerator, out = run.accelerator, run.out
     vae = trainable_decoder(AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32))
-    dataset = LayoutDataset.from_split(
-        config.data, config.split, resolution=config.resolution, flip_prob=config.flip_prob, seed=config.loop.seed
-    )
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    dataset = run.layout_data(config.resolution, config.loop.seed)
+    run.record_config()
 
     def losses(models: dict, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         pixels = batch["pixel_values"].to(accelerator.device)
@@ -89,7 +83,7 @@ def train_decoder(config: DecoderTrainConfig) -> LoopResult:
         return {"loss": l1 + mse, "l1": l1, "mse": mse}
 
     result = train_loop(
-        accelerator=accelerator, stage=STAGE, folder=folder, models={"decoder": _Decoding(vae)}, dataset=dataset,
+        accelerator=accelerator, stage=STAGE, folder=run.folder, models={"decoder": _Decoding(vae)}, dataset=dataset,
         collate_fn=collate_layouts, compute_losses=losses, config=config.loop,
     )  # fmt: skip
     if not result.interrupted and accelerator.is_main_process:

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from spatiallock.checkpoint import list_checkpoints
-from spatiallock.data.coco import LayoutDataset, collate_layouts, split_files
+from spatiallock.data.coco import collate_layouts, split_files
 from spatiallock.detector import Detector, DetectorConfig, evaluate_detector, save_detector
 from spatiallock.errors import SpatialLockError
-from spatiallock.training.loop import LoopConfig, LoopResult, make_accelerator, train_loop
+from spatiallock.training.common import start_training
+from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
 
 STAGE = "detector"
 EVAL_NAME = "eval.json"
@@ -58,21 +58,16 @@ def _targets(batch: dict, size: int, device: torch.device) -> list[dict]:
 
 def train_detector(config: DetectorTrainConfig) -> LoopResult:
     """Train the detector as configured; writes the detector folder at `config.out` when done (not when stopped)."""
-    out = Path(config.out)
-    folder = out / "train"
-    if list_checkpoints(folder / "checkpoints" / STAGE) and not config.loop.resume:
-        raise SpatialLockError(f"out: {out} already holds checkpoints; pass --resume to continue or choose another")
     if config.image_size < 32:
         raise SpatialLockError(f"image size: must be at least 32, got {config.image_size}")
     if not 0.0 <= config.flip_prob <= 1.0:
         raise SpatialLockError(f"flip prob: must lie in [0, 1], got {config.flip_prob}")
     if not 0.0 <= config.loop.ema_decay < 1.0:
         raise SpatialLockError(f"EMA decay: must lie in [0, 1), got {config.loop.ema_decay}")
-    accelerator = make_accelerator()
+    run = start_training(config, (STAGE,), config.loop.resume)
+    accelerator = run.accelerator
     device = accelerator.device
-    dataset = LayoutDataset.from_split(
-        config.data, config.split, resolution=config.image_size, flip_prob=config.flip_prob, seed=config.loop.seed
-    )
+    dataset = run.layout_data(config.image_size, config.loop.seed)
     categories = [{"id": cid, "name": dataset.categories[i]} for cid, i in dataset.category_index.items()]
     categories.sort(key=lambda c: dataset.category_index[c["id"]])
     torch.manual_seed(config.loop.seed)
@@ -82,9 +77,7 @@ def train_detector(config: DetectorTrainConfig) -> LoopResult:
             fpn_channels=config.fpn_channels, head_convs=config.head_convs,
         )
     ).to(device)  # fmt: skip
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    run.record_config()
 
     def losses(models: dict, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         images = list(((batch["pixel_values"] + 1.0) / 2.0).clamp(0.0, 1.0).to(device))
@@ -92,11 +85,11 @@ def train_detector(config: DetectorTrainConfig) -> LoopResult:
         return {"loss": sum(parts.values()), **parts}
 
     result = train_loop(
-        accelerator=accelerator, stage=STAGE, folder=folder, models={STAGE: detector}, dataset=dataset,
+        accelerator=accelerator, stage=STAGE, folder=run.folder, models={STAGE: detector}, dataset=dataset,
         collate_fn=collate_layouts, compute_losses=losses, config=config.loop,
     )  # fmt: skip
     if not result.interrupted and accelerator.is_main_process:
-        save_detector(result.models[STAGE].eval(), out)
+        save_detector(result.models[STAGE].eval(), run.out)
     accelerator.wait_for_everyone()
     return result
 

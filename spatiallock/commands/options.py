@@ -1,0 +1,88 @@
+"""Command-line options shared by every command that samples (generate, generate-dataset, evaluate)."""
+
+from __future__ import annotations
+
+import argparse
+
+DTYPES = ("fp32", "fp16", "bf16")  # the keys of spatiallock.sampling.DTYPES, without importing torch for --help
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that samples."""
+    from spatiallock.pipeline import SCHEDULERS
+
+    parser.add_argument("--model", required=True, metavar="MODEL", help="model folder, hub id or `default`")
+    parser.add_argument(
+        "--adapter", default=None, metavar="ADAPTER",
+        help="adapter folder to attach to MODEL, or `none` for the base alone (default: MODEL's own adapter, if any)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
+    parser.add_argument("--steps", type=int, default=25, metavar="T", help="sampling steps (default: 25)")
+    parser.add_argument(
+        "--guidance", type=float, default=5.0, metavar="G", help="classifier-free guidance scale (default: 5.0)"
+    )
+    parser.add_argument(
+        "--scheduler", default=None, choices=sorted(SCHEDULERS),
+        help="sampler (default: the model's own; DPM-Solver++ for the small base)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--grounding-steps", type=float, default=1.0, metavar="F",
+        help="share of the steps, from the first, that use the layout (default: 1.0)",
+    )  # fmt: skip
+    parser.add_argument("--size", type=int, default=None, metavar="PX", help="image side (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per batch (default: 8)")
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights' precision (default: fp32)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_layout_control_options(parser)
+
+
+def add_layout_control_options(parser: argparse.ArgumentParser) -> None:
+    """Training-free layout control: cross-attention guidance and spatial-aware initialisation."""
+    group = parser.add_argument_group(
+        "training-free layout control",
+        "with or without an adapter; see the modules spatiallock.guidance and spatiallock.init",
+    )
+    group.add_argument(
+        "--layout-guidance-steps", "--guidance-steps", type=int, default=0, metavar="N",
+        help="cross-attention layout guidance for the first N sampling steps: the latents follow the gradient of "
+        "a loss that wants each label's tokens to attend inside its box (default: 0, off). Not --guidance, which "
+        "is classifier-free guidance",
+    )  # fmt: skip
+    group.add_argument(
+        "--layout-guidance-scale", type=float, default=20.0, metavar="S",
+        help="step size of that gradient update at the first step, decaying linearly to S/N at step N (default: 20)",
+    )  # fmt: skip
+    group.add_argument(
+        "--layout-guidance-iterations", "--guidance-iterations", type=int, default=3, metavar="K",
+        help="gradient updates per guided step, each about three U-Net calls (default: 3)",
+    )  # fmt: skip
+    group.add_argument(
+        "--layout-guidance-layers", default=None, metavar="NAMES",
+        help="comma-separated U-Net blocks whose cross-attention is guided, e.g. mid_block,up_blocks.1 "
+        "(default: the mid block and the first up block with attention)",
+    )  # fmt: skip
+    group.add_argument(
+        "--missing-labels", default="add", choices=("add", "error"),
+        help="with layout guidance, a label its caption does not name is added to the caption "
+        "(', a red circle', with a warning) or is an error (default: add)",
+    )  # fmt: skip
+    group.add_argument(
+        "--init-image", default=None, metavar="PATH",
+        help="start from this reference image, DDIM-inverted, instead of random noise: objects tend to appear "
+        "where it has them (the seed then no longer changes the image with a deterministic sampler)",
+    )  # fmt: skip
+    group.add_argument(
+        "--init-from-layout", action="store_true",
+        help="as --init-image, with each layout rendered as a reference: its boxes filled with the label's colour "
+        "word's colour (else a fixed colour per label) on grey",
+    )  # fmt: skip
+    group.add_argument(
+        "--init-strength", type=float, default=1.0, metavar="F",
+        help="share of the noise schedule the reference is inverted through; sampling runs that share of --steps "
+        "(default: 1.0, all of it)",
+    )  # fmt: skip
+    group.add_argument(
+        "--init-steps", type=int, default=None, metavar="N",
+        help="DDIM inversion steps (default: as many as sampling then runs, so both walk the same timesteps; "
+        "exactly so with --scheduler ddim)",
+    )  # fmt: skip

@@ -1,0 +1,245 @@
+"""Sampling for every caller (generate, generate-dataset, evaluate, demo, the benchmarks): which model a name
+means, how a list of layouts is cut into pipeline calls, how each image is seeded, and which options reach the
+pipeline.
+
+    options = SamplingOptions(steps=25, guidance=5.0, layout_guidance_steps=10)
+    pipe = load_pipeline("default", dtype=options.dtype, scheduler=options.scheduler)
+    images, asked, seconds = sample(pipe, layouts, options, per_layout=2)
+
+Every image's noise depends only on (seed, layout index, sample index) (`image_generator`), so batching,
+resuming and the number of processes never change an image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from spatiallock.errors import SpatialLockError
+from spatiallock.layout import Layout
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NO_ADAPTER = "none"  # --adapter none: the base alone, even when the model folder has an adapter
+
+
+def default_model_path() -> Path:
+    """The small base + SpatialLock adapter shipped inside the package."""
+    return ASSETS / "default"
+
+
+def default_detector_path() -> Path:
+    """The detector of the synthetic domain shipped inside the package."""
+    return ASSETS / "detector"
+
+
+def resolve_model(name: str) -> str:
+    """`default` -> the shipped model; a local path must exist; anything else is passed on (a hub id)."""
+    if name == "default":
+        path = default_model_path()
+        if not (path / "model_index.json").is_file():
+            raise SpatialLockError(f"model: the shipped default model is missing from {path}")
+        return str(path)
+    path = Path(name)
+    if path.exists():
+        return name
+    if name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith(("/", ".json")):
+        raise SpatialLockError(f"model: {name} not found")
+    return name  # a hub id such as runwayml/stable-diffusion-v1-5
+
+
+def resolve_detector(name: str) -> Path:
+    """`default` -> the shipped detector; otherwise a folder that must exist."""
+    path = default_detector_path() if name == "default" else Path(name)
+    if not path.exists():
+        what = "the shipped default detector is missing from" if name == "default" else "not found:"
+        raise SpatialLockError(f"detector: {what} {path}")
+    return path
+
+
+@dataclass
+class SamplingOptions:
+    """Everything that decides a generated image besides the model and the layout, under the command line's
+    option names (`--layout-guidance-steps` is `layout_guidance_steps`). `size` None: the model's own;
+    `scheduler` None: the model folder's."""
+
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 5.0
+    scheduler: str | None = None
+    grounding_steps: float = 1.0
+    size: int | None = None
+    dtype: str = "fp32"
+    batch_size: int = 8
+    layout_guidance_steps: int = 0
+    layout_guidance_scale: float = 20.0
+    layout_guidance_iterations: int = 3
+    layout_guidance_layers: str | None = None
+    missing_labels: str = "add"
+    init_image: str | None = None
+    init_from_layout: bool = False
+    init_strength: float = 1.0
+    init_steps: int | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SamplingOptions:
+        """The options a parsed command line holds (those it lacks keep their defaults)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+    def check(self) -> None:
+        """Refuse, in one line naming the option, a value no pipeline call could use."""
+
+        def at_least(name: str, low: int) -> None:
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise SpatialLockError(f"--{name.replace('_', '-')}: must be at least {low}, got {value}")
+
+        for name, low in (("steps", 1), ("batch_size", 1), ("size", 8), ("layout_guidance_iterations", 1)):
+            at_least(name, low)
+        at_least("layout_guidance_steps", 0)
+        at_least("init_steps", 1)
+        if self.dtype not in DTYPES:
+            raise SpatialLockError(f"--dtype: one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise SpatialLockError(f"--guidance: must be 0 or more, got {self.guidance}")
+        if not 0.0 <= self.grounding_steps <= 1.0:
+            raise SpatialLockError(f"--grounding-steps: a share in [0, 1], got {self.grounding_steps}")
+        if not (math.isfinite(self.layout_guidance_scale) and self.layout_guidance_scale >= 0):
+            raise SpatialLockError(f"--layout-guidance-scale: must be 0 or more, got {self.layout_guidance_scale}")
+        if self.init_image is not None and self.init_from_layout:
+            raise SpatialLockError("--init-image and --init-from-layout: give one of them")
+        if self.init_image is not None and not Path(self.init_image).is_file():
+            raise SpatialLockError(f"--init-image: {self.init_image}: file not found")
+        if not 0.0 < self.init_strength <= 1.0:
+            raise SpatialLockError(f"--init-strength: a share in (0, 1], got {self.init_strength}")
+
+    @property
+    def uses_init(self) -> bool:
+        return self.init_image is not None or self.init_from_layout
+
+    def pipeline_kwargs(self) -> dict:
+        """The `SpatialLockPipeline.__call__` arguments these options mean (layout control only when on)."""
+        kwargs = {
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance,
+            "grounding_steps": self.grounding_steps,
+            "height": self.size,
+            "width": self.size,
+        }
+        if self.layout_guidance_steps:
+            kwargs.update(
+                layout_guidance_steps=self.layout_guidance_steps, layout_guidance_scale=self.layout_guidance_scale,
+                layout_guidance_iterations=self.layout_guidance_iterations,
+                layout_guidance_layers=self.layout_guidance_layers, missing_labels=self.missing_labels,
+            )  # fmt: skip
+        if self.uses_init:
+            kwargs.update(
+                init_image=self.init_image, init_from_layout=self.init_from_layout,
+                init_strength=self.init_strength, init_steps=self.init_steps,
+            )  # fmt: skip
+        return kwargs
+
+    def record(self, pipe=None) -> dict:
+        """Every option under its name, for a report; with `pipe`, the scheduler and size it actually uses."""
+        record = asdict(self)
+        if pipe is not None:
+            record["scheduler"] = self.scheduler or type(pipe.scheduler).__name__
+            record["size"] = self.size or pipe.native_size
+        return record
+
+    def check_for(self, pipe, layouts: Sequence[Layout]) -> None:
+        """Refuse, before anything is generated or written, guidance layers the U-Net lacks, a caption without one
+        of its labels (with missing_labels "error"), an init image that cannot be read, and a size the
+        autoencoder cannot take."""
+        from spatiallock.guidance import caption_targets, guidance_layers
+        from spatiallock.init import load_image
+
+        if self.size is not None and self.size % pipe.vae_scale_factor:
+            raise SpatialLockError(f"--size: must be a multiple of {pipe.vae_scale_factor}, got {self.size}")
+        if self.layout_guidance_steps:
+            guidance_layers(pipe.unet, self.layout_guidance_layers)
+            if self.missing_labels == "error":
+                caption_targets(layouts, pipe.tokenizer, pipe.caption_tokens, "error")
+        if self.init_image is not None:
+            load_image(self.init_image)
+
+
+def load_pipeline(
+    model: str,
+    adapter: str | None = None,
+    dtype: str = "fp32",
+    scheduler: str | None = None,
+    device: str | torch.device | None = None,
+):
+    """The pipeline for a model name (`default`, a folder or a hub id), with `adapter` (a folder, `none` for the
+    base alone, None for the folder's own), on `device` (default: CUDA when there is one), progress bars off."""
+    from spatiallock.pipeline import SpatialLockPipeline
+
+    if dtype not in DTYPES:
+        raise SpatialLockError(f"--dtype: one of {', '.join(DTYPES)}, got {dtype!r}")
+    if adapter is not None and adapter != NO_ADAPTER and not Path(adapter).exists():
+        raise SpatialLockError(f"adapter: {adapter} not found")
+    pipe = SpatialLockPipeline.from_pretrained(
+        resolve_model(model),
+        adapter=None if adapter == NO_ADAPTER else adapter,
+        torch_dtype=DTYPES[dtype],
+        scheduler=scheduler,
+    )
+    if adapter == NO_ADAPTER:
+        pipe.set_adapter(None)
+    pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def image_generator(seed: int, layout_index: int, sample: int, device="cpu") -> torch.Generator:
+    """The noise of sample `sample` of layout `layout_index`: the same whatever the batching or process."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + layout_index) * 1009 + sample)
+
+
+def jobs_of(layouts: Sequence[Layout], per_layout: int = 1) -> list[tuple[int, int]]:
+    """(layout index, sample index) of every image, layout by layout."""
+    return [(i, k) for i in range(len(layouts)) for k in range(per_layout)]
+
+
+def batches(jobs: Sequence[tuple[int, int]], batch_size: int) -> list[list[tuple[int, int]]]:
+    """Jobs cut into pipeline calls of at most `batch_size` images, always the same way for the same jobs."""
+    return [list(jobs[s : s + batch_size]) for s in range(0, len(jobs), batch_size)]
+
+
+def sample_batch(pipe, layouts: Sequence[Layout], jobs: Sequence[tuple[int, int]], options: SamplingOptions) -> list:
+    """The images of (layout index, sample index) jobs, in one pipeline call."""
+    return pipe(
+        layouts=[layouts[i] for i, _ in jobs],
+        generator=[image_generator(options.seed, i, k) for i, k in jobs],
+        **options.pipeline_kwargs(),
+    ).images
+
+
+def sample_batches(
+    pipe, layouts: Sequence[Layout], jobs: Sequence[tuple[int, int]], options: SamplingOptions
+) -> Iterator[tuple[list[tuple[int, int]], list]]:
+    """(jobs, images) per pipeline call of `options.batch_size` images, as they are made."""
+    for batch in batches(jobs, options.batch_size):
+        yield batch, sample_batch(pipe, layouts, batch, options)
+
+
+def sample(
+    pipe, layouts: Sequence[Layout], options: SamplingOptions, per_layout: int = 1, progress=None
+) -> tuple[list, list[Layout], float]:
+    """`per_layout` images per layout. Returns (images, the layout of each, seconds per image)."""
+    jobs = jobs_of(layouts, per_layout)
+    images = []
+    start = time.perf_counter()
+    for batch, made in sample_batches(pipe, layouts, jobs, options):
+        images += made
+        if progress is not None:
+            progress.update(len(batch))
+    seconds = (time.perf_counter() - start) / max(len(jobs), 1)
+    return images, [layouts[i] for i, _ in jobs], seconds
