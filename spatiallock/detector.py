@@ -20,8 +20,6 @@ import io
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -255,7 +253,7 @@ class Detector(nn.Module):
         return torch.cat(vectors)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write `config.json` and `model.safetensors` to `folder` (see `save_detector` for an atomic write)."""
+        """Write `config.json` and `model.safetensors` to `folder` (`atomic_save_pretrained` does it atomically)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -276,20 +274,6 @@ class Detector(nn.Module):
         detector = cls(config)
         detector.load_state_dict(load_file(weights_file))
         return detector.to(device).eval()
-
-
-def save_detector(detector: Detector, folder: str | os.PathLike) -> Path:
-    """`detector.save_pretrained(folder)` through a temporary folder, each file renamed into place."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=folder))
-    try:
-        detector.save_pretrained(tmp)
-        for item in tmp.iterdir():
-            os.replace(item, folder / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 # ---- COCO scoring ------------------------------------------------------------------------------------------------

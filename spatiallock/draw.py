@@ -3,18 +3,42 @@
 from __future__ import annotations
 
 import colorsys
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from spatiallock.data.shapes import COLOURS
+
+# colour words a label may start with or contain ("red circle", "a dark blue car"); the synthetic domain's own first
+NAMED_COLOURS: dict[str, tuple[int, int, int]] = {
+    **{name: tuple(int(v) for v in rgb) for name, rgb in COLOURS.items()},
+    "orange": (240, 140, 30),
+    "purple": (130, 50, 170),
+    "violet": (150, 90, 210),
+    "pink": (240, 130, 180),
+    "brown": (130, 80, 40),
+    "black": (20, 20, 20),
+    "white": (240, 240, 240),
+    "grey": (160, 160, 160),
+    "gray": (160, 160, 160),
+    "cyan": (40, 200, 210),
+    "magenta": (210, 40, 180),
+    "gold": (220, 180, 40),
+    "silver": (190, 190, 200),
+}
+
 
 def label_colour(label: str) -> tuple[int, int, int]:
-    """A bright colour fixed per label (the same label is drawn in the same colour everywhere)."""
-    hue = (sum(ord(c) * 131**i for i, c in enumerate(label)) % 997) / 997
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 1.0)
-    return int(r * 255), int(g * 255), int(b * 255)
+    """The colour of a label wherever it is drawn (boxes, layout pictures, reference images): the RGB of the first
+    colour word in `label` ("green circle" is green), else a fixed colour of the label (the same in every run)."""
+    for word in label.lower().replace("-", " ").split():
+        if word in NAMED_COLOURS:
+            return NAMED_COLOURS[word]
+    hue = int.from_bytes(hashlib.sha256(label.lower().encode()).digest()[:4], "big") / 2**32
+    return tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.65, 0.85))
 
 
 def draw_boxes(

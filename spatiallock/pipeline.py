@@ -16,10 +16,7 @@ of copying it. `from_pretrained(model, adapter=...)` attaches a separately given
 from __future__ import annotations
 
 import inspect
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +30,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from spatiallock.base import TEXT_ENCODER_PACKAGE, load_base
+from spatiallock.base import load_base, write_model_folder
 from spatiallock.errors import SpatialLockError
 from spatiallock.guidance import make_layout_guidance
 from spatiallock.init import initial_latents
@@ -157,46 +154,14 @@ class SpatialLockPipeline(DiffusionPipeline):
         return cls(base.vae, base.text_encoder, base.tokenizer, base.unet, sampler, adapter, base.caption_tokens)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> Path:
-        """Write the whole pipeline as a diffusers-layout folder, atomically (a kill leaves the old one or none).
-
-        The small base's text encoder is not copied: `model_index.json` names its package instead.
-        """
-        out = Path(save_directory)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        packaged = self.uses_caption_mask  # the small base: all-MiniLM-L6-v2 from its package
-        try:
-            self.unet.save_pretrained(tmp / "unet")
-            self.vae.save_pretrained(tmp / "vae")
-            self.scheduler.save_pretrained(tmp / "scheduler")
-            self.tokenizer.save_pretrained(tmp / "tokenizer")
-            index = {
-                "_class_name": type(self).__name__,
-                "_diffusers_version": diffusers.__version__,
-                "unet": ["diffusers", type(self.unet).__name__],
-                "vae": ["diffusers", type(self.vae).__name__],
-                "scheduler": ["diffusers", type(self.scheduler).__name__],
-                "tokenizer": ["transformers", type(self.tokenizer).__name__],
-            }
-            if packaged:
-                index.update(text_encoder_package=TEXT_ENCODER_PACKAGE, caption_tokens=self.caption_tokens)
-            else:
-                self.text_encoder.save_pretrained(tmp / "text_encoder")
-                index["text_encoder"] = ["transformers", type(self.text_encoder).__name__]
-            if self.adapter is not None:
-                self.adapter.save_pretrained(tmp / "adapter")
-                index["adapter"] = ["spatiallock", type(self.adapter).__name__]
-            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-            old = None
-            if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-                os.replace(out, old / "x")
-            os.replace(tmp, out)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out
+        """Write the whole pipeline as a diffusers-layout folder (`spatiallock.base.write_model_folder`: a kill
+        never leaves a loadable mix of old and new parts). The small base's text encoder is not copied:
+        `model_index.json` names its package instead."""
+        text_encoder = None if self.uses_caption_mask else self.text_encoder
+        return write_model_folder(
+            save_directory, self.unet, self.vae, self.scheduler, self.tokenizer, text_encoder, self.adapter,
+            self.caption_tokens,
+        )  # fmt: skip
 
     # ---- inputs ------------------------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ def load_minilm(dtype: torch.dtype = torch.float32):
 
 
 def is_clip(text_encoder: nn.Module) -> bool:
+    """A CLIP text encoder (Stable Diffusion's), run without a caption mask; otherwise a sentence encoder."""
     return getattr(text_encoder.config, "model_type", "").startswith("clip")
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from spatiallock.checkpoint import atomic_save_pretrained
 from spatiallock.cli import main
 from spatiallock.data.shapes import synth_categories
 from spatiallock.detector import (
@@ -17,7 +18,6 @@ from spatiallock.detector import (
     DetectorConfig,
     coco_ap,
     evaluate_detector,
-    save_detector,
     to_coco_results,
     to_image_tensors,
 )
@@ -88,7 +88,7 @@ def test_training_refuses_to_overwrite_checkpoints_and_resumes(trained, shapes, 
 def test_folder_reloads_with_identical_outputs(trained, shapes, tmp_path):
     images = val_images(shapes)
     first = Detector.from_pretrained(trained)
-    save_detector(first, tmp_path / "again")
+    atomic_save_pretrained(first, tmp_path / "again")
     second = Detector.from_pretrained(tmp_path / "again")
     assert not first.training and not second.training
     for a, b in zip(first.detect(images, score_threshold=0.0), second.detect(images, score_threshold=0.0)):

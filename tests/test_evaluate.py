@@ -121,3 +121,51 @@ def test_evaluate_command_writes_a_report_and_a_picture(tiny_small_base, tiny_sh
     assert main([*common, "--detector", str(detector_folder), "--out", str(tmp_path / "r.txt")]) == 2
     assert main([*common, "--detector", str(tmp_path / "none"), "--out", str(tmp_path / "r2.json")]) == 2
     assert not (tmp_path / "r.txt").exists() and not (tmp_path / "r2.json").exists()
+
+
+def test_evaluate_passes_every_sampling_option_to_the_pipeline_and_records_it(
+    tiny_small_base, tiny_shapes, tmp_path, monkeypatch
+):
+    import numpy as np
+
+    import spatiallock.evaluate as evaluate_module
+
+    adapter = tmp_path / "adapter"
+    make_adapter(tiny_small_base).save_pretrained(adapter)
+    detector_folder = tmp_path / "detector"
+    categories = json.loads((tiny_shapes / "instances_val.json").read_text())["categories"]
+    torch.manual_seed(0)
+    Detector(DetectorConfig(categories=categories, image_size=32)).save_pretrained(detector_folder)
+    scored = []
+    score = evaluate_module.score_images
+
+    def keep_images(detector, images, layouts, *args):
+        scored.append(np.stack([np.asarray(image, dtype=np.float32) for image in images]))
+        return score(detector, images, layouts, *args)
+
+    monkeypatch.setattr(evaluate_module, "score_images", keep_images)
+    layouts = str(tiny_shapes / "instances_val.json")
+    common = ["evaluate", "--model", str(tiny_small_base), "--adapter", str(adapter), "--layouts", layouts]
+    common += ["--detector", str(detector_folder), "--steps", "3", "--limit", "2", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "plain.json")]) == 0
+    guided = ["--layout-guidance-steps", "2", "--layout-guidance-scale", "3000", "--layout-guidance-iterations", "1"]
+    assert main([*common, *guided, "--out", str(tmp_path / "guided.json")]) == 0
+    assert main([*common, "--init-from-layout", "--scheduler", "ddim", "--out", str(tmp_path / "init.json")]) == 0
+    plain, with_guidance, with_init = scored
+    assert np.abs(plain - with_guidance).max() > 8  # pixel levels: layout guidance changed the images
+    assert np.abs(plain - with_init).max() > 1.0
+    report = json.loads((tmp_path / "guided.json").read_text())
+    expected = {
+        "scheduler": "DPMSolverMultistepScheduler", "steps": 3, "guidance": 5.0, "grounding_steps": 1.0,
+        "size": 32, "dtype": "fp32", "seed": 0, "batch_size": 8, "layout_guidance_steps": 2,
+        "layout_guidance_scale": 3000.0, "layout_guidance_iterations": 1, "layout_guidance_layers": None,
+        "missing_labels": "add", "init_image": None, "init_from_layout": False, "init_strength": 1.0,
+        "init_steps": None,
+    }  # fmt: skip
+    assert {key: report[key] for key in expected} == expected
+    init = json.loads((tmp_path / "init.json").read_text())
+    assert init["scheduler"] == "ddim" and init["init_from_layout"] is True and init["layout_guidance_steps"] == 0
+    # --adapter none: the base alone (the folder's own adapter is not attached), recorded as such
+    assert main([*common[:4], "none", *common[5:], "--out", str(tmp_path / "base.json")]) == 0
+    assert json.loads((tmp_path / "base.json").read_text())["adapter"] == "none"
+    assert np.abs(scored[-1] - plain).max() > 1.0

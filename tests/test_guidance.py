@@ -12,10 +12,11 @@ from PIL import Image
 from test_pipeline import make_adapter
 
 from spatiallock.cli import main
+from spatiallock.draw import NAMED_COLOURS, label_colour
 from spatiallock.errors import SpatialLockError
 from spatiallock.geometry import box_coverage
 from spatiallock.guidance import caption_targets, guidance_layers, layout_loss, make_layout_guidance
-from spatiallock.init import BACKGROUND, NAMED_COLOURS, encode_images, label_colour, render_layout
+from spatiallock.init import BACKGROUND, encode_images, render_layout
 from spatiallock.layout import Layout
 from spatiallock.pipeline import SpatialLockPipeline
 

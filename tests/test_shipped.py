@@ -7,6 +7,8 @@ detector in its box (IoU of at least 0.5 with a detection of its class).
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,3 +60,41 @@ def test_every_requested_object_lands_in_its_box(shipped):
     assert len(objects) == 4
     missed = [(o["label"], o["iou"]) for o in objects if o["iou"] < 0.5]
     assert not missed, f"objects not found in their boxes (label, best IoU): {missed}"
+
+
+def test_the_shipped_provenance_describes_the_shipped_adapter():
+    """The recorded recipe is the one the weights were built with: a paper-configuration adapter shipped under a
+    box-attention record (or the other way round) fails here."""
+    from spatiallock.base import load_base
+    from spatiallock.models.injection import resolve_positions, transformer_blocks
+    from spatiallock.pipeline import load_adapter
+
+    recipe = json.loads((default_model_path() / "provenance.json").read_text())["adapter_training"]
+    adapter = load_adapter(default_model_path() / "adapter")
+    config = adapter.config
+    for key in ("variant", "box_attention", "query_positions", "max_objects"):
+        assert config[key] == recipe[key], key
+    unet = load_base(default_model_path()).unet
+    blocks = [name for name, _ in transformer_blocks(unet, resolve_positions(unet, recipe["positions"]))]
+    assert list(config.blocks) == blocks
+    # the configuration the README and the benchmark describe as shipped: box attention in every down and up block
+    assert recipe["positions"] == "all" and config.box_attention and config.variant == "spatiallock"
+
+
+def test_demo_runs_the_shipped_model_on_the_examples(tmp_path, capsys):
+    from spatiallock.cli import main
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    assert main(["demo", "--examples", str(examples), "--out", str(tmp_path / "demo")]) == 0
+    printed = capsys.readouterr().out
+    names = sorted(path.stem for path in examples.glob("*.json"))
+    written = sorted(path.name for path in (tmp_path / "demo").iterdir())
+    assert written == sorted([f"{n}.png" for n in names] + [f"{n}_boxes.png" for n in names] + ["demo_grid.png"])
+    ious = [float(v) for v in re.findall(r"IoU (\d\.\d\d) \(score", printed)]
+    mean = float(re.search(r"mean IoU (\d\.\d\d) over (\d+) objects", printed).group(1))
+    assert ious and mean == pytest.approx(
+        sum(ious) / int(re.search(r"over (\d+) objects", printed).group(1)), abs=0.01
+    )
+    assert float(mean) > 0.5  # the shipped model places the example objects
+    # a folder without layouts: one line, exit 2
+    assert main(["demo", "--examples", str(tmp_path / "demo"), "--out", str(tmp_path / "other")]) == 2

@@ -20,9 +20,9 @@ from PIL import Image
 from spatiallock.data.cocofile import CocoIndex, ImageRecord, LayoutFilters, build_index, read_coco_json
 from spatiallock.data.transforms import apply_to_boxes, apply_to_image, plan_crop, swap_left_right
 from spatiallock.errors import SpatialLockError
+from spatiallock.models.grounding import MAX_OBJECTS
 
 logger = logging.getLogger(__name__)
-MAX_OBJECTS = 30
 
 
 def split_files(root: str | Path, split: str) -> tuple[Path, Path, Path]:

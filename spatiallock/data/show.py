@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import colorsys
 import textwrap
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from spatiallock.data.coco import LayoutDataset
-
-
-def _label_colour(index: int, count: int) -> tuple[int, int, int]:
-    r, g, b = colorsys.hsv_to_rgb((index * 0.618034) % 1.0 if count > 8 else index / max(count, 1), 0.85, 1.0)
-    return int(r * 255), int(g * 255), int(b * 255)
+from spatiallock.draw import label_colour
 
 
 def draw_cell(
@@ -36,7 +31,7 @@ def draw_cell(
         x, y, w, h = obj.bbox
         box = (x * sx, y * sy, (x + w) * sx - 1, (y + h) * sy - 1)
         k = dataset.category_index[obj.category_id]
-        colour = _label_colour(k, len(dataset.categories))
+        colour = label_colour(dataset.categories[k])
         draw.rectangle(box, outline=(0, 0, 0), width=3)
         draw.rectangle(box, outline=colour, width=1)
         label = dataset.categories[k]

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from spatiallock.checkpoint import atomic_save_pretrained
 from spatiallock.data.coco import collate_layouts, split_files
-from spatiallock.detector import Detector, DetectorConfig, evaluate_detector, save_detector
+from spatiallock.detector import Detector, DetectorConfig, evaluate_detector
 from spatiallock.errors import SpatialLockError
 from spatiallock.training.common import start_training
 from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
@@ -89,7 +90,7 @@ def train_detector(config: DetectorTrainConfig) -> LoopResult:
         collate_fn=collate_layouts, compute_losses=losses, config=config.loop,
     )  # fmt: skip
     if not result.interrupted and accelerator.is_main_process:
-        save_detector(result.models[STAGE].eval(), run.out)
+        atomic_save_pretrained(result.models[STAGE].eval(), run.out)
     accelerator.wait_for_everyone()
     return result
 
