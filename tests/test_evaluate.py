@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -96,13 +97,19 @@ def test_frechet_distance_in_detector_space_is_zero_for_equal_sets_and_grows():
     assert abs(same) < 1e-3 and apart > 10 * max(abs(same), 1e-3)
 
 
-def test_evaluate_command_writes_a_report_and_a_picture(tiny_small_base, tiny_shapes, tmp_path, capsys):
+def adapter_and_detector(base, shapes, tmp_path):
+    """An adapter folder for `base` and an (untrained) detector folder for the categories of `shapes`."""
     adapter = tmp_path / "adapter"
-    make_adapter(tiny_small_base).save_pretrained(adapter)
+    make_adapter(base).save_pretrained(adapter)
     detector_folder = tmp_path / "detector"
-    categories = json.loads((tiny_shapes / "instances_val.json").read_text())["categories"]
+    categories = json.loads((shapes / "instances_val.json").read_text())["categories"]
     torch.manual_seed(0)
     Detector(DetectorConfig(categories=categories, image_size=32)).save_pretrained(detector_folder)
+    return adapter, detector_folder
+
+
+def test_evaluate_command_writes_a_report_and_a_picture(tiny_small_base, tiny_shapes, tmp_path, capsys):
+    adapter, detector_folder = adapter_and_detector(tiny_small_base, tiny_shapes, tmp_path)
     out = tmp_path / "reports" / "r.json"
     layouts = str(tiny_shapes / "instances_val.json")
     common = ["evaluate", "--model", str(tiny_small_base), "--adapter", str(adapter), "--layouts", layouts]
@@ -126,16 +133,9 @@ def test_evaluate_command_writes_a_report_and_a_picture(tiny_small_base, tiny_sh
 def test_evaluate_passes_every_sampling_option_to_the_pipeline_and_records_it(
     tiny_small_base, tiny_shapes, tmp_path, monkeypatch
 ):
-    import numpy as np
-
     import spatiallock.evaluate as evaluate_module
 
-    adapter = tmp_path / "adapter"
-    make_adapter(tiny_small_base).save_pretrained(adapter)
-    detector_folder = tmp_path / "detector"
-    categories = json.loads((tiny_shapes / "instances_val.json").read_text())["categories"]
-    torch.manual_seed(0)
-    Detector(DetectorConfig(categories=categories, image_size=32)).save_pretrained(detector_folder)
+    adapter, detector_folder = adapter_and_detector(tiny_small_base, tiny_shapes, tmp_path)
     scored = []
     score = evaluate_module.score_images
 
