@@ -27,6 +27,7 @@ from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageDraw, ImageFont
 
+from spatiallock.data.cocofile import write_text_atomic
 from spatiallock.detector import Detector
 from spatiallock.draw import draw_boxes, grid
 from spatiallock.evaluate import DetectorFeatures, evaluate_pipeline, frechet_distance, load_real_images, score_images
@@ -249,9 +250,7 @@ def _write_row(out: Path, row: dict, args: argparse.Namespace) -> None:
         "base": args.base,
         "rows": [rows[n] for n in order if n in rows],
     }
-    partial = out.with_name(f".{out.name}.part")
-    partial.write_text(json.dumps(result, indent=2) + "\n")
-    partial.replace(out)
+    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     plot(result["rows"], out.with_suffix(".png"))
     samples_figure([r["variant"] for r in result["rows"]], out.with_name(out.stem + "_samples.png"))
 

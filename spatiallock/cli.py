@@ -1,15 +1,46 @@
 """Command line: `spatiallock <command> --help` explains each command.
 
 Argument parsing only; each command calls a function of the package. Errors the user can fix
-(`SpatialLockError`) end as one line on stderr and exit code 2.
+(`SpatialLockError`, and a mistyped or missing option) end as one line on stderr and exit code 2; warnings
+are one line each.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from pathlib import Path
 
 from spatiallock.errors import SpatialLockError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line naming the option and where the help is, instead of the
+    whole usage block. The subcommands' parsers are made of this class too."""
+
+    def error(self, message: str):
+        print(f"spatiallock: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        self.exit(2)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # said by the command's own parser, so that the hint names the command's help
+            commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+            commands.get(getattr(parsed, "command", None), self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+
+def _one_line_warnings(show=warnings.showwarning):
+    """`warnings.showwarning` for the package's own warnings: one line each (others as Python shows them)."""
+    package = str(Path(__file__).resolve().parent)
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        if not str(Path(filename).resolve()).startswith(package):
+            return show(message, category, filename, lineno, file, line)
+        print(f"spatiallock: warning: {message}", file=sys.stderr if file is None else file)
+
+    return show_warning
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     from spatiallock.commands import train as train_cmd
     from spatiallock.data import commands as data_cmd
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="spatiallock",
         description="Layout-controlled text-to-image generation: a caption plus boxes with labels in, images out.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -38,11 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        result = args.func(args)
+        args = parser.parse_args(argv)
+    except SystemExit as done:
+        if done.code == 2:  # a usage error, its line printed: returned like every other refusal
+            return 2
+        raise  # --help
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            result = args.func(args)
     except SpatialLockError as err:
-        print(f"spatiallock: error: {err}", file=sys.stderr)
+        print(f"spatiallock: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("spatiallock: interrupted", file=sys.stderr)

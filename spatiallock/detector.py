@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.models.detection import FCOS
@@ -40,6 +42,11 @@ from spatiallock.errors import SpatialLockError
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ImageInput = Sequence[Image.Image] | Sequence[torch.Tensor] | torch.Tensor
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 @dataclass
@@ -268,11 +275,22 @@ class Detector(nn.Module):
         if not config_file.is_file() or not weights_file.is_file():
             raise SpatialLockError(f"detector: {folder} lacks {CONFIG_NAME} or {WEIGHTS_NAME}")
         try:
-            config = DetectorConfig.from_dict(json.loads(config_file.read_text()))
-        except (json.JSONDecodeError, TypeError, KeyError) as err:
-            raise SpatialLockError(f"detector: {config_file} is not a detector config ({err})") from None
-        detector = cls(config)
-        detector.load_state_dict(load_file(weights_file))
+            values = json.loads(config_file.read_text(encoding="utf-8"))
+            if not isinstance(values, dict):
+                raise TypeError(f"a JSON {type(values).__name__}, not an object")
+            detector = cls(DetectorConfig.from_dict(values))
+        except SpatialLockError as err:
+            raise SpatialLockError(f"{config_file}: {err}") from None
+        except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, RecursionError) as err:
+            raise SpatialLockError(f"detector: {config_file} is not a detector config ({_first_line(err)})") from None
+        try:
+            detector.load_state_dict(load_file(weights_file))
+        except SafetensorError as err:  # truncated or not a safetensors file
+            raise SpatialLockError(f"detector: {weights_file} is not readable ({_first_line(err)})") from None
+        except RuntimeError as err:  # other tensors than the config's architecture has
+            raise SpatialLockError(
+                f"detector: {weights_file} does not fit its {CONFIG_NAME} ({_first_line(err)})"
+            ) from None
         return detector.to(device).eval()
 
 
@@ -335,11 +353,14 @@ def evaluate_detector(detector: Detector, data_dir: str | os.PathLike, split: st
 
     Returns {"ap", "ap50", "ap75"} in [0, 1].
     """
-    from spatiallock.data.coco import split_files
-    from spatiallock.data.cocofile import read_coco_json
+    from spatiallock.data.coco import read_rgb, split_files
+    from spatiallock.data.cocofile import read_coco_json, scorable_instances
 
     instances_file, _, image_root = split_files(data_dir, split)
-    instances = read_coco_json(instances_file, "instances")
+    instances, skipped = scorable_instances(read_coco_json(instances_file, "instances"))
+    if skipped:
+        summary = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in skipped.items())
+        warnings.warn(f"{instances_file}: left out of the scoring: {summary}", stacklevel=2)
     images = instances["images"]
     results = []
     for start in range(0, len(images), batch_size):
@@ -348,11 +369,10 @@ def evaluate_detector(detector: Detector, data_dir: str | os.PathLike, split: st
         for entry in chunk:
             path = image_root / entry["file_name"]
             try:
-                with Image.open(path) as picture:
-                    pictures.append(picture.convert("RGB"))
-            except OSError as err:
+                pictures.append(read_rgb(path))
+            except (OSError, ValueError) as err:
                 raise SpatialLockError(f"{path}: cannot read image ({err})") from None
         found = detector.detect(pictures, batch_size=batch_size)
-        sizes = [(e.get("width") or p.width, e.get("height") or p.height) for e, p in zip(chunk, pictures)]
+        sizes = [(e["width"], e["height"]) for e in chunk]
         results += to_coco_results(found, [e["id"] for e in chunk], sizes)
     return coco_ap(instances, results)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from spatiallock.data.cocofile import atomic_output
 from spatiallock.data.shapes import COLOURS
 
 # colour words a label may start with or contain ("red circle", "a dark blue car"); the synthetic domain's own first
@@ -56,7 +57,9 @@ def draw_boxes(
     font = ImageFont.load_default(size=max(10, out.size[0] // 24))
     w, h = out.size
     for n, (label, box) in enumerate(zip(labels, boxes)):
-        x0, y0, x1, y1 = box[0] * w, box[1] * h, box[2] * w - 1, box[3] * h - 1
+        # a box thinner than a pixel of `out` (any side under 1/256) is drawn one pixel wide, not inverted
+        x0, y0 = box[0] * w, box[1] * h
+        x1, y1 = max(x0, box[2] * w - 1), max(y0, box[3] * h - 1)
         colour = label_colour(label)
         if dashed:
             _dashed_rectangle(draw, (x0, y0, x1, y1), colour)
@@ -93,9 +96,9 @@ def grid(images: Sequence[Image.Image], columns: int | None = None, gap: int = 4
 
 
 def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Write a PNG through a temporary file in the same folder and rename it into place."""
+    """Write a PNG through `atomic_output`: a temporary file created exclusively beside it (a link planted there is
+    never followed), renamed into place."""
     path = Path(path)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
-    image.save(partial, format="PNG")
-    os.replace(partial, path)
+    with atomic_output(path, "wb") as stream:
+        image.save(stream, format="PNG")
     return path

@@ -16,6 +16,7 @@ of copying it. `from_pretrained(model, adapter=...)` attaches a separately given
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,11 +31,11 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from spatiallock.base import load_base, write_model_folder
+from spatiallock.base import check_configs, load_base, local_model_path, write_model_folder
 from spatiallock.errors import SpatialLockError
 from spatiallock.guidance import make_layout_guidance
 from spatiallock.init import initial_latents
-from spatiallock.layout import Layout, as_layouts, pad_layouts
+from spatiallock.layout import Layout, as_layouts, excerpt, pad_layouts
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.models.grounding import GroundingTokens
 from spatiallock.text import PhraseCache, encode_captions, is_clip, phrase_dim
@@ -59,16 +60,26 @@ def make_scheduler(name: str, config: dict):
     return getattr(diffusers, cls_name).from_config(config, **options)
 
 
-def sampling_scheduler(model: str | os.PathLike):
-    """The scheduler a model folder names; a training-only `DDPMScheduler` becomes DPM-Solver++."""
+def sampling_scheduler(model: str | os.PathLike, name: str | None = None):
+    """The scheduler a model folder names (a training-only `DDPMScheduler` becomes DPM-Solver++), or the one
+    `name`d (see `SCHEDULERS`) on the folder's noise schedule."""
     try:
         config = diffusers.DDPMScheduler.load_config(model, subfolder="scheduler")
-    except (OSError, ValueError) as err:
-        raise SpatialLockError(f"model: cannot read the scheduler of {model}: {err}") from None
-    cls = getattr(diffusers, config.get("_class_name", ""), None)
-    if cls is None or cls is diffusers.DDPMScheduler:
-        return make_scheduler("dpm", config)
-    return cls.from_config(config)
+    except (OSError, ValueError, RecursionError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise SpatialLockError(f"model: cannot read the scheduler of {model}: {first}") from None
+    where = f"model: {Path(model) / 'scheduler'}"
+    class_name = config.get("_class_name", "DDPMScheduler")  # none named: a schedule to sample with DPM-Solver++
+    cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise SpatialLockError(f"{where}: _class_name {excerpt(class_name)} names no diffusers scheduler")
+    try:
+        sampler = make_scheduler("dpm", config) if cls is diffusers.DDPMScheduler else cls.from_config(config)
+        # another sampler on the folder's schedule, as the folder's own scheduler completes it with its defaults
+        return sampler if name is None else make_scheduler(name, sampler.config)
+    except (ValueError, TypeError, KeyError, NotImplementedError) as err:  # a value the scheduler cannot take
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise SpatialLockError(f"{where}: cannot make the sampler: {first}") from None
 
 
 @dataclass
@@ -138,19 +149,17 @@ class SpatialLockPipeline(DiffusionPipeline):
         when there is one, else none (the plain base). `scheduler`: a name of `SCHEDULERS` instead of the
         folder's.
         """
-        path = Path(model)
+        path = local_model_path(model)  # a hub id: its copy in the Hugging Face cache
         if path.is_dir() and (path / "config.json").is_file() and not (path / "model_index.json").is_file():
             raise SpatialLockError(
                 f"model: {model} is an adapter folder, not a model; give its base as the model and this as adapter"
             )
-        base = load_base(model, torch_dtype)
+        base = load_base(path, torch_dtype)
         if adapter is None and (path / "adapter" / "config.json").is_file():
             adapter = path / "adapter"
         if adapter is not None and not isinstance(adapter, SpatialLockAdapter):
             adapter = load_adapter(adapter, torch_dtype)
-        sampler = sampling_scheduler(model)
-        if scheduler is not None:
-            sampler = make_scheduler(scheduler, sampler.config)
+        sampler = sampling_scheduler(path, scheduler)
         return cls(base.vae, base.text_encoder, base.tokenizer, base.unet, sampler, adapter, base.caption_tokens)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> Path:
@@ -281,6 +290,9 @@ class SpatialLockPipeline(DiffusionPipeline):
         layouts = [layout for layout in layouts for _ in range(num_images_per_prompt)]
         if not 0.0 <= grounding_steps <= 1.0:
             raise SpatialLockError(f"grounding_steps: a share of the steps in [0, 1], got {grounding_steps}")
+        for name, value in (("guidance_scale", guidance_scale), ("layout_guidance_scale", layout_guidance_scale)):
+            if not math.isfinite(value):  # nan would turn guidance off unnoticed, inf make every pixel nan
+                raise SpatialLockError(f"{name}: a finite number, got {value}")
         height = height or self.native_size
         width = width or self.native_size
         for name, value in (("height", height), ("width", width)):
@@ -355,6 +367,12 @@ class SpatialLockPipeline(DiffusionPipeline):
                     latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
                 progress.update()
 
+        if not torch.isfinite(latents).all():  # would decode to a black image
+            raise SpatialLockError(
+                "sampling diverged: the latents hold inf or nan (guidance_scale or layout_guidance_scale too large "
+                "for this model, or an overflow in half precision)"
+            )
+
         # 4. decoding
         if output_type == "latent":
             images = latents
@@ -372,9 +390,10 @@ def load_adapter(path: str | os.PathLike, torch_dtype: torch.dtype = torch.float
     path = Path(path)
     if not (path / "config.json").is_file():
         raise SpatialLockError(f"adapter: {path} is not an adapter folder (no config.json)")
+    check_configs(path, ["config.json"], "adapter")
     try:
-        adapter = SpatialLockAdapter.from_pretrained(path, torch_dtype=torch_dtype)
-    except (OSError, ValueError, TypeError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        adapter = SpatialLockAdapter.from_pretrained(path, torch_dtype=torch_dtype, use_safetensors=True)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise SpatialLockError(f"adapter: cannot load {path}: {first}") from None
     return adapter.eval().requires_grad_(False)

@@ -27,6 +27,8 @@ from spatiallock.layout import Layout
 ASSETS = Path(__file__).resolve().parent / "assets"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NO_ADAPTER = "none"  # --adapter none: the base alone, even when the model folder has an adapter
+MAX_SEED = 2**32 - 1  # with it every image's own seed (`image_generator`) stays within torch's 64 bits
+MAX_SIZE = 4096  # --size: a side beyond this is a typo, not an image (SD v1 is made for 512)
 
 
 def default_model_path() -> Path:
@@ -40,18 +42,16 @@ def default_detector_path() -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """`default` -> the shipped model; a local path must exist; anything else is passed on (a hub id)."""
+    """`default` -> the shipped model; a folder must exist; a hub id (runwayml/stable-diffusion-v1-5) means its
+    copy in the Hugging Face cache, never a download (`spatiallock.base.local_model_path`)."""
+    from spatiallock.base import local_model_path
+
     if name == "default":
         path = default_model_path()
         if not (path / "model_index.json").is_file():
             raise SpatialLockError(f"model: the shipped default model is missing from {path}")
         return str(path)
-    path = Path(name)
-    if path.exists():
-        return name
-    if name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith(("/", ".json")):
-        raise SpatialLockError(f"model: {name} not found")
-    return name  # a hub id such as runwayml/stable-diffusion-v1-5
+    return str(local_model_path(name))
 
 
 def resolve_detector(name: str) -> Path:
@@ -60,6 +60,10 @@ def resolve_detector(name: str) -> Path:
     if not path.exists():
         what = "the shipped default detector is missing from" if name == "default" else "not found:"
         raise SpatialLockError(f"detector: {what} {path}")
+    if not path.is_dir():
+        raise SpatialLockError(
+            f"detector: {path} is not a folder (a detector is a folder written by `train detector`)"
+        )
     return path
 
 
@@ -93,31 +97,45 @@ class SamplingOptions:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
     def check(self) -> None:
-        """Refuse, in one line naming the option, a value no pipeline call could use."""
+        """Refuse, in one line naming the option, a value no pipeline call could use: every number finite and in
+        its range, an init image that cannot be read."""
 
-        def at_least(name: str, low: int) -> None:
+        def in_range(name: str, low: float, high: float = math.inf, what: str = "") -> None:
             value = getattr(self, name)
-            if value is not None and value < low:
-                raise SpatialLockError(f"--{name.replace('_', '-')}: must be at least {low}, got {value}")
+            if value is None:
+                return
+            if isinstance(value, float) and not math.isfinite(value) or not low <= value <= high:
+                limits = f"from {low} to {high}" if high < math.inf else f"at least {low}"
+                raise SpatialLockError(f"--{name.replace('_', '-')}: {what or 'must be'} {limits}, got {value}")
 
-        for name, low in (("steps", 1), ("batch_size", 1), ("size", 8), ("layout_guidance_iterations", 1)):
-            at_least(name, low)
-        at_least("layout_guidance_steps", 0)
-        at_least("init_steps", 1)
+        for name, low in (("steps", 1), ("batch_size", 1), ("layout_guidance_iterations", 1), ("init_steps", 1)):
+            in_range(name, low)
+        in_range("layout_guidance_steps", 0)
+        in_range("seed", 0, MAX_SEED)
+        in_range("size", 8, MAX_SIZE)
         if self.dtype not in DTYPES:
             raise SpatialLockError(f"--dtype: one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if not (math.isfinite(self.guidance) and self.guidance >= 0):
-            raise SpatialLockError(f"--guidance: must be 0 or more, got {self.guidance}")
-        if not 0.0 <= self.grounding_steps <= 1.0:
-            raise SpatialLockError(f"--grounding-steps: a share in [0, 1], got {self.grounding_steps}")
-        if not (math.isfinite(self.layout_guidance_scale) and self.layout_guidance_scale >= 0):
-            raise SpatialLockError(f"--layout-guidance-scale: must be 0 or more, got {self.layout_guidance_scale}")
+        in_range("guidance", 0.0, what="a finite number")
+        in_range("layout_guidance_scale", 0.0, what="a finite number")
+        in_range("grounding_steps", 0.0, 1.0, what="a share")
+        if not 0.0 < self.init_strength <= 1.0:  # nan fails too
+            raise SpatialLockError(f"--init-strength: a share in (0, 1], got {self.init_strength}")
         if self.init_image is not None and self.init_from_layout:
             raise SpatialLockError("--init-image and --init-from-layout: give one of them")
-        if self.init_image is not None and not Path(self.init_image).is_file():
+        if self.init_image is not None:
+            self._check_init_image()
+
+    def _check_init_image(self) -> None:
+        import PIL.Image
+
+        from spatiallock.init import load_image
+
+        if not Path(self.init_image).is_file():
             raise SpatialLockError(f"--init-image: {self.init_image}: file not found")
-        if not 0.0 < self.init_strength <= 1.0:
-            raise SpatialLockError(f"--init-strength: a share in (0, 1], got {self.init_strength}")
+        try:
+            load_image(self.init_image)
+        except PIL.Image.DecompressionBombError as err:  # a header declaring billions of pixels
+            raise SpatialLockError(f"--init-image: {self.init_image}: {err}") from None
 
     @property
     def uses_init(self) -> bool:
@@ -155,19 +173,27 @@ class SamplingOptions:
 
     def check_for(self, pipe, layouts: Sequence[Layout]) -> None:
         """Refuse, before anything is generated or written, guidance layers the U-Net lacks, a caption without one
-        of its labels (with missing_labels "error"), an init image that cannot be read, and a size the
-        autoencoder cannot take."""
+        of its labels (with missing_labels "error"), a size the autoencoder cannot take and more steps than the
+        noise schedule has; warn once when captions or labels are longer than the text encoder reads (they are
+        cut)."""
         from spatiallock.guidance import caption_targets, guidance_layers
-        from spatiallock.init import load_image
+        from spatiallock.text import PHRASE_TOKENS, warn_cut_texts
 
         if self.size is not None and self.size % pipe.vae_scale_factor:
             raise SpatialLockError(f"--size: must be a multiple of {pipe.vae_scale_factor}, got {self.size}")
+        schedule = pipe.scheduler.config.num_train_timesteps
+        for name in ("steps", "init_steps"):
+            value = getattr(self, name)
+            if value is not None and value > schedule:
+                option = f"--{name.replace('_', '-')}"
+                raise SpatialLockError(f"{option}: at most the model's {schedule} noise levels, got {value}")
+        warn_cut_texts(pipe.tokenizer, [layout.caption for layout in layouts], pipe.caption_tokens, "captions")
+        labels = [label for layout in layouts for label in layout.labels]
+        warn_cut_texts(pipe.tokenizer, labels, PHRASE_TOKENS, "labels")
         if self.layout_guidance_steps:
             guidance_layers(pipe.unet, self.layout_guidance_layers)
             if self.missing_labels == "error":
                 caption_targets(layouts, pipe.tokenizer, pipe.caption_tokens, "error")
-        if self.init_image is not None:
-            load_image(self.init_image)
 
 
 def load_pipeline(
@@ -199,8 +225,9 @@ def load_pipeline(
 
 
 def image_generator(seed: int, layout_index: int, sample: int, device="cpu") -> torch.Generator:
-    """The noise of sample `sample` of layout `layout_index`: the same whatever the batching or process."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + layout_index) * 1009 + sample)
+    """The noise of sample `sample` of layout `layout_index`: the same whatever the batching or process. Seeds
+    are taken modulo 2**64, as torch takes a negative one: any integer is a seed."""
+    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + layout_index) * 1009 + sample) % 2**64)
 
 
 def jobs_of(layouts: Sequence[Layout], per_layout: int = 1) -> list[tuple[int, int]]:

@@ -7,6 +7,7 @@ L2-normalised, as sentence-transformers computes it).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +15,8 @@ from torch import nn
 
 from spatiallock.errors import SpatialLockError
 from spatiallock.models.grounding import MAX_OBJECTS
+
+PHRASE_TOKENS = 32  # tokens of a label (phrase) the text encoder reads; labels are short
 
 
 def load_minilm(dtype: torch.dtype = torch.float32):
@@ -29,7 +32,7 @@ def load_minilm(dtype: torch.dtype = torch.float32):
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     try:
-        model = BertModel.from_pretrained(path, add_pooling_layer=False, dtype=dtype)
+        model = BertModel.from_pretrained(path, add_pooling_layer=False, dtype=dtype, use_safetensors=True)
     finally:
         transformers_logging.set_verbosity(verbosity)
         transformers_logging.enable_progress_bar()
@@ -47,6 +50,26 @@ def _tokenize(tokenizer, texts: Sequence[str], max_length: int | None, device) -
     return {"input_ids": tokens.input_ids.to(device), "attention_mask": tokens.attention_mask.to(device)}
 
 
+def warn_cut_texts(tokenizer, texts: Sequence[str], max_length: int, what: str = "captions") -> int:
+    """Warn once when texts are longer than the `max_length` tokens the text encoder reads of them (the rest is
+    cut, silently otherwise). Returns how many are."""
+    limit = min(max_length, tokenizer.model_max_length)
+    distinct = list(dict.fromkeys(texts))
+    if not distinct:
+        return 0
+    # counted up to limit + 1: enough to know, and no tokenizer warning about sequences beyond its maximum
+    ids = tokenizer(distinct, truncation=True, max_length=limit + 1).input_ids
+    cut = [text for text, tokens in zip(distinct, ids) if len(tokens) > limit]
+    if cut:
+        first = cut[0] if len(cut[0]) <= 60 else cut[0][:57] + "..."
+        warnings.warn(
+            f"{len(cut)} {what if len(cut) > 1 else what.rstrip('s')} longer than the {limit} tokens the text encoder "
+            f"reads {'are' if len(cut) > 1 else 'is'} cut to them (first: {first!r})",
+            stacklevel=2,
+        )
+    return len(cut)
+
+
 @torch.no_grad()
 def encode_captions(
     text_encoder: nn.Module, tokenizer, captions: Sequence[str], max_length: int | None = 77
@@ -62,7 +85,9 @@ def encode_captions(
 
 
 @torch.no_grad()
-def encode_phrases(text_encoder: nn.Module, tokenizer, phrases: Sequence[str], max_length: int = 32) -> torch.Tensor:
+def encode_phrases(
+    text_encoder: nn.Module, tokenizer, phrases: Sequence[str], max_length: int = PHRASE_TOKENS
+) -> torch.Tensor:
     """Each phrase encoded on its own -> (n, phrase_dim) pooled embeddings."""
     device = next(text_encoder.parameters()).device
     tokens = _tokenize(tokenizer, phrases, max_length, device)

@@ -21,6 +21,8 @@ example:
 
 def run_demo(args: argparse.Namespace) -> int:
     from spatiallock import sampling
+    from spatiallock.commands.generate import output_names
+    from spatiallock.commands.options import check_out_folder, make_out_folder
     from spatiallock.detector import Detector
     from spatiallock.draw import draw_boxes, grid, save_image_atomic
     from spatiallock.evaluate import score_images
@@ -31,16 +33,20 @@ def run_demo(args: argparse.Namespace) -> int:
     files = sorted(examples.glob("*.json")) if examples.is_dir() else [examples]
     if not files or not files[0].exists():
         raise SpatialLockError(f"--examples: no layout JSON files in {examples}")
-    requests = [(f.stem, layout) for f in files for layout in read_layouts(f)]
+    requests = []
+    for file in files:  # a file of several layouts: one name each (two_shapes_000, ...), none overwritten
+        layouts = read_layouts(file)
+        requests += zip(output_names(file.stem, len(layouts)), layouts)
     options = sampling.SamplingOptions(seed=args.seed, steps=args.steps)
     options.check()
+    out = check_out_folder(args.out)
     pipe = sampling.load_pipeline(args.model, args.adapter)
     detector = Detector.from_pretrained(sampling.resolve_detector(args.detector)).to(pipe.device)
     layouts = [layout for _, layout in requests]
+    options.check_for(pipe, layouts)
     images, _, _ = sampling.sample(pipe, layouts, options)
     _, objects, detections = score_images(detector, images, layouts)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_folder(out)
     drawn = []
     for n, ((name, layout), image) in enumerate(zip(requests, images)):
         save_image_atomic(image, out / f"{name}.png")

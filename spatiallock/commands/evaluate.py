@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from spatiallock.errors import SpatialLockError
@@ -46,6 +47,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from spatiallock import sampling
+    from spatiallock.commands.options import check_out_folder, make_out_folder
     from spatiallock.data.cocofile import write_json_atomic
     from spatiallock.detector import Detector
     from spatiallock.draw import save_image_atomic
@@ -61,10 +63,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".json":
         raise SpatialLockError(f"--out: {out} should name a .json report")
+    check_out_folder(out.parent)
+    for target in (out, out.with_suffix(".png")):
+        if os.path.lexists(target) and not target.is_file():
+            raise SpatialLockError(f"--out: {target} exists and is not a file")
     layouts = read_layouts(args.layouts)[: args.limit]
     detector = Detector.from_pretrained(sampling.resolve_detector(args.detector))
     category_ids(detector, layouts)
     real = _real_images(args, layouts)
+    if args.fid_weights is not None:  # found before sampling, not after it
+        if not Path(args.fid_weights).is_file():
+            raise SpatialLockError(f"--fid-weights: {args.fid_weights} not found")
+        if not real:
+            raise SpatialLockError("--fid-weights: FID needs real images of the domain (--real)")
     pipe = sampling.load_pipeline(args.model, args.adapter, options.dtype, options.scheduler)
     options.check_for(pipe, layouts)
     detector.to(pipe.device)
@@ -79,7 +90,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         "device": str(pipe.device), "torch": torch.__version__,
         **report, "real_images": len(real) if real else 0, "objects": objects,
     }  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_out_folder(out.parent)
     write_json_atomic(out, report)
     picture = save_image_atomic(layout_picture(asked, images, detections), out.with_suffix(".png"))
     fd = "n/a (no real images)" if report["fd"] is None else f"{report['fd']:.3f}"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
+import struct
 from pathlib import Path
 
 from spatiallock.errors import SpatialLockError
@@ -23,7 +25,8 @@ and, when K > 1, a grid OUT/<name>_grid.png.
 
 MODEL is a pipeline folder written by `save_pretrained` (base + adapter), a base alone (the small base,
 or a Stable Diffusion v1.x folder or hub id) with --adapter ADAPTER, or `default` for the shipped model.
---adapter none samples MODEL's base alone, without the adapter its folder holds.
+--adapter none samples MODEL's base alone, without the adapter its folder holds. A hub id is read from the
+Hugging Face cache and never downloaded: fetch it once with `huggingface-cli download ID`.
 
 Training-free layout control, with or without an adapter (a plain base follows the layout too):
 --layout-guidance-steps N moves the latents, during the first N steps, so that each label's caption
@@ -61,6 +64,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from spatiallock import sampling
+    from spatiallock.commands.options import check_out_folder, make_out_folder
     from spatiallock.draw import draw_boxes, grid, save_image_atomic
     from spatiallock.layout import read_layouts
 
@@ -69,24 +73,28 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise SpatialLockError(f"--n: must be at least 1, got {args.n}")
     layouts = read_layouts(args.layout)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise SpatialLockError(f"--out: {out} exists and is not a folder")
+    out = check_out_folder(args.out)
+    names = output_names(Path(args.layout).stem, len(layouts))
+    sample_names = [f"{k:0{len(str(args.n - 1))}d}" for k in range(args.n)]  # padded too: _08, _09, _10
+    targets = [out / f"{name}_{k}{end}.png" for name in names for k in sample_names for end in ("", "_boxes")]
+    targets += [out / f"{name}_grid.png" for name in names] if args.n > 1 else []
+    for target in targets:
+        if target.exists() and not target.is_file():
+            raise SpatialLockError(f"--out: {target} exists and is not a file")
     pipe = sampling.load_pipeline(args.model, args.adapter, options.dtype, options.scheduler)
     options.check_for(pipe, layouts)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.layout).stem) or "layout"
-    names = [stem] if len(layouts) == 1 else [f"{stem}_{i:03d}" for i in range(len(layouts))]
     jobs = sampling.jobs_of(layouts, args.n)
     drawn: dict[int, list] = {}
     written = []
-    out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(jobs), unit="img", disable=args.no_progress, desc="generate") as bar:
         for batch, images in sampling.sample_batches(pipe, layouts, jobs, options):
+            make_out_folder(out)  # only once there is something to write: a refusal leaves no empty folder
             for (i, k), image in zip(batch, images):
                 layout = layouts[i]
-                written.append(save_image_atomic(image, out / f"{names[i]}_{k}.png"))
+                name = f"{names[i]}_{sample_names[k]}"
+                written.append(save_image_atomic(image, out / f"{name}.png"))
                 boxed = draw_boxes(image, layout.labels, layout.boxes)
-                written.append(save_image_atomic(boxed, out / f"{names[i]}_{k}_boxes.png"))
+                written.append(save_image_atomic(boxed, out / f"{name}_boxes.png"))
                 drawn.setdefault(i, []).append(boxed)
                 bar.update(1)
     if args.n > 1:
@@ -96,19 +104,72 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def output_names(stem: str, count: int) -> list[str]:
+    """File name stems of `count` layouts read from a file named `stem`: `stem` alone for one layout, else
+    `stem_000`, `stem_001`, ..., padded to the largest index, so that names sort as the layouts do."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem) or "layout"
+    if count == 1:
+        return [stem]
+    width = max(3, len(str(count - 1)))
+    return [f"{stem}_{i:0{width}d}" for i in range(count)]
+
+
 # ---- generate-dataset ----------------------------------------------------------------------------------------
 
 
-def _settings(args: argparse.Namespace, options, layouts_digest: str) -> dict:
-    """What decides the data set's bytes, kept in DIR/generate.json so that a rerun resumes only the same job."""
+def _settings(args: argparse.Namespace, options, layouts: list, categories: list[dict]) -> dict:
+    """What decides the data set's bytes, kept in DIR/generate.json so that a rerun resumes only the same job.
+    `layouts_sha256` covers the layouts used (after --limit; captions as read, from a captions file too) and the
+    categories, not the bytes of the file they came from."""
     record = options.record()
     keys = ("seed", "steps", "guidance", "scheduler", "grounding_steps", "size", "dtype")
     settings = {"model": args.model, "adapter": args.adapter, **{key: record[key] for key in keys}}
     # layout control only when on: data sets written before it existed still resume
     control = options.pipeline_kwargs()
     settings.update({k: v for k, v in control.items() if k.startswith(("layout_guidance", "missing", "init"))})
-    settings.update(layouts_sha256=layouts_digest, per_layout=args.per_layout, batch_size=args.batch_size)
+    used = [[layout.caption, layout.labels, layout.boxes, layout.image_id] for layout in layouts]
+    text = json.dumps({"layouts": used, "categories": categories}, sort_keys=True, separators=(",", ":"))
+    settings.update(
+        layouts_sha256=hashlib.sha256(text.encode()).hexdigest(), limit=args.limit, per_layout=args.per_layout,
+        batch_size=args.batch_size,
+    )  # fmt: skip
     return settings
+
+
+def _previous_settings(path: Path) -> dict | None:
+    """The settings a run left in DIR/generate.json, None when there are none; refused when it is not one."""
+    from spatiallock.layout import read_json
+
+    if not os.path.lexists(path):
+        return None
+    hint = "it is not the settings file of a generate-dataset run: use another folder, or remove it to start over"
+    try:
+        previous = read_json(path, "settings file")
+    except SpatialLockError as err:
+        raise SpatialLockError(f"--out: {err}; {hint}") from None
+    if not isinstance(previous, dict):
+        raise SpatialLockError(f"--out: {path}: {hint}")
+    return previous
+
+
+PNG_START, PNG_END = b"\x89PNG\r\n\x1a\n", b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def is_finished_image(path: Path, size: int) -> bool:
+    """A complete PNG of `size` x `size` pixels: what a finished write leaves. A 0-byte, cut, unreadable or
+    foreign file is not one, and is written again."""
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(24)
+            stream.seek(-len(PNG_END), os.SEEK_END)
+            tail = stream.read()
+    except OSError:  # unreadable, or shorter than a PNG's end
+        return False
+    if len(head) < 24 or not head.startswith(PNG_START) or head[12:16] != b"IHDR" or tail != PNG_END:
+        return False
+    return struct.unpack(">II", head[16:24]) == (size, size)
 
 
 def _categories(layouts: list, source: dict | None) -> list[dict]:
@@ -147,29 +208,28 @@ def run_generate_dataset(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from spatiallock import sampling
+    from spatiallock.commands.options import check_out_folder
     from spatiallock.data.cocofile import write_json_atomic
     from spatiallock.draw import save_image_atomic
-    from spatiallock.layout import is_coco_instances, read_layouts
+    from spatiallock.layout import is_coco_instances, read_json, read_layouts
 
     options = sampling.SamplingOptions.from_args(args)
     options.check()
     if args.per_layout < 1:
         raise SpatialLockError(f"--per-layout: must be at least 1, got {args.per_layout}")
-    layouts = read_layouts(args.layouts)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise SpatialLockError(f"--limit: must be at least 1, got {args.limit}")
-        layouts = layouts[: args.limit]
-    raw = Path(args.layouts).read_bytes()
-    source = json.loads(raw)
+    if args.limit is not None and args.limit < 1:
+        raise SpatialLockError(f"--limit: must be at least 1, got {args.limit}")
+    layouts = read_layouts(args.layouts)[: args.limit]
+    source = read_json(args.layouts, "layout JSON file")
     categories = _categories(layouts, source["categories"] if is_coco_instances(source) else None)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise SpatialLockError(f"--out: {out} exists and is not a folder")
-    settings = _settings(args, options, hashlib.sha256(raw).hexdigest())
+    out = check_out_folder(args.out)
+    for part, kind in ((out / "images", "folder"), (out / "generate.json", "file")):
+        if os.path.lexists(part) and not (part.is_dir() if kind == "folder" else part.is_file()):
+            raise SpatialLockError(f"--out: {part} exists and is not a {kind}")
+    settings = _settings(args, options, layouts, categories)
     settings_file = out / "generate.json"
-    if settings_file.is_file():
-        previous = json.loads(settings_file.read_text())
+    previous = _previous_settings(settings_file)
+    if previous is not None:
         changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
         if changed:
             raise SpatialLockError(
@@ -183,16 +243,18 @@ def run_generate_dataset(args: argparse.Namespace) -> int:
     if state.is_main_process:
         (out / "images").mkdir(parents=True, exist_ok=True)
         for partial in (out / "images").glob(".*.part"):  # left by a run killed in the middle of a write
-            partial.unlink()
+            if partial.is_file() or partial.is_symlink():
+                partial.unlink()
         write_json_atomic(settings_file, settings)
     state.wait_for_everyone()
 
     jobs = sampling.jobs_of(layouts, args.per_layout)
     path_of = lambda i, k: out / "images" / f"{i * args.per_layout + k + 1:012d}.png"  # noqa: E731
+    done_of = lambda i, k: is_finished_image(path_of(i, k), size)  # noqa: E731
     # fixed batches: a resumed run regenerates whole batches, so every file is what one run would write
     batches = sampling.batches(jobs, options.batch_size)
     mine = [b for n, b in enumerate(batches) if n % state.num_processes == state.process_index]
-    todo = [b for b in mine if not all(path_of(i, k).is_file() for i, k in b)]
+    todo = [b for b in mine if not all(done_of(i, k) for i, k in b)]
     done = sum(len(b) for b in mine) - sum(len(b) for b in todo)
     with tqdm(
         total=sum(len(b) for b in mine), initial=done, unit="img", desc="generate-dataset",
@@ -204,7 +266,7 @@ def run_generate_dataset(args: argparse.Namespace) -> int:
             bar.update(len(batch))
     state.wait_for_everyone()
     if state.is_main_process:
-        missing = [path_of(i, k) for i, k in jobs if not path_of(i, k).is_file()]
+        missing = [path_of(i, k) for i, k in jobs if not done_of(i, k)]
         if missing:
             raise SpatialLockError(f"{len(missing)} images are missing (first: {missing[0]}); run again to finish")
         instances, captions = dataset_annotations(layouts, args.per_layout, (size, size), categories)

@@ -3,20 +3,54 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+
+from spatiallock.errors import SpatialLockError
 
 DTYPES = ("fp32", "fp16", "bf16")  # the keys of spatiallock.sampling.DTYPES, without importing torch for --help
+
+
+def check_out_folder(out: str | os.PathLike, option: str = "--out") -> Path:
+    """Refuse, before any work and without creating anything, an output folder that could not be written: one
+    that is a file, lies under a file, or lies in a folder this user cannot write."""
+    out = Path(out)
+    if os.path.lexists(out) and not out.is_dir():
+        raise SpatialLockError(f"{option}: {out} exists and is not a folder")
+    existing = out
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SpatialLockError(f"{option}: {out} cannot be made: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SpatialLockError(f"{option}: {out} cannot be written: {existing} is read-only for this user")
+    return out
+
+
+def make_out_folder(out: Path, option: str = "--out") -> Path:
+    """Create the output folder checked by `check_out_folder`, at the first file written to it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpatialLockError(f"{option}: cannot make {out}: {err.strerror}") from None
+    return out
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that samples."""
     from spatiallock.pipeline import SCHEDULERS
 
-    parser.add_argument("--model", required=True, metavar="MODEL", help="model folder, hub id or `default`")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="MODEL",
+        help="model folder, hub id (from the Hugging Face cache, never downloaded) or `default`",
+    )
     parser.add_argument(
         "--adapter", default=None, metavar="ADAPTER",
         help="adapter folder to attach to MODEL, or `none` for the base alone (default: MODEL's own adapter, if any)",
     )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed, 0 to 4294967295 (default: 0)")
     parser.add_argument("--steps", type=int, default=25, metavar="T", help="sampling steps (default: 25)")
     parser.add_argument(
         "--guidance", type=float, default=5.0, metavar="G", help="classifier-free guidance scale (default: 5.0)"
@@ -29,7 +63,9 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         "--grounding-steps", type=float, default=1.0, metavar="F",
         help="share of the steps, from the first, that use the layout (default: 1.0)",
     )  # fmt: skip
-    parser.add_argument("--size", type=int, default=None, metavar="PX", help="image side (default: the model's)")
+    parser.add_argument(
+        "--size", type=int, default=None, metavar="PX", help="image side, at most 4096 (default: the model's)"
+    )
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per batch (default: 8)")
     parser.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights' precision (default: fp32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

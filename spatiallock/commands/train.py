@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from spatiallock.errors import SpatialLockError
+
+MAX_RESOLUTION = 2048  # image side in pixels; Stable Diffusion v1 trains at 512
+MAX_SEED = 2**32 - 1
 
 BASE_HELP = """\
 Train the small text-to-image base of the synthetic domain on captions only: first a small autoencoder
@@ -111,7 +115,21 @@ def _add_loop_options(parser: argparse.ArgumentParser, steps: int, batch: int, l
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _loop(args: argparse.Namespace, steps: int, batch: int, lr: float, warmup: int = 0):
+def _check_number(name: str, value: float, low: float, high: float, *, open_low=False, open_high=False) -> None:
+    """`SpatialLockError` naming the option unless `value` is finite and within [low, high] (ends open as asked)."""
+    inside = math.isfinite(value) and (value > low if open_low else value >= low)
+    inside = inside and (value < high if open_high else value <= high)
+    if not inside:
+        where = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        raise SpatialLockError(f"{name}: must be a finite number in {where}, got {value}")
+
+
+def _check_resolution(name: str, value: int | None, multiple: int = 8) -> None:
+    if value is not None and (not 16 <= value <= MAX_RESOLUTION or value % multiple):
+        raise SpatialLockError(f"{name}: must be a multiple of {multiple} from 16 to {MAX_RESOLUTION}, got {value}")
+
+
+def _loop(args: argparse.Namespace, steps: int, batch: int, lr: float, warmup: int = 0, lr_option: str = "--lr"):
     from spatiallock.training.loop import LoopConfig
 
     for name, value in (
@@ -121,6 +139,12 @@ def _loop(args: argparse.Namespace, steps: int, batch: int, lr: float, warmup: i
     ):
         if value < 1:
             raise SpatialLockError(f"{name}: must be at least 1, got {value}")
+    for name, value in (("--num-workers", args.num_workers), ("--warmup-steps", warmup)):
+        if value < 0:
+            raise SpatialLockError(f"{name}: must be 0 or more, got {value}")
+    _check_number(lr_option, lr, 0.0, 1.0, open_low=True)
+    if not 0 <= args.seed <= MAX_SEED:
+        raise SpatialLockError(f"--seed: must be 0 to {MAX_SEED}, got {args.seed}")
     return LoopConfig(
         max_steps=steps, batch_size=batch, learning_rate=lr, warmup_steps=warmup, seed=args.seed,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep, num_workers=args.num_workers,
@@ -139,10 +163,12 @@ def _exit_code(result, message: str) -> int:
 def run_base(args: argparse.Namespace) -> int:
     from spatiallock.training.base import BaseTrainConfig, train_base
 
+    _check_resolution("--resolution", args.resolution, multiple=16)
+    _check_number("--ema-decay", args.ema_decay, 0.0, 1.0, open_high=True)
     config = BaseTrainConfig(
         data=args.data, out=args.out, resolution=args.resolution, init_from=args.init_from,
         mixed_precision=args.mixed_precision, snr_gamma=args.snr_gamma,
-        vae=_loop(args, args.vae_steps, args.vae_batch_size, args.vae_lr),
+        vae=_loop(args, args.vae_steps, args.vae_batch_size, args.vae_lr, lr_option="--vae-lr"),
         unet=_loop(args, args.max_steps, args.batch_size, args.lr, warmup=100),
     )  # fmt: skip
     config.unet.ema_decay = args.ema_decay
@@ -156,6 +182,7 @@ def run_base(args: argparse.Namespace) -> int:
 def run_adapter(args: argparse.Namespace) -> int:
     from spatiallock.training.adapter import AdapterTrainConfig, train_adapter
 
+    _check_resolution("--resolution", args.resolution)
     config = AdapterTrainConfig(
         base=args.base, data=args.data, out=args.out, variant=args.variant, positions=args.positions,
         loss_weights=args.loss_weights, resolution=args.resolution, mixed_precision=args.mixed_precision,
@@ -172,6 +199,7 @@ def run_adapter(args: argparse.Namespace) -> int:
 def run_decoder(args: argparse.Namespace) -> int:
     from spatiallock.training.decoder import DecoderTrainConfig, train_decoder
 
+    _check_resolution("--resolution", args.resolution)
     config = DecoderTrainConfig(
         base=args.base, data=args.data, out=args.out, resolution=args.resolution, split=args.split,
         mixed_precision=args.mixed_precision, loop=_loop(args, args.max_steps, args.batch_size, args.lr, warmup=50),
@@ -186,6 +214,9 @@ def run_decoder(args: argparse.Namespace) -> int:
 def run_detector(args: argparse.Namespace) -> int:
     from spatiallock.training.detector import DetectorTrainConfig, evaluate_and_record, train_detector
 
+    _check_number("--image-size", args.image_size, 32, MAX_RESOLUTION)
+    _check_number("--weight-decay", args.weight_decay, 0.0, 1.0)
+    _check_number("--ema-decay", args.ema_decay, 0.0, 1.0, open_high=True)
     loop = _loop(args, args.max_steps, args.batch_size, args.lr, warmup=args.warmup_steps)
     loop.weight_decay, loop.ema_decay = args.weight_decay, args.ema_decay
     config = DetectorTrainConfig(

@@ -24,6 +24,25 @@ from spatiallock.models.grounding import MAX_OBJECTS
 
 logger = logging.getLogger(__name__)
 
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's decompression-bomb limit (about 89 million pixels)
+
+
+def read_rgb(path: str | os.PathLike) -> Image.Image:
+    """The image file at `path` as RGB, whatever its mode.
+
+    Raises `OSError` or `ValueError` (the errors of an unreadable file) when it cannot be read, also when it
+    declares more than `MAX_IMAGE_PIXELS` pixels: that is refused before any pixel is decoded.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(f"{image.width}x{image.height}")
+                return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"more than {MAX_IMAGE_PIXELS} pixels: too large to read") from None
+
 
 def split_files(root: str | Path, split: str) -> tuple[Path, Path, Path]:
     """Instances file, captions file and image folder of a split, in either layout this package reads.
@@ -117,9 +136,8 @@ class LayoutDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def load_image(self, i: int) -> Image.Image:
-        """The RGB image of record `i`, whatever mode the file has."""
-        with Image.open(self.records[i].path) as image:
-            return image.convert("RGB")
+        """The RGB image of record `i`, whatever mode the file has (`read_rgb`)."""
+        return read_rgb(self.records[i].path)
 
     def __getitem__(self, i: int) -> dict:
         if not -len(self) <= i < len(self):

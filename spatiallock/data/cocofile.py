@@ -2,33 +2,48 @@
 
 `build_index` never fails on bad entries: it skips them and counts why, so one broken annotation
 cannot end an epoch. Only a file that is not COCO-format at all raises `SpatialLockError`.
+
+Every file is written through a temporary file created exclusively beside it (`atomic_output`): a planted link
+at a predictable name is never followed, and readers never see half a file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
+import stat
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from spatiallock.errors import SpatialLockError
 
 REQUIRED_KEYS = {"instances": ("images", "annotations", "categories"), "captions": ("annotations",)}
 ENTRY_KEY = {"instances": "bbox", "captions": "caption"}
+MAX_SIDE = 1 << 20  # a recorded image width or height beyond this is a broken entry
 
 
 def read_coco_json(path: str | Path, kind: str) -> dict:
     """Load a COCO `kind` ("instances" or "captions") file; SpatialLockError naming the file if it is not one."""
     name = str(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # /dev/zero never ends, a FIFO may never open: not read
+            raise SpatialLockError(f"{name}: not a regular file")
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
     except FileNotFoundError:
         raise SpatialLockError(f"{name}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SpatialLockError(f"{name}: not a JSON file: {err}") from None
+    except SpatialLockError:
+        raise
+    except (ValueError, RecursionError) as err:  # bad JSON, bad UTF-8, a 5,000-digit number, 100,000-deep nesting
+        detail = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0]
+        raise SpatialLockError(f"{name}: not a JSON file: {detail}") from None
     except OSError as err:
         raise SpatialLockError(f"{name}: cannot read: {err.strerror}") from None
     if not isinstance(data, dict):
@@ -48,14 +63,62 @@ def read_coco_json(path: str | Path, kind: str) -> dict:
     return data
 
 
+@functools.cache
+def _file_mode() -> int:
+    """The mode `open` gives a new file (0o666 less the umask); `mkstemp`'s files are 0o600."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, mode: str = "w", **open_options) -> Iterator[IO]:
+    """Open a new temporary file beside `path` and rename it onto `path` when the block ends without error.
+
+    The temporary file gets an unpredictable name and is created exclusively (`tempfile.mkstemp`), so a link
+    planted in the folder is never followed; the rename replaces a link at `path` itself instead of writing
+    through it. On an error the temporary file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        os.fchmod(fd, _file_mode())
+        with os.fdopen(fd, mode, **open_options) as handle:
+            yield handle
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through `atomic_output`."""
+    with atomic_output(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
 def write_json_atomic(path: str | Path, data: dict) -> None:
     """Write JSON with sorted keys and fixed separators through a temporary file, so readers never see half a file."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
-    with open(partial, "w", encoding="utf-8") as handle:
+    with atomic_output(path, "w", encoding="utf-8") as handle:
         json.dump(data, handle, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         handle.write("\n")
-    os.replace(partial, path)
+
+
+def writable_folder(folder: str | os.PathLike, option: str) -> Path:
+    """Check that `folder` is, or can be created as, a folder this process may write in; `SpatialLockError`
+    naming `option` if not. Nothing is created: a refused run leaves nothing behind."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: mkdir would fail on it
+            raise SpatialLockError(f"{option} {folder}: {existing} is a broken link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SpatialLockError(f"{option} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SpatialLockError(f"{option} {folder}: no permission to write in {existing}")
+    return folder
 
 
 @dataclass(frozen=True)
@@ -103,7 +166,17 @@ def _is_id(value: object) -> bool:
 
 
 def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _id_of(value: object) -> int | None:
+    """`value` if it is an id (an int, not a bool), else None: lists or dicts as ids must not reach a dict lookup."""
+    return value if _is_id(value) else None
 
 
 def _clean_box(bbox: object, width: int, height: int) -> tuple[float, float, float, float] | None:
@@ -122,7 +195,7 @@ def _images(entries: list, root: str, skipped: Counter) -> dict[int, dict]:
     for entry in entries:
         if not isinstance(entry, dict) or not _is_id(entry.get("id")) or not isinstance(entry.get("file_name"), str):
             skipped["bad_image_entry"] += 1
-        elif not all(_is_id(entry.get(k)) and entry[k] > 0 for k in ("width", "height")):
+        elif not all(_is_id(entry.get(k)) and 0 < entry[k] <= MAX_SIDE for k in ("width", "height")):
             skipped["bad_image_entry"] += 1
         elif entry["id"] in images:
             skipped["duplicate_image_id"] += 1
@@ -160,10 +233,10 @@ def _objects(
             skipped["duplicate_annotation_id"] += 1
             continue
         seen.add(ann["id"])
-        image = images.get(ann.get("image_id"))
+        image = images.get(_id_of(ann.get("image_id")))
         if image is None:
             skipped["unknown_image_id"] += 1
-        elif ann.get("category_id") not in categories:
+        elif _id_of(ann.get("category_id")) not in categories:
             skipped["unknown_category"] += 1
         elif ann.get("iscrowd", 0):
             filtered["crowd"] += 1
@@ -184,7 +257,7 @@ def _captions(entries: list, images: dict, skipped: Counter) -> dict[int, list[s
             skipped["bad_caption_entry"] += 1
         elif ann["id"] in seen:
             skipped["duplicate_caption_id"] += 1
-        elif ann.get("image_id") not in images:
+        elif _id_of(ann.get("image_id")) not in images:
             seen.add(ann["id"])
             skipped["caption_of_unknown_image"] += 1
         elif not isinstance(ann.get("caption"), str) or not ann["caption"].strip():
@@ -233,3 +306,33 @@ def build_index(
             )
     ordered = [categories[k] for k in sorted(categories)]
     return CocoIndex(records, ordered, dict(sorted(skipped.items())), dict(sorted(filtered.items())))
+
+
+def scorable_instances(instances: dict) -> tuple[dict, dict[str, int]]:
+    """The part of a COCO instances dict that can be scored: well-formed images, categories and annotations
+    (as `build_index` judges them; crowd annotations kept), and the counts of what was left out."""
+    skipped: Counter = Counter()
+    images = _images(instances["images"], "", skipped)
+    categories = _categories(instances["categories"], skipped)
+    annotations = []
+    for ann in instances["annotations"]:
+        image = images.get(_id_of(ann.get("image_id"))) if isinstance(ann, dict) else None
+        if image is None:
+            skipped["bad_annotation_entry" if not isinstance(ann, dict) else "unknown_image_id"] += 1
+        elif _id_of(ann.get("category_id")) not in categories:
+            skipped["unknown_category"] += 1
+        elif _clean_box(ann.get("bbox"), image["width"], image["height"]) is None:
+            skipped["bad_box"] += 1
+        else:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            area = ann.get("area") if _number(ann.get("area")) else w * h
+            annotations.append(
+                {"image_id": image["id"], "category_id": ann["category_id"], "bbox": [x, y, w, h], "area": area,
+                 "iscrowd": 1 if ann.get("iscrowd") else 0}
+            )  # fmt: skip
+    clean = {
+        "images": [{k: v for k, v in image.items() if k != "path"} for image in images.values()],
+        "annotations": annotations,
+        "categories": list(categories.values()),
+    }
+    return clean, dict(sorted(skipped.items()))

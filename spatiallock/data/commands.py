@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 from spatiallock.errors import SpatialLockError
+
+MAX_SYNTH_SIZE = 1024  # `data synth --size`: the synthetic domain is drawn at 32 to 1024 pixels
+MAX_CELL = 1024  # `data show --cell`
 
 SYNTH_HELP = """\
 Draw the synthetic layout domain: 16 categories ("red circle" ... "yellow diamond"), 1 to 6 objects
@@ -47,7 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--train", type=int, required=True, metavar="N", help="number of training images")
     synth.add_argument("--val", type=int, required=True, metavar="M", help="number of validation images")
     synth.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
-    synth.add_argument("--size", type=int, default=64, metavar="PX", help="image side in pixels, >= 32 (default: 64)")
+    synth.add_argument(
+        "--size", type=int, default=64, metavar="PX",
+        help=f"image side in pixels, 32 to {MAX_SYNTH_SIZE} (default: 64)",
+    )  # fmt: skip
     synth.add_argument(
         "--workers", type=int, default=None, metavar="W", help="processes (default: CPU count, at most 8)"
     )
@@ -65,8 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("--out", required=True, metavar="PNG", help="grid image to write")
     show.add_argument("--num", type=int, default=16, metavar="N", help="number of images (default: 16)")
     show.add_argument(
-        "--cell", type=int, default=192, metavar="PX", help="side of one image in the grid (default: 192)"
-    )
+        "--cell", type=int, default=192, metavar="PX",
+        help=f"side of one image in the grid, 32 to {MAX_CELL} (default: 192)",
+    )  # fmt: skip
     show.add_argument(
         "--seed", type=int, default=None, help="pick images at random with this seed (default: the first N)"
     )
@@ -75,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_synth(args: argparse.Namespace) -> int:
     """Handle `data synth`: check the arguments, write the data set, print what was written."""
+    from spatiallock.data.cocofile import writable_folder
     from spatiallock.data.synth import synthesize
 
     for name in ("train", "val", "seed"):
@@ -82,15 +91,19 @@ def run_synth(args: argparse.Namespace) -> int:
             raise SpatialLockError(f"--{name} must be 0 or more, got {getattr(args, name)}")
     if args.train + args.val == 0:
         raise SpatialLockError("--train and --val are both 0: nothing to write")
-    if args.size < 32:
-        raise SpatialLockError(f"--size must be at least 32 pixels, got {args.size}")
+    if not 32 <= args.size <= MAX_SYNTH_SIZE:
+        raise SpatialLockError(f"--size must be 32 to {MAX_SYNTH_SIZE} pixels, got {args.size}")
     if args.workers is not None and args.workers < 1:
         raise SpatialLockError(f"--workers must be 1 or more, got {args.workers}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SpatialLockError(f"--out {out}: exists and is not a folder")
+    writable_folder(out, "--out")
     start = time.perf_counter()
-    written = synthesize(out, args.train, args.val, args.seed, args.size, args.workers, not args.no_progress)
+    try:
+        written = synthesize(out, args.train, args.val, args.seed, args.size, args.workers, not args.no_progress)
+    except OSError as err:  # a full disk, or the folder made read-only or replaced meanwhile
+        raise SpatialLockError(f"--out {out}: cannot write {err.filename or ''}: {err.strerror or err}") from None
     seconds = time.perf_counter() - start
     images = sum(n for n, _ in written.values())
     parts = ", ".join(f"{split}: {n} images, {k} objects" for split, (n, k) in written.items())
@@ -100,7 +113,10 @@ def run_synth(args: argparse.Namespace) -> int:
 
 def run_show(args: argparse.Namespace) -> int:
     """Handle `data show`: read the split, draw the grid, write the PNG."""
+    from PIL import Image
+
     from spatiallock.data.coco import LayoutDataset, split_files
+    from spatiallock.data.cocofile import atomic_output, writable_folder
     from spatiallock.data.show import contact_sheet
 
     explicit = (args.instances, args.captions, args.images)
@@ -112,15 +128,34 @@ def run_show(args: argparse.Namespace) -> int:
         files = split_files(args.data, args.split)
     else:
         raise SpatialLockError("give a data set folder DIR, or --instances, --captions and --images")
-    if args.num < 1 or args.cell < 32:
-        raise SpatialLockError("--num must be 1 or more and --cell at least 32")
+    if args.num < 1 or not 32 <= args.cell <= MAX_CELL:
+        raise SpatialLockError(f"--num must be 1 or more and --cell 32 to {MAX_CELL}, got {args.num} and {args.cell}")
+    if args.seed is not None and args.seed < 0:
+        raise SpatialLockError(f"--seed must be 0 or more, got {args.seed}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise SpatialLockError(f"--out {out}: is a folder; give the PNG file to write")
+    writable_folder(out.parent, "--out")
     dataset = LayoutDataset(*files, min_objects=0)
     if len(dataset) == 0:
         raise SpatialLockError(f"{files[0]}: no usable image to show")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.part")
-    contact_sheet(dataset, args.num, args.cell, args.seed).save(partial, format="PNG")
-    partial.replace(out)
-    print(f"wrote {out} ({min(args.num, len(dataset))} of {len(dataset)} images)")
+    shown = min(args.num, len(dataset))
+    if shown * (args.cell + 4) ** 2 > Image.MAX_IMAGE_PIXELS:
+        raise SpatialLockError(
+            f"--num {args.num} images of --cell {args.cell} pixels make a grid too large to read back; use fewer"
+        )
+    sheet, unreadable = contact_sheet(dataset, shown, args.cell, args.seed)
+    if unreadable:
+        print(
+            f"spatiallock: warning: {len(unreadable)} of {shown} images cannot be read and are left out "
+            f"(first: {unreadable[0]})",
+            file=sys.stderr,
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(out, "wb") as handle:
+            sheet.save(handle, format="PNG")
+    except OSError as err:
+        raise SpatialLockError(f"--out {out}: cannot write: {err.strerror or err}") from None
+    print(f"wrote {out} ({shown - len(unreadable)} of {len(dataset)} images)")
     return 0

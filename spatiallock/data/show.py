@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from spatiallock.data.coco import LayoutDataset
 from spatiallock.draw import label_colour
+from spatiallock.errors import SpatialLockError
 
 
 def draw_cell(
@@ -45,26 +46,34 @@ def draw_cell(
     return out
 
 
-def contact_sheet(dataset: LayoutDataset, count: int = 16, cell: int = 192, seed: int | None = None) -> Image.Image:
-    """A grid of `count` images (the first ones, or a random choice with `seed`) with their layouts drawn on."""
+def contact_sheet(
+    dataset: LayoutDataset, count: int = 16, cell: int = 192, seed: int | None = None
+) -> tuple[Image.Image, list[str]]:
+    """A grid of `count` images (the first ones, or a random choice with `seed`) with their layouts drawn on.
+
+    Returns the grid and the images left out of it because they cannot be read ("path: why"); none readable
+    raises `SpatialLockError`.
+    """
     count = min(count, len(dataset))
     if seed is None:
         chosen = list(range(count))
     else:
         chosen = sorted(np.random.default_rng(seed).choice(len(dataset), count, replace=False).tolist())
     font = ImageFont.load_default(size=max(9, cell // 16))
-    cells = []
+    cells, unreadable = [], []
     for i in chosen:
         try:
             cells.append(draw_cell(dataset, i, cell, font))
-        except (OSError, ValueError):  # an unreadable file is left out of the sheet
-            continue
+        except (OSError, ValueError) as err:  # an unreadable file is left out of the sheet, and said so
+            unreadable.append(f"{dataset.records[i].path}: {err}")
+    if not cells:
+        raise SpatialLockError(f"none of the {len(chosen)} images can be read (first: {unreadable[0]})")
     count = len(cells)
     columns = max(1, int(np.ceil(np.sqrt(count))))
     rows = max(1, -(-count // columns))
     gap = 4
-    cell_h = cells[0].size[1] if cells else cell
+    cell_h = cells[0].size[1]
     sheet = Image.new("RGB", (columns * (cell + gap) + gap, rows * (cell_h + gap) + gap), (255, 255, 255))
     for n, image in enumerate(cells):
         sheet.paste(image, (gap + (n % columns) * (cell + gap), gap + (n // columns) * (cell_h + gap)))
-    return sheet
+    return sheet, unreadable

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from spatiallock.data.captions import CaptionObject, make_captions
-from spatiallock.data.cocofile import write_json_atomic
+from spatiallock.data.cocofile import atomic_output, write_json_atomic
 from spatiallock.data.shapes import (
     BACKGROUNDS,
     COLOURS,
@@ -157,11 +157,8 @@ def render_record(seed: int, split: str, index: int, config: SynthConfig) -> tup
 def _render_and_save(task: tuple[int, str, int, SynthConfig, str]) -> dict:
     seed, split, index, config, folder = task
     png, record = render_record(seed, split, index, config)
-    path = os.path.join(folder, record["image"]["file_name"])
-    partial = f"{path}.part"
-    with open(partial, "wb") as handle:
+    with atomic_output(os.path.join(folder, record["image"]["file_name"]), "wb") as handle:
         handle.write(png)
-    os.replace(partial, path)
     return record
 
 

@@ -24,7 +24,7 @@ from spatiallock.base import (
     small_unet_config,
     small_vae_config,
 )
-from spatiallock.checkpoint import atomic_save_pretrained
+from spatiallock.checkpoint import atomic_save_pretrained, from_pretrained_safetensors
 from spatiallock.data.coco import collate_layouts
 from spatiallock.errors import SpatialLockError
 from spatiallock.text import encode_captions, load_minilm
@@ -95,16 +95,25 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
     text_encoder, tokenizer = load_minilm()
     text_encoder.to(device)
     dataset = run.layout_data(config.resolution, config.vae.seed, random_caption=True)
+    vae_dir = folder / "vae"
+    init_unet = init_vae = None
+    if config.init_from is not None:  # loaded before anything is written: a folder that does not load writes nothing
+        # fp32 weights whatever the folder holds (the shipped base is fp16)
+        init_unet = from_pretrained_safetensors(
+            UNet2DConditionModel, config.init_from, "init from", subfolder="unet", torch_dtype=torch.float32
+        )
+        if not (vae_dir / "config.json").is_file():
+            init_vae = from_pretrained_safetensors(
+                AutoencoderKL, config.init_from, "init from", subfolder="vae", torch_dtype=torch.float32
+            )
     run.record_config()
 
     # 1. the autoencoder, unless a finished one is already there or `init_from` gives one
-    vae_dir = folder / "vae"
-    if config.init_from is not None and not (vae_dir / "config.json").is_file() and accelerator.is_main_process:
-        vae = AutoencoderKL.from_pretrained(config.init_from, subfolder="vae", torch_dtype=torch.float32)
-        atomic_save_pretrained(vae, vae_dir)
+    if init_vae is not None and accelerator.is_main_process:
+        atomic_save_pretrained(init_vae, vae_dir)
     accelerator.wait_for_everyone()
     if (vae_dir / "config.json").is_file():
-        vae = AutoencoderKL.from_pretrained(vae_dir)
+        vae = from_pretrained_safetensors(AutoencoderKL, vae_dir, "trained autoencoder")
     else:
         torch.manual_seed(config.vae.seed)
         vae = AutoencoderKL(**small_vae_config(config.resolution))
@@ -131,8 +140,8 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
     # 2. the U-Net on frozen latents and caption states
     torch.manual_seed(config.unet.seed)
     latent_size = config.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-    if config.init_from is not None:  # fp32 weights whatever the folder holds (the shipped base is fp16)
-        unet = UNet2DConditionModel.from_pretrained(config.init_from, subfolder="unet", torch_dtype=torch.float32)
+    if init_unet is not None:
+        unet = init_unet
     else:
         unet = UNet2DConditionModel(**small_unet_config(latent_size, text_encoder.config.hidden_size))
     scheduler = small_scheduler()

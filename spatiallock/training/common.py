@@ -14,8 +14,18 @@ from accelerate import Accelerator
 from spatiallock.base import BaseModel
 from spatiallock.checkpoint import list_checkpoints
 from spatiallock.data.coco import LayoutDataset
+from spatiallock.data.cocofile import writable_folder, write_text_atomic
 from spatiallock.errors import SpatialLockError
 from spatiallock.training.loop import make_accelerator
+
+CONFIG_NAME = "config.json"
+# settings that may change when a run is resumed: how long it runs and how it is watched, not what it learns
+# (gradient checkpointing trades memory for compute and gives the same steps)
+RESUMABLE_CHANGES = frozenset(
+    {"out", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "resume", "progress",
+     "gradient_checkpointing"}
+)  # fmt: skip
+PATH_SETTINGS = frozenset({"data", "base", "init_from"})  # the same folder, however it is written
 
 # ---- the start of a run ---------------------------------------------------------------------------------------
 
@@ -44,16 +54,70 @@ class TrainingRun:
         that a run which fails to start leaves no folder behind."""
         if self.accelerator.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
-            (self.folder / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+            write_text_atomic(self.folder / CONFIG_NAME, json.dumps(asdict(self.config), indent=2) + "\n")
+
+
+def _flat(values: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as {"loop.batch_size": 16, ...}; lists and tuples compare alike (JSON has only lists)."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def _same(key: str, recorded: Any, now: Any) -> bool:
+    if recorded == now:
+        return True
+    name = key.rsplit(".", 1)[-1]
+    if name in PATH_SETTINGS and isinstance(recorded, str) and isinstance(now, str):
+        return Path(recorded).resolve() == Path(now).resolve()
+    return False
+
+
+def changed_settings(recorded: dict, config) -> list[str]:
+    """The settings of `config` that decide what a run learns and differ from `recorded` (a run's config.json):
+    "name: recorded -> now" for each, by their names in config.json."""
+    before, now = _flat(recorded), _flat(json.loads(json.dumps(asdict(config))))
+    changes = []
+    for key in sorted(before.keys() & now.keys()):  # a setting only one side knows: another version's, not compared
+        if key.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES and not _same(key, before[key], now[key]):
+            changes.append(f"{key}: {before[key]!r} -> {now[key]!r}")
+    return changes
+
+
+def check_resumed_settings(folder: Path, config) -> None:
+    """Refuse to resume the run recorded in `folder/config.json` with other settings than it was started with."""
+    path = folder / CONFIG_NAME
+    if not path.exists():
+        return  # nothing recorded (the run was killed before it started): nothing to compare
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(recorded, dict):
+            raise ValueError(f"a JSON {type(recorded).__name__}, not an object")
+    except (OSError, ValueError, RecursionError) as err:
+        raise SpatialLockError(f"--resume: {path} cannot be read ({str(err).splitlines()[0]})") from None
+    changes = changed_settings(recorded, config)
+    if changes:
+        raise SpatialLockError(
+            f"--resume: the run in {folder.parent} was started with other settings ({'; '.join(changes)}); resume "
+            "with the recorded ones (see its train/config.json) or train into another folder"
+        )
 
 
 def start_training(config, stages: tuple[str, ...], resume: bool, mixed_precision: str = "no") -> TrainingRun:
-    """The prologue of every trainer, after it has checked its options: refuse an output folder that already holds
-    checkpoints of one of `stages` unless `resume`, then make the accelerator."""
-    out = Path(config.out)
+    """The prologue of every trainer, after it has checked its options: refuse an output folder that cannot be
+    written, or that already holds checkpoints of one of `stages` unless `resume`, and then a resumed run whose
+    settings differ from those it recorded; make the accelerator."""
+    out = writable_folder(config.out, "out:")
     folder = out / "train"
-    if not resume and any(list_checkpoints(folder / "checkpoints" / stage) for stage in stages):
+    started = any(list_checkpoints(folder / "checkpoints" / stage) for stage in stages)
+    if started and not resume:
         raise SpatialLockError(f"out: {out} already holds checkpoints; pass --resume to continue or choose another")
+    if started:
+        check_resumed_settings(folder, config)
     return TrainingRun(config, make_accelerator(mixed_precision), out, folder)
 
 

@@ -9,7 +9,9 @@ with the new `vae/`.
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +20,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 
-from spatiallock.checkpoint import atomic_save_pretrained
+from spatiallock.checkpoint import atomic_save_pretrained, from_pretrained_safetensors
 from spatiallock.data.coco import collate_layouts
+from spatiallock.data.cocofile import atomic_output
 from spatiallock.errors import SpatialLockError
 from spatiallock.training.common import start_training
 from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
@@ -63,6 +66,42 @@ def trainable_decoder(vae: AutoencoderKL) -> AutoencoderKL:
     return vae
 
 
+def copied_files(base: Path) -> list[Path]:
+    """The files of the base folder that go into the new model, relative to it: every regular file except those
+    of `vae/` (trained anew), `train/` and hidden entries at the top. `SpatialLockError` on a link or any other
+    special file: nothing is followed out of the base folder, and nothing but plain files is copied."""
+    files = []
+    for root, dirs, names in os.walk(base):
+        here = Path(root)
+        if here == base:
+            dirs[:] = [d for d in dirs if d not in ("vae", "train") and not d.startswith(".")]
+            names = [n for n in names if not n.startswith(".")]
+        for name in sorted([*dirs, *names]):
+            mode = (here / name).lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise SpatialLockError(
+                    f"base: {here / name} is a link; links are not followed out of the model folder (copy the "
+                    "model with its files, e.g. `cp -rL`, and give the copy)"
+                )
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise SpatialLockError(f"base: {here / name} is not a regular file")
+        files += [(here / name).relative_to(base) for name in sorted(names)]
+    return files
+
+
+def copy_files(base: Path, out: Path) -> None:
+    """Copy the base's `copied_files` into `out` (each through a temporary file, never through a link)."""
+    for relative in copied_files(base):
+        target = out / relative
+        for parent in reversed(target.relative_to(out).parents[:-1]):
+            if (out / parent).is_symlink():
+                raise SpatialLockError(f"out: {out / parent} is a link; not written through")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(base / relative, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as source, atomic_output(target, "wb") as copy:
+            shutil.copyfileobj(source, copy)
+
+
 def train_decoder(config: DecoderTrainConfig) -> LoopResult:
     """Train the decoder of `config.base`'s autoencoder; writes the base with the new decoder at `config.out`."""
     base = Path(config.base)
@@ -70,9 +109,11 @@ def train_decoder(config: DecoderTrainConfig) -> LoopResult:
         raise SpatialLockError(f"base: {base} is not a model folder with vae/ and model_index.json")
     if Path(config.out).resolve() == base.resolve():
         raise SpatialLockError("out: must be another folder than the base (the base is copied, not changed)")
+    copied_files(base)  # refuse links and special files before any work
     run = start_training(config, (STAGE,), config.loop.resume, config.mixed_precision)
     accelerator, out = run.accelerator, run.out
-    vae = trainable_decoder(AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32))
+    vae = from_pretrained_safetensors(AutoencoderKL, base, "base", subfolder="vae", torch_dtype=torch.float32)
+    vae = trainable_decoder(vae)
     dataset = run.layout_data(config.resolution, config.loop.seed)
     run.record_config()
 
@@ -87,14 +128,7 @@ def train_decoder(config: DecoderTrainConfig) -> LoopResult:
         collate_fn=collate_layouts, compute_losses=losses, config=config.loop,
     )  # fmt: skip
     if not result.interrupted and accelerator.is_main_process:
-        for item in base.iterdir():  # the rest of the model folder, as it is
-            if item.name in ("vae", "train") or item.name.startswith("."):
-                continue
-            target = out / item.name
-            if item.is_dir():
-                shutil.copytree(item, target, dirs_exist_ok=True)
-            else:
-                shutil.copy2(item, target)
+        copy_files(base, out)  # the rest of the model folder, as it is
         atomic_save_pretrained(vae, out / "vae")
     accelerator.wait_for_everyone()
     return result

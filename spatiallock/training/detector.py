@@ -15,6 +15,7 @@ import torch
 
 from spatiallock.checkpoint import atomic_save_pretrained
 from spatiallock.data.coco import collate_layouts, split_files
+from spatiallock.data.cocofile import write_text_atomic
 from spatiallock.detector import Detector, DetectorConfig, evaluate_detector
 from spatiallock.errors import SpatialLockError
 from spatiallock.training.common import start_training
@@ -106,8 +107,5 @@ def evaluate_and_record(out: str | os.PathLike, data: str | os.PathLike, split: 
         return None
     metrics = evaluate_detector(Detector.from_pretrained(out), data, split)
     record = {**metrics, "data": str(data), "split": split, **extra}
-    path = Path(out) / EVAL_NAME
-    partial = path.with_name(path.name + ".part")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(partial, path)
+    write_text_atomic(Path(out) / EVAL_NAME, json.dumps(record, indent=2) + "\n")
     return metrics

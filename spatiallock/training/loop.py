@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,16 +18,46 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from spatiallock.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from spatiallock.checkpoint import (
+    UnreadableCheckpoint,
+    list_checkpoints,
+    load_checkpoint,
+    remove_temporaries,
+    save_checkpoint,
+)
+from spatiallock.data.cocofile import write_text_atomic
 from spatiallock.errors import SpatialLockError
 
 
 class NonFiniteLoss(SpatialLockError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def resume(
+    checkpoints: Path, models: dict[str, nn.Module], optimizer, lr_scheduler, main: bool
+) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
+    """Restore the newest readable checkpoint in `checkpoints`: (its step, its tensor files); (0, {}) if there is
+    none. A newer one that cannot be read is named in a warning (main process) and the one before it used; when
+    none can be read, `SpatialLockError`."""
+    found = list_checkpoints(checkpoints)
+    unreadable = []
+    for path in reversed(found):
+        try:
+            state, files = load_checkpoint(path, models, optimizer, lr_scheduler)
+        except UnreadableCheckpoint as err:
+            unreadable.append(str(err))
+            continue
+        if main:
+            for reason in unreadable:
+                print(f"spatiallock: warning: {reason}; resuming from {path.name} instead", file=sys.stderr)
+        return state["step"], files
+    if unreadable:
+        more = f" (and {len(unreadable) - 1} older ones)" if len(unreadable) > 1 else ""
+        raise SpatialLockError(f"--resume: {unreadable[0]}{more}; no checkpoint to resume from")
+    return 0, {}
 
 
 @dataclass
@@ -134,14 +165,17 @@ class JsonLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if path.exists():
-            for line in path.read_text().splitlines():
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     entry = json.loads(line)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     continue  # a line cut by a kill
-                if entry.get("stage") != stage or entry.get("step", 0) <= resume_step:
+                if not isinstance(entry, dict):
+                    continue
+                step = entry.get("step", 0)
+                if entry.get("stage") != stage or not isinstance(step, (int, float)) or step <= resume_step:
                     kept.append(line)
-        path.write_text("".join(line + "\n" for line in kept))
+        write_text_atomic(path, "".join(line + "\n" for line in kept))  # a kill here keeps the old log
 
     def write(self, entry: dict) -> None:
         if self.enabled:
@@ -190,6 +224,15 @@ def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) ->
     )
 
 
+def _ema_shadow(shadow: dict[str, torch.Tensor], model: nn.Module, checkpoints: Path) -> list[torch.Tensor]:
+    """The saved moving average of `model`'s parameters, checked against them."""
+    params = list(model.parameters())
+    values = [shadow.get(str(i)) for i in range(len(params))]
+    if "optimization_step" not in shadow or any(v is None or v.shape != p.shape for v, p in zip(values, params)):
+        raise SpatialLockError(f"{checkpoints}: the saved weight average does not fit the model being trained")
+    return values
+
+
 @dataclass
 class LoopResult:
     """Where a run ended. `models`: the trained models as given (unwrapped), on every process."""
@@ -224,20 +267,18 @@ def train_loop(
     groups = param_groups(named, config)
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     lr_scheduler = constant_with_warmup(optimizer, config.warmup_steps)
-    start = 0
-    found = list_checkpoints(checkpoints) if config.resume else []
-    if found:
-        start = load_checkpoint(found[-1], models, optimizer, lr_scheduler)["step"]
+    start, files = (
+        resume(checkpoints, models, optimizer, lr_scheduler, accelerator.is_main_process) if config.resume else (0, {})
+    )
     ema = {}
     if config.ema_decay > 0:
         from diffusers.training_utils import EMAModel
 
         for name, model in models.items():
             ema[name] = EMAModel(model.parameters(), decay=config.ema_decay)
-            saved = found[-1] / f"ema_{name}.safetensors" if found else None
-            if saved is not None and saved.is_file():  # else: start the average from the resumed weights
-                shadow = load_file(saved)
-                ema[name].shadow_params = [shadow[str(i)] for i in range(len(shadow) - 1)]
+            shadow = files.get(f"ema_{name}")
+            if shadow is not None:  # else: start the average from the resumed weights
+                ema[name].shadow_params = _ema_shadow(shadow, model, checkpoints)
                 ema[name].optimization_step = int(shadow["optimization_step"])
     names = list(models)
     prepared = accelerator.prepare(*models.values(), optimizer)
@@ -245,6 +286,8 @@ def train_loop(
     optimizer = prepared[-1]
 
     main = accelerator.is_main_process
+    if main:
+        remove_temporaries(checkpoints)  # left by a kill during a checkpoint write
     log = JsonLog(folder / "log.jsonl", stage, start, enabled=main)
     sampler = StepBatches(
         len(dataset), config.batch_size, accelerator.num_processes, accelerator.process_index, config.seed, start
