@@ -167,7 +167,7 @@ def test_7_an_out_that_cannot_be_written_is_refused_before_the_model_is_loaded(
     layout = write_json(tmp_path / "one.json", GOOD)
     afile = tmp_path / "afile"
     afile.write_text("x")
-    refused(capsys, generate(layout, "default", afile / "sub"), "--out: ", "afile is not a folder")
+    refused(capsys, generate(layout, "default", afile / "sub"), "--out: ", "afile is a file, not a folder")
     refused(capsys, generate(layout, "default", afile), "--out: ", "exists and is not a folder")
     # a read-only folder (permissions do not stop root: the check asks os.access, as the kernel would answer)
     readonly = tmp_path / "readonly"
@@ -177,7 +177,7 @@ def test_7_an_out_that_cannot_be_written_is_refused_before_the_model_is_loaded(
     refused(capsys, generate(layout, "default", readonly / "out"), "--out: ", "is read-only")
     # generate-dataset and evaluate check theirs the same way
     args = ["generate-dataset", "--layouts", layout, "--model", "default", "--out", str(afile / "set")]
-    refused(capsys, main(args), "--out: ", "afile is not a folder")
+    refused(capsys, main(args), "--out: ", "afile is a file, not a folder")
     args = ["evaluate", "--layouts", layout, "--model", "default", "--detector", "default"]
     refused(capsys, main([*args, "--out", str(readonly / "report.json")]), "--out: ", "is read-only")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "one.json", "readonly"]

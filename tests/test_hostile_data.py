@@ -483,7 +483,7 @@ def test_data_show_names_how_many_images_it_left_out(tiny_shapes, tmp_path, caps
     [
         (("--cell", "2048"), "--cell"),
         (("--out", "FOLDER"), "is a folder"),
-        (("--out", "UNDER_A_FILE"), "is a file, not a folder"),
+        (("--out", "UNDER_A_FILE"), "not a folder"),
         (("--seed", "-1"), "--seed"),
     ],
 )

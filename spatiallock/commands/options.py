@@ -14,17 +14,9 @@ DTYPES = ("fp32", "fp16", "bf16")  # the keys of spatiallock.sampling.DTYPES, wi
 def check_out_folder(out: str | os.PathLike, option: str = "--out") -> Path:
     """Refuse, before any work and without creating anything, an output folder that could not be written: one
     that is a file, lies under a file, or lies in a folder this user cannot write."""
-    out = Path(out)
-    if os.path.lexists(out) and not out.is_dir():
-        raise SpatialLockError(f"{option}: {out} exists and is not a folder")
-    existing = out
-    while not os.path.lexists(existing) and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise SpatialLockError(f"{option}: {out} cannot be made: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SpatialLockError(f"{option}: {out} cannot be written: {existing} is read-only for this user")
-    return out
+    from spatiallock.data.cocofile import writable_folder
+
+    return writable_folder(out, option)
 
 
 def make_out_folder(out: Path, option: str = "--out") -> Path:

@@ -107,17 +107,20 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
 
 def writable_folder(folder: str | os.PathLike, option: str) -> Path:
     """Check that `folder` is, or can be created as, a folder this process may write in; `SpatialLockError`
-    naming `option` if not. Nothing is created: a refused run leaves nothing behind."""
+    naming `option` if not (a file, a path under a file, a broken link, a folder this user cannot write in).
+    Nothing is created: a refused run leaves nothing behind."""
     folder = Path(folder)
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise SpatialLockError(f"{option}: {folder} exists and is not a folder")
     existing = folder
     while not existing.exists() and existing != existing.parent:
         if existing.is_symlink():  # a dangling link: mkdir would fail on it
-            raise SpatialLockError(f"{option} {folder}: {existing} is a broken link")
+            raise SpatialLockError(f"{option}: {folder}: {existing} is a broken link")
         existing = existing.parent
     if not existing.is_dir():
-        raise SpatialLockError(f"{option} {folder}: {existing} is a file, not a folder")
+        raise SpatialLockError(f"{option}: {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise SpatialLockError(f"{option} {folder}: no permission to write in {existing}")
+        raise SpatialLockError(f"{option}: {folder}: {existing} is read-only for this user (no permission to write)")
     return folder
 
 

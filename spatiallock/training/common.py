@@ -111,7 +111,7 @@ def start_training(config, stages: tuple[str, ...], resume: bool, mixed_precisio
     """The prologue of every trainer, after it has checked its options: refuse an output folder that cannot be
     written, or that already holds checkpoints of one of `stages` unless `resume`, and then a resumed run whose
     settings differ from those it recorded; make the accelerator."""
-    out = writable_folder(config.out, "out:")
+    out = writable_folder(config.out, "out")
     folder = out / "train"
     started = any(list_checkpoints(folder / "checkpoints" / stage) for stage in stages)
     if started and not resume:
