@@ -44,6 +44,8 @@ def write_json(path, value) -> str:
 
 
 def error_line(stderr: str) -> str:
+    """The one error line of a refusal (and nothing that looks like a traceback)."""
+    assert "Traceback" not in stderr, stderr
     lines = [line for line in stderr.splitlines() if line.startswith("spatiallock: error:")]
     assert len(lines) == 1, stderr
     return lines[0]

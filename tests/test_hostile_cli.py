@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_generate import error_line, generate
 
 import spatiallock.sampling as sampling
 from spatiallock.cli import main
@@ -24,19 +25,6 @@ GOOD = {"caption": "a red circle", "objects": [{"label": "red circle", "box": [0
 def write_json(path: Path, value) -> str:
     path.write_text(value if isinstance(value, str) else json.dumps(value))
     return str(path)
-
-
-def error_line(stderr: str) -> str:
-    """The one error line of a refusal (and nothing that looks like a traceback)."""
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.startswith("spatiallock: error:")]
-    assert len(lines) == 1, stderr
-    return lines[0]
-
-
-def generate(layout, model, out, *options) -> int:
-    args = ["generate", "--layout", str(layout), "--model", str(model), "--out", str(out), "--steps", "2"]
-    return main([*args, "--no-progress", *options])
 
 
 def refused(capsys, code: int, *parts: str) -> str:
