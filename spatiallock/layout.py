@@ -266,10 +266,12 @@ def layouts_from_coco(
 MAX_FILE_BYTES = 2**30  # a layout or COCO file larger than this is not read (COCO 2017's train file: 450 MB)
 
 
-def read_json(path: str | Path, what: str = "JSON file", limit: int | None = None) -> object:
+def read_json(
+    path: str | Path, what: str = "JSON file", limit: int | None = None, bad_json: str = "malformed JSON"
+) -> object:
     """The value of a JSON file, read only when it is a regular file of at most `limit` bytes (default
     `MAX_FILE_BYTES`): never a device, a pipe that would block, or a file that fills memory. `SpatialLockError`
-    naming the file otherwise."""
+    naming the file otherwise (`bad_json` begins the message of a file that is no JSON)."""
     path = Path(path)
     limit = MAX_FILE_BYTES if limit is None else limit
     try:  # non-blocking: opening a FIFO must not wait for a writer
@@ -283,7 +285,7 @@ def read_json(path: str | Path, what: str = "JSON file", limit: int | None = Non
         if stat.S_ISDIR(mode):
             raise SpatialLockError(f"{path}: is a folder, expected a {what}")
         if not stat.S_ISREG(mode):
-            raise SpatialLockError(f"{path}: not a regular file (a device, pipe or socket), expected a {what}")
+            raise SpatialLockError(f"{path}: not a regular file")  # a device, a pipe or a socket
         if os.fstat(handle).st_size > limit:
             raise SpatialLockError(f"{path}: larger than {_size(limit)}, too large for a {what}")
         try:
@@ -295,11 +297,11 @@ def read_json(path: str | Path, what: str = "JSON file", limit: int | None = Non
     try:
         return json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SpatialLockError(f"{path}: malformed JSON: {err}") from None
+        raise SpatialLockError(f"{path}: {bad_json}: {err}") from None
     except RecursionError:
-        raise SpatialLockError(f"{path}: malformed JSON: nested too deeply") from None
+        raise SpatialLockError(f"{path}: {bad_json}: nested too deeply") from None
     except ValueError as err:  # an integer of more digits than Python converts
-        raise SpatialLockError(f"{path}: malformed JSON: {str(err).split(';')[0]}") from None
+        raise SpatialLockError(f"{path}: {bad_json}: {str(err).split(';')[0]}") from None
 
 
 def read_layouts(path: str | Path, max_objects: int = MAX_OBJECTS) -> list[Layout]:

@@ -43,7 +43,7 @@ def default_detector_path() -> Path:
 
 def resolve_model(name: str) -> str:
     """`default` -> the shipped model; a folder must exist; a hub id (runwayml/stable-diffusion-v1-5) means its
-    copy in the Hugging Face cache, never a download (`spatiallock.base.local_model_path`)."""
+    copy in the Hugging Face cache, fetched there once if need be (`spatiallock.base.local_model_path`)."""
     from spatiallock.base import local_model_path
 
     if name == "default":

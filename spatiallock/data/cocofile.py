@@ -14,7 +14,6 @@ import functools
 import json
 import math
 import os
-import stat
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -31,21 +30,10 @@ MAX_SIDE = 1 << 20  # a recorded image width or height beyond this is a broken e
 
 def read_coco_json(path: str | Path, kind: str) -> dict:
     """Load a COCO `kind` ("instances" or "captions") file; SpatialLockError naming the file if it is not one."""
+    from spatiallock.layout import read_json
+
     name = str(path)
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # /dev/zero never ends, a FIFO may never open: not read
-            raise SpatialLockError(f"{name}: not a regular file")
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        raise SpatialLockError(f"{name}: file not found") from None
-    except SpatialLockError:
-        raise
-    except (ValueError, RecursionError) as err:  # bad JSON, bad UTF-8, a 5,000-digit number, 100,000-deep nesting
-        detail = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0]
-        raise SpatialLockError(f"{name}: not a JSON file: {detail}") from None
-    except OSError as err:
-        raise SpatialLockError(f"{name}: cannot read: {err.strerror}") from None
+    data = read_json(path, f"COCO {kind} file", bad_json="not a JSON file")
     if not isinstance(data, dict):
         raise SpatialLockError(
             f"{name}: not a COCO {kind} file: top level is a JSON {type(data).__name__}, expected an object"
