@@ -21,7 +21,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from spatiallock.errors import SpatialLockError
+from spatiallock.errors import SpatialLockError, first_line
 from spatiallock.layout import read_json
 from spatiallock.text import is_clip, load_minilm
 
@@ -129,7 +129,7 @@ def local_model_path(name: str | os.PathLike) -> Path:
         HfApi().model_info(text, timeout=10)  # one request: a mistyped id or no network fails here, at once
         return Path(snapshot_download(text, allow_patterns=HUB_FILES))
     except Exception as err:  # noqa: BLE001 (the boundary: whatever the hub or the network says is one line)
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        first = first_line(err)[:160]
         raise SpatialLockError(f"{missing}, and fetching it failed ({first}); {hint}") from None
 
 
@@ -196,7 +196,7 @@ def load_base(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float3
     except SpatialLockError:
         raise
     except LOAD_ERRORS as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        first = first_line(err)[:200]
         raise SpatialLockError(f"base: cannot load {name_or_path}: {first}") from None
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval()

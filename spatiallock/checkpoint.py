@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from spatiallock.errors import SpatialLockError
+from spatiallock.errors import SpatialLockError, first_line
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".checkpoint-tmp-"
@@ -37,12 +37,6 @@ READ_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, Recursi
 
 class UnreadableCheckpoint(SpatialLockError):
     """A checkpoint whose files are missing, cut short or malformed; the message names it."""
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (or its type's name): libraries' messages run to many lines."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

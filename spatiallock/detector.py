@@ -37,16 +37,11 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.ops import FeaturePyramidNetwork
 
-from spatiallock.errors import SpatialLockError
+from spatiallock.errors import SpatialLockError, first_line
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ImageInput = Sequence[Image.Image] | Sequence[torch.Tensor] | torch.Tensor
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 @dataclass
@@ -282,14 +277,14 @@ class Detector(nn.Module):
         except SpatialLockError as err:
             raise SpatialLockError(f"{config_file}: {err}") from None
         except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, RecursionError) as err:
-            raise SpatialLockError(f"detector: {config_file} is not a detector config ({_first_line(err)})") from None
+            raise SpatialLockError(f"detector: {config_file} is not a detector config ({first_line(err)})") from None
         try:
             detector.load_state_dict(load_file(weights_file))
         except SafetensorError as err:  # truncated or not a safetensors file
-            raise SpatialLockError(f"detector: {weights_file} is not readable ({_first_line(err)})") from None
+            raise SpatialLockError(f"detector: {weights_file} is not readable ({first_line(err)})") from None
         except RuntimeError as err:  # other tensors than the config's architecture has
             raise SpatialLockError(
-                f"detector: {weights_file} does not fit its {CONFIG_NAME} ({_first_line(err)})"
+                f"detector: {weights_file} does not fit its {CONFIG_NAME} ({first_line(err)})"
             ) from None
         return detector.to(device).eval()
 

@@ -32,7 +32,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from spatiallock.base import check_configs, load_base, local_model_path, write_model_folder
-from spatiallock.errors import SpatialLockError
+from spatiallock.errors import SpatialLockError, first_line
 from spatiallock.guidance import make_layout_guidance
 from spatiallock.init import initial_latents
 from spatiallock.layout import Layout, as_layouts, excerpt, pad_layouts
@@ -66,7 +66,7 @@ def sampling_scheduler(model: str | os.PathLike, name: str | None = None):
     try:
         config = diffusers.DDPMScheduler.load_config(model, subfolder="scheduler")
     except (OSError, ValueError, RecursionError) as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        first = first_line(err)[:200]
         raise SpatialLockError(f"model: cannot read the scheduler of {model}: {first}") from None
     where = f"model: {Path(model) / 'scheduler'}"
     class_name = config.get("_class_name", "DDPMScheduler")  # none named: a schedule to sample with DPM-Solver++
@@ -78,7 +78,7 @@ def sampling_scheduler(model: str | os.PathLike, name: str | None = None):
         # another sampler on the folder's schedule, as the folder's own scheduler completes it with its defaults
         return sampler if name is None else make_scheduler(name, sampler.config)
     except (ValueError, TypeError, KeyError, NotImplementedError) as err:  # a value the scheduler cannot take
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        first = first_line(err)[:200]
         raise SpatialLockError(f"{where}: cannot make the sampler: {first}") from None
 
 
@@ -394,6 +394,6 @@ def load_adapter(path: str | os.PathLike, torch_dtype: torch.dtype = torch.float
     try:
         adapter = SpatialLockAdapter.from_pretrained(path, torch_dtype=torch_dtype, use_safetensors=True)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        first = first_line(err)[:200]
         raise SpatialLockError(f"adapter: cannot load {path}: {first}") from None
     return adapter.eval().requires_grad_(False)

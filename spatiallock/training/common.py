@@ -15,7 +15,7 @@ from spatiallock.base import BaseModel
 from spatiallock.checkpoint import list_checkpoints
 from spatiallock.data.coco import LayoutDataset
 from spatiallock.data.cocofile import writable_folder, write_text_atomic
-from spatiallock.errors import SpatialLockError
+from spatiallock.errors import SpatialLockError, first_line
 from spatiallock.training.loop import make_accelerator
 
 CONFIG_NAME = "config.json"
@@ -98,7 +98,7 @@ def check_resumed_settings(folder: Path, config) -> None:
         if not isinstance(recorded, dict):
             raise ValueError(f"a JSON {type(recorded).__name__}, not an object")
     except (OSError, ValueError, RecursionError) as err:
-        raise SpatialLockError(f"--resume: {path} cannot be read ({str(err).splitlines()[0]})") from None
+        raise SpatialLockError(f"--resume: {path} cannot be read ({first_line(err)})") from None
     changes = changed_settings(recorded, config)
     if changes:
         raise SpatialLockError(
