@@ -26,7 +26,8 @@ and, when K > 1, a grid OUT/<name>_grid.png.
 MODEL is a pipeline folder written by `save_pretrained` (base + adapter), a base alone (the small base,
 or a Stable Diffusion v1.x folder or hub id) with --adapter ADAPTER, or `default` for the shipped model.
 --adapter none samples MODEL's base alone, without the adapter its folder holds. A hub id is read from the
-Hugging Face cache and never downloaded: fetch it once with `huggingface-cli download ID`.
+Hugging Face cache, fetched there once (configs and safetensors) when it is not; offline, fetch it first
+with `huggingface-cli download ID`.
 
 Training-free layout control, with or without an adapter (a plain base follows the layout too):
 --layout-guidance-steps N moves the latents, during the first N steps, so that each label's caption

@@ -36,7 +36,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         "--model",
         required=True,
         metavar="MODEL",
-        help="model folder, hub id (from the Hugging Face cache, never downloaded) or `default`",
+        help="model folder, hub id (from the Hugging Face cache, fetched there once if need be) or `default`",
     )
     parser.add_argument(
         "--adapter", default=None, metavar="ADAPTER",
