@@ -1,7 +1,8 @@
 """Sampling speed: seconds per image of the plain base pipeline, SpatialLock and the GLIGEN-style baseline.
 
-Rows: `base`; `spatiallock` (the paper's two blocks); `spatiallock-box-all` (box attention in every down and up
-transformer block: the shipped default's configuration); `gligen`.
+Rows: `base`; `spatiallock` (the paper's two blocks); `shipped` (an adapter built by the recipe of the shipped
+model's adapter, or of `--shipped MODEL`'s); `spatiallock-box-all` (box attention and the full block in every down
+and up transformer block: the configuration shipped before the lean one); `gligen`.
 
 One run, one device, the same steps, the same latents and layouts for all three; random weights (speed does
 not depend on them). On CPU: the project's small base architecture at its native 64 px. On a GPU: the Stable
@@ -30,11 +31,12 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from spatiallock.base import CAPTION_TOKENS, small_scheduler, small_unet_config, small_vae_config
-from spatiallock.configs import SD_V1_UNET
+from spatiallock.configs import SD_V1_UNET, build_unet
 from spatiallock.layout import Layout
-from spatiallock.models.adapter import SpatialLockAdapter
+from spatiallock.models.adapter import RECIPE, SpatialLockAdapter
 from spatiallock.models.grounding import GATES
 from spatiallock.pipeline import SpatialLockPipeline
+from spatiallock.sampling import adapter_recipe
 from spatiallock.text import phrase_dim
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -121,6 +123,12 @@ def main() -> None:
         "base and on SpatialLock: what the training-free tools cost",
     )  # fmt: skip
     parser.add_argument(
+        "--shipped",
+        default="default",
+        metavar="MODEL",
+        help="the `shipped` row: an adapter built by the recipe of MODEL's adapter (default: the shipped model)",
+    )
+    parser.add_argument(
         "--out", default=None, help="result JSON (default: benchmarks/results/sample_speed_<dev>.json)"
     )
     parser.add_argument(
@@ -142,11 +150,14 @@ def main() -> None:
     pipe = SpatialLockPipeline(vae, text_encoder, tokenizer, unet, sampler, None, caption_tokens)
     pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
+    recipe, built_for = adapter_recipe(args.shipped)
+    built_for = None if built_for is None else build_unet(built_for, device="meta")
     adapters = {
         "base": None,
         "spatiallock": SpatialLockAdapter.from_unet(unet, "spatiallock", None, phrase_dim(text_encoder), 16),
+        "shipped": SpatialLockAdapter.like(recipe, unet, phrase_dim(text_encoder), 16, built_for),
         "gligen": SpatialLockAdapter.from_unet(unet, "gligen", None, phrase_dim(text_encoder), 16),
-        # the shipped configuration: box attention in every down and up transformer block
+        # the configuration shipped before: box attention and the full block in every down and up transformer block
         "spatiallock-box-all": SpatialLockAdapter.from_unet(
             unet, "spatiallock", "all", phrase_dim(text_encoder), 16, box_attention=True
         ),
@@ -211,6 +222,8 @@ def main() -> None:
         "images_per_call": images,
         "dtype": str(dtype).replace("torch.", ""),
         "guidance_scale": 5.0,
+        "shipped": args.shipped,
+        "shipped_recipe": {k: adapters["shipped"].config[k] for k in ("variant", "positions", *RECIPE[1:])},
         "rows": rows,
     }
     out = Path(args.out) if args.out else RESULTS / f"sample_speed_{device.type}.json"

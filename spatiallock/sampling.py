@@ -54,6 +54,27 @@ def resolve_model(name: str) -> str:
     return str(local_model_path(name))
 
 
+def adapter_recipe(model: str) -> tuple[dict, dict | None]:
+    """The adapter config of MODEL (`default`, a model folder with adapter/, or an adapter folder) and, when MODEL
+    is a model folder, its U-Net config (to tell an unrecorded placement)."""
+    from spatiallock.configs import unet_config
+    from spatiallock.layout import read_json
+    from spatiallock.models.adapter import SpatialLockAdapter
+
+    folder = Path(resolve_model(model) if model == "default" else model)
+    if not folder.is_dir():
+        raise SpatialLockError(f"config-from: {model} is not `default` or a folder")
+    adapter = folder / "adapter" if (folder / "adapter" / "config.json").is_file() else folder
+    path = adapter / "config.json"
+    if not path.is_file():
+        raise SpatialLockError(f"config-from: {folder} holds no adapter (no adapter/config.json or config.json)")
+    config = read_json(path, "config-from")
+    if not isinstance(config, dict) or config.get("_class_name") != SpatialLockAdapter.__name__:
+        raise SpatialLockError(f"config-from: {path} is not a SpatialLock adapter's config")
+    unet = folder / "unet" / "config.json"
+    return config, (unet_config(str(folder)) if adapter != folder and unet.is_file() else None)
+
+
 def resolve_detector(name: str) -> Path:
     """`default` -> the shipped detector; otherwise a folder that must exist."""
     path = default_detector_path() if name == "default" else Path(name)

@@ -36,6 +36,20 @@ def test_synth_size_option(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "instances_train.json").read_text())["images"] == []
 
 
+def test_synth_scene_options_draw_a_harder_set(tmp_path: Path) -> None:
+    """More, smaller objects than the training domain: what `evaluate` is checked on beyond it."""
+    hard = ["--min-objects", "5", "--max-objects", "6", "--max-extent", "0.3", "--min-visible", "0.3"]
+    for name, options in (("easy", []), ("hard", hard)):
+        args = ["data", "synth", "--out", str(tmp_path / name), "--train", "0", "--val", "24", "--seed", "3"]
+        assert main([*args, *options, "--no-progress", "--workers", "1"]) == 0
+    easy, hard = (json.loads((tmp_path / n / "instances_val.json").read_text()) for n in ("easy", "hard"))
+    count = lambda d: [sum(a["image_id"] == i["id"] for a in d["annotations"]) for i in d["images"]]  # noqa: E731
+    assert min(count(easy)) < 5 and set(count(hard)) <= {5, 6}
+    assert max(max(a["bbox"][2:]) for a in hard["annotations"]) <= 0.3 * 64 + 1
+    assert max(max(a["bbox"][2:]) for a in easy["annotations"]) > 0.3 * 64 + 1
+    assert hard["info"]["scene"]["min_visible"] == 0.3 and easy["info"]["scene"]["max_objects"] == 6
+
+
 @pytest.mark.parametrize(
     ("options", "field"),
     [
@@ -43,6 +57,10 @@ def test_synth_size_option(tmp_path: Path) -> None:
         (["--train", "2", "--val", "-3"], "--val"),
         (["--train", "2", "--val", "2", "--size", "16"], "--size"),
         (["--train", "2", "--val", "2", "--seed", "-1"], "--seed"),
+        (["--train", "2", "--val", "2", "--min-objects", "4", "--max-objects", "3"], "--min-objects"),
+        (["--train", "2", "--val", "2", "--max-objects", "31"], "--max-objects"),
+        (["--train", "2", "--val", "2", "--max-extent", "nan"], "--max-extent"),
+        (["--train", "2", "--val", "2", "--min-visible", "0"], "--min-visible"),
         (["--train", "0", "--val", "0"], "nothing to write"),
         (["--train", "2", "--val", "2", "--workers", "0"], "--workers"),
     ],

@@ -8,19 +8,36 @@ import json
 import torch
 
 from spatiallock.configs import COCO_CLASSES, SD_V1_PHRASE_DIM, build_unet, unet_config
-from spatiallock.models.adapter import SpatialLockAdapter
+from spatiallock.errors import SpatialLockError
+from spatiallock.models.adapter import RECIPE, SpatialLockAdapter
 from spatiallock.models.injection import count_parameters
+from spatiallock.sampling import adapter_recipe
 
 
-def count(base: str, num_classes: int = COCO_CLASSES, phrase_dim: int = SD_V1_PHRASE_DIM, positions=None) -> dict:
-    """Parameter counts for `base`, built on the meta device (no weights, no download)."""
+def count(
+    base: str,
+    num_classes: int = COCO_CLASSES,
+    phrase_dim: int = SD_V1_PHRASE_DIM,
+    positions=None,
+    config_from: str | None = None,
+) -> dict:
+    """Parameter counts for `base`, built on the meta device (no weights, no download): the paper's SpatialLock
+    at `positions`, or an adapter built by the recipe of `config_from`'s adapter."""
     unet = build_unet(unet_config(base), device="meta")
+    recipe, built_for = adapter_recipe(config_from) if config_from else (None, None)
     with torch.device("meta"):
-        spatiallock = SpatialLockAdapter.from_unet(unet, "spatiallock", positions, phrase_dim, num_classes)
+        if recipe is None:
+            spatiallock = SpatialLockAdapter.from_unet(unet, "spatiallock", positions, phrase_dim, num_classes)
+        else:
+            source = None if built_for is None else build_unet(built_for, device="meta")
+            try:
+                spatiallock = SpatialLockAdapter.like(recipe, unet, phrase_dim, num_classes, source)
+            except (KeyError, TypeError, ValueError) as err:
+                raise SpatialLockError(f"config-from: {config_from}'s adapter config is not usable ({err})") from None
         gligen = SpatialLockAdapter.from_unet(unet, "gligen", None, phrase_dim, num_classes)
     parts = spatiallock.parameter_counts()
     gligen_total = gligen.parameter_counts()["total"]
-    return {
+    result = {
         "base": base,
         "base_params": count_parameters(unet),
         "spatiallock_trainable": parts["total"],
@@ -29,10 +46,18 @@ def count(base: str, num_classes: int = COCO_CLASSES, phrase_dim: int = SD_V1_PH
         "gligen_trainable": gligen_total,
         "ratio": parts["total"] / gligen_total,
     }
+    if recipe is not None:
+        result["config_from"] = config_from
+        result["recipe"] = {
+            key: spatiallock.config[key] for key in (*RECIPE, "positions") if key in spatiallock.config
+        }
+    return result
 
 
 def run(args: argparse.Namespace) -> int:
-    result = count(args.base, args.num_classes, args.phrase_dim, args.positions)
+    if args.config_from and args.positions:
+        raise SpatialLockError("positions: give --positions or --config-from (whose placement it uses), not both")
+    result = count(args.base, args.num_classes, args.phrase_dim, args.positions, args.config_from)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -46,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         ("SpatialLock: trainable total", parts["total"]),
         ("GLIGEN-style: trainable total", result["gligen_trainable"]),
     ]
-    print(f"Parameters on {result['base']} (PoG with {args.num_classes} classes):")
+    what = f", the recipe of {args.config_from}" if args.config_from else ""
+    print(f"Parameters on {result['base']} (PoG with {args.num_classes} classes{what}):")
     for name, value in rows:
         print(f"  {name:<44} {value:>14,}")
     print(f"  {'ratio SpatialLock / GLIGEN':<44} {result['ratio']:>14.4f}")
@@ -60,7 +86,9 @@ def register(subparsers) -> None:
         help="count base and trainable parameters (SpatialLock vs GLIGEN-style)",
         description="Build the base U-Net on the meta device (no weights, no download) and count the trainable "
         "parameters of the SpatialLock adapter and of a GLIGEN-style adapter on it.",
-        epilog="example: spatiallock params --base sd-v1-4 --json",
+        epilog="examples:\n  spatiallock params --base sd-v1-4 --json\n"
+        "  spatiallock params --base sd-v1-4 --config-from default   # the shipped recipe, counted on SD v1.4",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--base", default="sd-v1-4", help="sd-v1-4, sd-v1-5, or a diffusers model folder")
     parser.add_argument("--num-classes", type=int, default=COCO_CLASSES, help="PoG classes (default: 80, COCO)")
@@ -68,5 +96,10 @@ def register(subparsers) -> None:
         "--phrase-dim", type=int, default=SD_V1_PHRASE_DIM, help="pooled phrase embedding size (default: 768, CLIP)"
     )
     parser.add_argument("--positions", default=None, help="attention placement: a preset or comma-separated names")
+    parser.add_argument(
+        "--config-from", default=None, metavar="MODEL",
+        help="count an adapter built by the recipe of MODEL's adapter (`default`, a model folder or an adapter "
+        "folder): its variant, placement and options such as --box-attention or --no-feed-forward, sized for --base",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)

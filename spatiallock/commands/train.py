@@ -91,6 +91,16 @@ _positive = _positive_of(float, "positive number")
 _positive_int = _positive_of(int, "positive whole number")
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def _loss_weights(text: str) -> tuple[float, float]:
     try:
         values = tuple(float(v) for v in text.split(","))
@@ -188,6 +198,7 @@ def run_adapter(args: argparse.Namespace) -> int:
         loss_weights=args.loss_weights, resolution=args.resolution, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, split=args.split, timestep_sampling=args.timestep_sampling,
         query_positions=args.query_positions, box_attention=args.box_attention, gate_lr_scale=args.gate_lr_scale,
+        feed_forward=args.feed_forward, attention_width=args.attention_width, init_from=args.init_from,
         max_train_samples=args.max_train_samples,
         loop=_loop(args, args.max_steps, args.batch_size, args.lr, warmup=50),
     )  # fmt: skip
@@ -301,6 +312,23 @@ def register(subparsers) -> None:
         help="each visual token attends only to the objects whose boxes cover it, plus a learned term for where in "
         "the box it lies (beyond the paper: the attention is told where each object is instead of learning it, and "
         "can trace its outline; places objects in far fewer steps)",
+    )  # fmt: skip
+    adapter.add_argument(
+        "--no-feed-forward", dest="feed_forward", action="store_false",
+        help="lean Grounding-Attention blocks: their gated attention alone, without the paper's gated feed-forward "
+        "(on Stable Diffusion v1.4 the feed-forward holds 6 of every 7 parameters of a block; see `spatiallock "
+        "params --config-from`)",
+    )  # fmt: skip
+    adapter.add_argument(
+        "--attention-width", type=_share, default=1.0, metavar="F",
+        help="inner width of each Grounding-Attention as a share of its block's width, heads kept and each head "
+        "narrower (default: 1, the paper's; 0.5 halves it)",
+    )  # fmt: skip
+    adapter.add_argument(
+        "--init-from", default=None, metavar="ADAPTER",
+        help="start from the weights of another adapter (`default`, a model folder or an adapter folder) wherever "
+        "name and shape match, the rest fresh: continue a trained adapter as a lean one (its feed-forward left "
+        "behind) in far fewer steps than from scratch",
     )  # fmt: skip
     adapter.add_argument(
         "--timestep-sampling", default="uniform", choices=["uniform", "cubic"],

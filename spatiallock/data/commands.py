@@ -10,6 +10,7 @@ from pathlib import Path
 from spatiallock.errors import SpatialLockError
 
 MAX_SYNTH_SIZE = 1024  # `data synth --size`: the synthetic domain is drawn at 32 to 1024 pixels
+MAX_SYNTH_OBJECTS = 30  # `data synth --max-objects`: the most object slots a layout may have
 MAX_CELL = 1024  # `data show --cell`
 
 SYNTH_HELP = """\
@@ -19,10 +20,13 @@ per image on textured backgrounds, 5 captions per image, in the COCO 2017 file f
   DIR/train/000000000001.png ...      DIR/instances_train.json   DIR/captions_train.json
   DIR/val/000000000001.png ...        DIR/instances_val.json     DIR/captions_val.json
 
-The same seed writes the same bytes.
+The same seed writes the same bytes. The scene options draw harder sets than the training domain, to see
+how a model holds up on layouts unlike those it learnt from: more objects, smaller ones, more overlap.
 
-example:
+examples:
   spatiallock data synth --out data/shapes --train 10000 --val 1000 --seed 0
+  spatiallock data synth --out data/hard --train 0 --val 300 --seed 7 --min-objects 5 --max-objects 6 \
+      --max-extent 0.3 --min-visible 0.3     # five or six small objects, overlapping, often at the border
 """
 
 SHOW_HELP = """\
@@ -58,6 +62,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument(
         "--workers", type=int, default=None, metavar="W", help="processes (default: CPU count, at most 8)"
     )
+    scene = synth.add_argument_group("scene (defaults: the training domain)")
+    scene.add_argument("--min-objects", type=int, default=1, metavar="K", help="fewest objects per image (default: 1)")
+    scene.add_argument(
+        "--max-objects", type=int, default=6, metavar="K",
+        help=f"most objects per image, at most {MAX_SYNTH_OBJECTS} (default: 6; fewer where no room is left)",
+    )  # fmt: skip
+    scene.add_argument(
+        "--max-extent", type=float, default=0.6, metavar="F",
+        help="largest object side as a share of the image side, 0.08 to 1 (default: 0.6; objects are 0.08 and up)",
+    )  # fmt: skip
+    scene.add_argument(
+        "--min-visible", type=float, default=0.5, metavar="F",
+        help="share of each object that later ones may not cover, 0.05 to 1 (default: 0.5; lower: more overlap)",
+    )  # fmt: skip
     synth.add_argument("--no-progress", action="store_true", help="no progress bar")
     synth.set_defaults(func=run_synth)
 
@@ -95,13 +113,28 @@ def run_synth(args: argparse.Namespace) -> int:
         raise SpatialLockError(f"--size must be 32 to {MAX_SYNTH_SIZE} pixels, got {args.size}")
     if args.workers is not None and args.workers < 1:
         raise SpatialLockError(f"--workers must be 1 or more, got {args.workers}")
+    if not 1 <= args.min_objects <= args.max_objects <= MAX_SYNTH_OBJECTS:
+        raise SpatialLockError(
+            f"--min-objects and --max-objects: need 1 <= min <= max <= {MAX_SYNTH_OBJECTS}, "
+            f"got {args.min_objects} and {args.max_objects}"
+        )
+    if not 0.08 <= args.max_extent <= 1:  # also refuses nan
+        raise SpatialLockError(f"--max-extent must be 0.08 to 1, got {args.max_extent}")
+    if not 0.05 <= args.min_visible <= 1:
+        raise SpatialLockError(f"--min-visible must be 0.05 to 1, got {args.min_visible}")
+    scene = {
+        "min_objects": args.min_objects, "max_objects": args.max_objects, "max_extent": args.max_extent,
+        "min_visible": args.min_visible,
+    }  # fmt: skip
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SpatialLockError(f"--out {out}: exists and is not a folder")
     writable_folder(out, "--out")
     start = time.perf_counter()
     try:
-        written = synthesize(out, args.train, args.val, args.seed, args.size, args.workers, not args.no_progress)
+        written = synthesize(
+            out, args.train, args.val, args.seed, args.size, args.workers, not args.no_progress, **scene
+        )
     except OSError as err:  # a full disk, or the folder made read-only or replaced meanwhile
         raise SpatialLockError(f"--out {out}: cannot write {err.filename or ''}: {err.strerror or err}") from None
     seconds = time.perf_counter() - start

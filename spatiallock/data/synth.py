@@ -171,7 +171,11 @@ def _info(split: str, seed: int, config: SynthConfig) -> dict:
         "url": "",
         "seed": seed,
         "image_size": config.size,
-    }
+        "scene": {
+            "min_objects": config.min_objects, "max_objects": config.max_objects, "min_extent": config.min_extent,
+            "max_extent": config.max_extent, "min_visible": config.min_visible,
+        },
+    }  # fmt: skip
 
 
 def write_split(
@@ -226,9 +230,11 @@ def synthesize(
     size: int = 64,
     workers: int | None = None,
     progress: bool = True,
+    **scene,
 ) -> dict[str, tuple[int, int]]:
-    """Write the synthetic data set (both splits) to `out_dir`; returns (images, objects) per split."""
-    config = SynthConfig(size=size)
+    """Write the synthetic data set (both splits) to `out_dir`; returns (images, objects) per split. `scene`: other
+    `SynthConfig` fields (objects per image, object sizes, how much overlap may hide)."""
+    config = SynthConfig(size=size, **scene)
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     return {
         split: write_split(out_dir, split, count, seed, config, workers, progress)

@@ -28,6 +28,7 @@ from spatiallock.models.grounding import (
     GroundingTokens,
 )
 from spatiallock.models.injection import (
+    PRESETS,
     attach_fusers,
     count_parameters,
     detach_fusers,
@@ -45,6 +46,34 @@ VARIANTS = {
     "poi-pog": ("grounding", True, False),
     "gligen": ("gated-self", False, False),
 }
+
+
+# a placement of every transformer block (the GLIGEN baseline's)
+EVERY = "every"
+# the config keys that make an adapter's recipe, apart from the base it is sized for (`SpatialLockAdapter.like`)
+RECIPE = (
+    "variant", "fourier_freqs", "hidden_dim", "max_objects", "query_positions", "box_attention", "feed_forward",
+    "attention_width", "loss_weighting", "loss_weights", "enh_grid", "enh_layers", "enh_heads", "anchor_scale",
+)  # fmt: skip
+
+
+def placement_of(blocks: Sequence[str], unet: nn.Module) -> str | list[str]:
+    """The placement that gives `blocks` on `unet`: `every`, the preset naming exactly them, else the attention
+    modules that hold them."""
+    if list(blocks) == [name for name, _ in transformer_blocks(unet)]:
+        return EVERY
+    for preset in PRESETS:
+        try:
+            if [name for name, _ in transformer_blocks(unet, resolve_positions(unet, preset))] == list(blocks):
+                return preset
+        except SpatialLockError:
+            continue
+    return list(dict.fromkeys(name.rsplit(".transformer_blocks.", 1)[0] for name in blocks))
+
+
+def narrowed(head_size: int, share: float) -> int:
+    """The head size of an attention `share` as wide as one with heads of `head_size` (at least 1)."""
+    return max(1, round(head_size * share))
 
 
 @dataclass
@@ -76,6 +105,13 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             option beyond the paper, for bases whose features carry little absolute position.
         box_attention: each visual token attends only to the objects whose boxes cover it (and the null token);
             an option beyond the paper: placement is given to the attention instead of learned by it.
+        feed_forward: each Grounding-Attention block keeps the paper's gated feed-forward after its attention;
+            without it (a lean block) the block is its gated attention alone: on Stable Diffusion v1 the
+            feed-forward holds six of every seven of the block's parameters.
+        attention_width: the inner width of each block's attention as a share of the block's width (heads kept,
+            each head narrower): 1.0 is the paper's, 0.5 halves every head.
+        positions: the placement `blocks` came from (a preset, attention module names, or `every` transformer
+            block), so that the same recipe can be built on another base (`like`); None where not recorded.
     """
 
     config_name = "config.json"
@@ -102,6 +138,9 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         max_objects: int = MAX_OBJECTS,
         query_positions: bool = False,
         box_attention: bool = False,
+        feed_forward: bool = True,
+        attention_width: float = 1.0,
+        positions: str | Sequence[str] | None = None,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -109,15 +148,26 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         if len(blocks) != len(block_dims) or not blocks:
             raise SpatialLockError("adapter config: `blocks` and `block_dims` must be non-empty and of equal length")
         attention, perception, enh_fusion = VARIANTS[variant]
-        for name, wanted in (("query positions", query_positions), ("box attention", box_attention)):
+        lean = (
+            ("query positions", query_positions),
+            ("box attention", box_attention),
+            ("no feed-forward", not feed_forward),
+            ("attention width", attention_width != 1.0),
+        )
+        for name, wanted in lean:
             if wanted and attention != "grounding":
                 raise SpatialLockError(f"{name}: only for Grounding-Attention variants, not {variant!r}")
+        if not 0 < attention_width <= 1:
+            raise SpatialLockError(f"attention width: a share of the block's width in (0, 1], got {attention_width}")
         self.tokenizer = GroundingTokenizer(phrase_dim, context_dim, fourier_freqs, hidden_dim, max_objects)
         if attention == "grounding":
             self.fusers = nn.ModuleList(
-                GroundingAttention(width, context_dim, heads, head, query_positions, box_attention)
+                GroundingAttention(
+                    width, context_dim, heads, narrowed(head, attention_width), query_positions, box_attention,
+                    feed_forward,
+                )
                 for width, heads, head in block_dims
-            )
+            )  # fmt: skip
         else:
             self.fusers = nn.ModuleList(
                 GatedSelfAttention(width, context_dim, heads, head) for width, heads, head in block_dims
@@ -152,10 +202,13 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             raise SpatialLockError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
         # the PoG pyramid is as wide as the U-Net's first stage, at most the paper's 256 (SD v1: 256)
         kwargs.setdefault("fpn_channels", min(256, unet.config.block_out_channels[0]))
-        if positions is None and variant == "gligen":
-            chosen = transformer_blocks(unet)
+        if positions in (None, EVERY) and variant == "gligen" or positions == EVERY:
+            chosen, positions = transformer_blocks(unet), EVERY
         else:
-            chosen = transformer_blocks(unet, resolve_positions(unet, positions or "default"))
+            positions = positions or "default"
+            chosen = transformer_blocks(unet, resolve_positions(unet, positions))
+            if not isinstance(positions, str) or positions not in PRESETS:
+                positions = resolve_positions(unet, positions)
         return cls(
             variant=variant,
             phrase_dim=phrase_dim,
@@ -164,8 +217,35 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             block_dims=[list(dims_of(block)) for _, block in chosen],
             num_classes=num_classes,
             feature_channels=[block.resnets[-1].out_channels for block in unet.down_blocks],
+            positions=positions,
             **kwargs,
         )
+
+    @classmethod
+    def like(
+        cls,
+        config: dict,
+        unet: nn.Module,
+        phrase_dim: int,
+        num_classes: int,
+        built_for: nn.Module | None = None,
+    ) -> SpatialLockAdapter:
+        """A fresh adapter for `unet` built by the recipe of another adapter's `config` (its variant, options and
+        placement), whatever base that one was sized for: what the same training command would build on `unet`.
+
+        The placement is the one `config` records; an adapter saved before placements were recorded needs the
+        U-Net it was built for (`built_for`): the preset naming exactly its blocks there, else their modules.
+        """
+        recipe = {key: config[key] for key in RECIPE if key in config}
+        positions = config.get("positions")
+        if positions is None:
+            if built_for is None:
+                raise SpatialLockError(
+                    "adapter config: it does not record its placement (`positions`); give the model folder it "
+                    "belongs to, with its unet/"
+                )
+            positions = placement_of(config["blocks"], built_for)
+        return cls.from_unet(unet, recipe.pop("variant"), positions, phrase_dim, num_classes, **recipe)
 
     # ---- attaching to a base -------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention import FeedForward, GatedSelfAttentionDense
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import get_fourier_embeds_from_boundingbox
@@ -202,9 +203,11 @@ class GroundingAttention(nn.Module):
         dim_head: int,
         query_positions: bool = False,
         box_attention: bool = False,
+        feed_forward: bool = True,
     ):
         super().__init__()
         self.box_attention = box_attention
+        self.heads = heads
         # optional (not in the paper): the Fourier embedding of each visual token's own cell added to its query,
         # so that "this cell lies in that box" is a dot product away even where the U-Net's features carry little
         # absolute position (small U-Nets, very noisy latents); zero-initialised
@@ -219,10 +222,13 @@ class GroundingAttention(nn.Module):
             nn.init.zeros_(self.shape_object.weight)
         self.norm1 = nn.LayerNorm(query_dim)
         self.attn = Attention(query_dim=query_dim, cross_attention_dim=context_dim, heads=heads, dim_head=dim_head)
-        self.norm2 = nn.LayerNorm(query_dim)
-        self.ff = FeedForward(query_dim, activation_fn="geglu")
         self.gate_attn = nn.Parameter(torch.tensor(0.0))
-        self.gate_ff = nn.Parameter(torch.tensor(0.0))
+        # the gated feed-forward (the paper's block); a lean block goes without it (`feed_forward=False`)
+        self.norm2 = self.ff = self.gate_ff = None
+        if feed_forward:
+            self.norm2 = nn.LayerNorm(query_dim)
+            self.ff = FeedForward(query_dim, activation_fn="geglu")
+            self.gate_ff = nn.Parameter(torch.tensor(0.0))
         self.enabled = True
 
     def keys_and_bias(self, objs: GroundingTokens, tokens: int, dtype: torch.dtype):
@@ -237,18 +243,34 @@ class GroundingAttention(nn.Module):
         shape = torch.einsum("bqnr,bnr->bqn", place, self.shape_object(objs.tokens))  # (B, HW, N)
         return keys, torch.cat([bias[..., :1], bias[..., 1:] + shape.to(bias.dtype)], dim=-1)
 
+    def keys_values_and_bias(self, objs: GroundingTokens, tokens: int, dtype: torch.dtype):
+        """`keys_and_bias` with the keys projected: per-head keys and values (B, heads, 1 + N, d) and the bias as
+        (B, 1, HW or 1, 1 + N). All depend on the layout alone, so a sampling call computes them once per block."""
+        keys, bias = self.keys_and_bias(objs, tokens, dtype)
+        keys = keys.to(dtype)
+        split = lambda x: x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
+        return split(self.attn.to_k(keys)), split(self.attn.to_v(keys)), bias.unsqueeze(1)
+
     def forward(self, hidden_states: torch.Tensor, objs: GroundingTokens) -> torch.Tensor:
         if not self.enabled:
             return hidden_states
         # 1. gated cross-attention: (B, HW, C) queries over (B, 1 + N, D) keys: the null token, always present,
-        #    where a visual token outside every box can attend, and the grounding tokens
+        #    where a visual token outside every box can attend, and the grounding tokens. The keys' projections
+        #    and the bias come from the call's cache; the same computation as diffusers' attention processor
+        #    (scaled dot product, then `to_out`), without its per-call reshaping of the mask.
         tokens, dtype = hidden_states.shape[1], hidden_states.dtype
-        keys, bias = objs.cached((id(self), tokens, dtype), lambda: self.keys_and_bias(objs, tokens, dtype))
+        key, value, bias = objs.cached(
+            (id(self), tokens, dtype), lambda: self.keys_values_and_bias(objs, tokens, dtype)
+        )
         queries = self.norm1(hidden_states)
         if self.query_position is not None:
             queries = queries + self.query_position(cell_embedding(tokens, queries))
-        attn = self.attn(queries, encoder_hidden_states=keys, attention_mask=bias)
+        query = self.attn.to_q(queries).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        attn = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.attn.scale)
+        attn = self.attn.to_out[0](attn.transpose(1, 2).flatten(2))
         hidden_states = hidden_states + self.gate_attn.tanh() * attn
+        if self.ff is None:
+            return hidden_states
         # 2. gated feed-forward
         return hidden_states + self.gate_ff.tanh() * self.ff(self.norm2(hidden_states))
 

@@ -7,13 +7,14 @@ trained, goes through `accelerator.prepare` and is saved. Data: any COCO-format 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
 from spatiallock.base import BaseModel, load_base
 from spatiallock.checkpoint import atomic_save_pretrained
 from spatiallock.data.coco import collate_layouts
-from spatiallock.errors import SpatialLockError
+from spatiallock.errors import SpatialLockError, first_line
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.models.grounding import GATES, MAX_OBJECTS
 from spatiallock.text import PhraseCache, encode_captions, phrase_dim
@@ -42,6 +43,9 @@ class AdapterTrainConfig:
     timestep_sampling: str = "uniform"
     query_positions: bool = False
     box_attention: bool = False
+    feed_forward: bool = True  # False: lean Grounding-Attention blocks, their gated attention alone
+    attention_width: float = 1.0  # inner width of each block's attention, as a share of the block's width
+    init_from: str | None = None  # an adapter (or a model folder with one) whose matching weights start the run
     gate_lr_scale: float = 1.0  # the zero-initialised gates learn at this multiple of the learning rate
     max_objects: int = MAX_OBJECTS
     split: str = "train"
@@ -63,6 +67,45 @@ def drop_conditions(
     return captions, masks * keep_layout.to(masks.device, masks.dtype)[:, None]
 
 
+def adapter_weights_file(source: str) -> Path:
+    """The weights of `source`'s adapter (`default`, a model folder with adapter/, or an adapter folder)."""
+    from spatiallock.sampling import resolve_model
+
+    folder = Path(resolve_model(source) if source == "default" else source)
+    files = [
+        folder / "adapter" / "diffusion_pytorch_model.safetensors",
+        folder / "diffusion_pytorch_model.safetensors",
+    ]
+    found = [f for f in files if f.is_file()]
+    if not found:
+        raise SpatialLockError(
+            f"init-from: {source} holds no adapter weights (adapter/diffusion_pytorch_model.safetensors)"
+        )
+    return found[0]
+
+
+def warm_start(adapter: SpatialLockAdapter, source: str) -> tuple[int, int]:
+    """Copy into `adapter` every weight of `source`'s adapter (see `adapter_weights_file`) with the same name and
+    shape; the rest keep their fresh values (a lean block simply has no feed-forward to take). Returns (tensors
+    taken, tensors left fresh). A checkpoint of `--resume` replaces both."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = adapter_weights_file(source)
+    try:
+        weights = load_file(path)
+    except (OSError, SafetensorError) as err:
+        raise SpatialLockError(f"init-from: cannot read {path}: {first_line(err)}") from None
+    own = adapter.state_dict()
+    taken = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    if not taken:
+        raise SpatialLockError(f"init-from: no weight of {path} fits this adapter (another base or variant?)")
+    with torch.no_grad():
+        for name, value in taken.items():
+            own[name].copy_(value)
+    return len(taken), len(own) - len(taken)
+
+
 def native_resolution(base: BaseModel) -> int:
     factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
     return base.unet.config.sample_size * factor
@@ -74,6 +117,8 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
         raise SpatialLockError(
             f"timestep sampling: one of {', '.join(TIMESTEP_SAMPLING)}, got {config.timestep_sampling!r}"
         )
+    if config.init_from:
+        adapter_weights_file(config.init_from)  # before any work
     run = start_training(config, ("adapter",), config.loop.resume, config.mixed_precision)
     accelerator = run.accelerator
     dtype = DTYPES[config.mixed_precision]
@@ -87,9 +132,16 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
     for option in ("query_positions", "box_attention"):
         if getattr(config, option):
             weights[option] = True
+    if not config.feed_forward:
+        weights["feed_forward"] = False
+    if config.attention_width != 1.0:
+        weights["attention_width"] = config.attention_width
     adapter = SpatialLockAdapter.from_unet(
         base.unet, config.variant, config.positions, phrase_dim(base.text_encoder), len(dataset.categories), **weights
     )
+    if config.init_from:
+        taken, left = warm_start(adapter, config.init_from)
+        print(f"init-from {config.init_from}: {taken} tensors taken, {left} of this adapter's start fresh")
     adapter.attach(base.unet)
     if config.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
