@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import platform
 import time
@@ -32,6 +33,7 @@ from spatiallock.detector import Detector
 from spatiallock.draw import draw_boxes, grid
 from spatiallock.evaluate import DetectorFeatures, evaluate_pipeline, frechet_distance, load_real_images, score_images
 from spatiallock.layout import read_layouts
+from spatiallock.models.adapter import RECIPE
 from spatiallock.pipeline import SpatialLockPipeline, load_adapter
 from spatiallock.sampling import SamplingOptions
 
@@ -69,6 +71,40 @@ def round_trip(vae: AutoencoderKL, images: list[Image.Image], batch: int = 50) -
         pixels = processor.preprocess(images[start : start + batch])
         out += processor.postprocess(vae.decode(vae.encode(pixels).latent_dist.mean).sample, output_type="pil")
     return out
+
+
+def vae_fingerprint(base: Path) -> str:
+    """The first 12 hex digits of the SHA-256 of the base's autoencoder weights: which decoder made a row."""
+    files = sorted((base / "vae").glob("*.safetensors"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12] if files else "unknown"
+
+
+def adapter_recipe_of(adapter, training: dict) -> dict:
+    """What built `adapter`: its variant, placement and options (the placement from its training record when
+    the adapter predates recorded placements)."""
+    config = dict(adapter.config)
+    recipe = {key: config[key] for key in RECIPE if key in config}
+    recipe["positions"] = config.get("positions") or training.get("positions") or "default"
+    return recipe
+
+
+def sd_ratio(recipe: dict) -> float:
+    """Trainable parameters of `recipe` on Stable Diffusion v1.4 as a share of GLIGEN's there (meta device)."""
+    from spatiallock.configs import COCO_CLASSES, SD_V1_PHRASE_DIM, build_unet, unet_config
+    from spatiallock.models.adapter import SpatialLockAdapter
+
+    options = {k: v for k, v in recipe.items() if k not in ("variant", "positions")}
+    positions = recipe.get("positions")
+    with torch.device("meta"):
+        unet = build_unet(unet_config("sd-v1-4"), device="meta")
+        adapter = SpatialLockAdapter.from_unet(
+            unet, recipe["variant"], positions, SD_V1_PHRASE_DIM, COCO_CLASSES, **options
+        )
+        gligen = SpatialLockAdapter.from_unet(unet, "gligen", None, SD_V1_PHRASE_DIM, COCO_CLASSES)
+    return adapter.parameter_counts()["total"] / gligen.parameter_counts()["total"]
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -166,6 +202,8 @@ def main() -> None:
         scores, _, _ = score_images(detector, images, layouts)
         scores["fd"] = frechet_distance(reference, images, DetectorFeatures(detector))
         row = {"variant": name, **{k: round(v, 4) for k, v in scores.items()}, **common, "note": note}
+        if name == "autoencoder":
+            row["decoder"] = vae_fingerprint(Path(args.base))
         save_strip(images[: args.samples], layouts[: args.samples], name)
         write_row(out, row, args)
         print(f"{name}: {row}  ({time.perf_counter() - start:.0f} s)")
@@ -184,6 +222,7 @@ def main() -> None:
         write_row(out, report_row(name, Path(path), len(layouts)), args)
         print(f"{name}: from {path}")
 
+    decoder = vae_fingerprint(Path(args.base))
     pipe = SpatialLockPipeline.from_pretrained(args.base)
     pipe.set_progress_bar_config(disable=True)
     todo = ([] if args.no_base else [("base", None, {})]) + [parse_row(text) for text in args.row]
@@ -194,11 +233,15 @@ def main() -> None:
         report, images, *_ = evaluate_pipeline(pipe, detector, layouts, sampling, 1, real)
         save_strip(images[: args.samples], layouts[: args.samples], name)
         row = {"variant": name, **{k: report[k] for k in METRICS}, "seconds_per_image": report["seconds_per_image"]}
-        row.update(common, adapter=folder, options=options)
+        row.update(common, adapter=folder, options=options, decoder=decoder)
         if folder is not None:
             saved = Path(folder) / "train" / "config.json"
             config = json.loads(saved.read_text()) if saved.is_file() else {}
             row["train_steps"] = config.get("loop", {}).get("max_steps")
+            if config.get("init_from"):
+                row["init_from"] = config["init_from"]
+            row["recipe"] = adapter_recipe_of(pipe.adapter, config)
+            row["sd_v1_4_ratio"] = round(sd_ratio(row["recipe"]), 4)
         write_row(out, row, args)
         print(f"{name}: {row}  ({time.perf_counter() - start:.0f} s)")
 
