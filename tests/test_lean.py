@@ -146,7 +146,7 @@ def test_train_adapter_lean_flags_and_a_warm_start(tiny_sd, tiny_shapes, tmp_pat
     full = tmp_path / "full"
     assert train(tiny_sd, tiny_shapes, full, "--box-attention", "--positions", "all", "--max-steps", "2") == 0
     lean = tmp_path / "lean"
-    flags = ("--box-attention", "--positions", "all", "--no-feed-forward", "--attention-width", "1")
+    flags = ("--box-attention", "--positions", "all", "--feed-forward", "none", "--attention-width", "1")
     assert (
         train(tiny_sd, tiny_shapes, lean, *flags, "--init-from", str(full), "--max-steps", "1", "--lr", "1e-30") == 0
     )
@@ -174,3 +174,20 @@ def test_the_lean_recipe_is_the_same_per_base_unet_fixture(unet):
     again = SpatialLockAdapter.like(dict(adapter.config), unet, PHRASE_DIM, NUM_CLASSES)
     assert again.config.blocks == adapter.config.blocks and again.config.block_dims == adapter.config.block_dims
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in adapter.state_dict().items()}
+
+
+def test_feed_forward_at_the_finest_level_only(unet):
+    adapter = new_adapter(unet, positions="all", box_attention=True, feed_forward="finest")
+    widths = [width for width, *_ in adapter.config.block_dims]
+    assert len(set(widths)) > 1  # the tiny U-Net has blocks at two levels
+    kept = [block.ff is not None for block in adapter.fusers]
+    assert kept == [width == min(widths) for width in widths] and any(kept) and not all(kept)
+    with pytest.raises(SpatialLockError, match="feed-forward"):
+        new_adapter(unet, feed_forward="coarsest")
+    with torch.device("meta"):
+        sd = build_unet(unet_config("sd-v1-4"), device="meta")
+        counts = [
+            SpatialLockAdapter.like({**dict(adapter.config), "feed_forward": ff}, sd, 768, 80).parameter_counts()
+            for ff in (False, "finest", True)
+        ]
+    assert counts[0]["total"] < counts[1]["total"] < counts[2]["total"]

@@ -37,14 +37,15 @@ variants:
 
 lean blocks (under a third of GLIGEN's parameters on Stable Diffusion v1.4 in every down and up block; count
 any recipe with `spatiallock params --base sd-v1-4 --config-from ADAPTER`):
-  --no-feed-forward     Grounding-Attention without the paper's gated feed-forward
+  --feed-forward none   Grounding-Attention without the paper's gated feed-forward (finest: only at the
+                        finest latent level, where the blocks are narrowest)
   --attention-width F   each block's attention F times as wide (heads kept)
   --init-from ADAPTER   start from a trained adapter's weights wherever they fit
 
 examples:
   spatiallock train adapter --base models/base --data data/shapes --out models/spatiallock   # the paper's
   spatiallock train adapter --base models/base --data data/shapes --out models/spatiallock-lean \\
-      --box-attention --positions all --no-feed-forward --lr 5e-4 --gate-lr-scale 10 --max-steps 3000
+      --box-attention --positions all --feed-forward none --lr 5e-4 --gate-lr-scale 10 --max-steps 3000
   spatiallock train adapter --base models/base --data data/shapes --out runs/all --positions all
   spatiallock train adapter --base models/base --data data/shapes --out runs/fixed --loss-weights 0.5,0.5
 """
@@ -320,10 +321,10 @@ def register(subparsers) -> None:
         "can trace its outline; places objects in far fewer steps)",
     )  # fmt: skip
     adapter.add_argument(
-        "--no-feed-forward", dest="feed_forward", action="store_false",
-        help="lean Grounding-Attention blocks: their gated attention alone, without the paper's gated feed-forward "
-        "(on Stable Diffusion v1.4 the feed-forward holds 6 of every 7 parameters of a block; see `spatiallock "
-        "params --config-from`)",
+        "--feed-forward", default="all", choices=["all", "finest", "none"],
+        help="which Grounding-Attention blocks keep the paper's gated feed-forward: all (default, the paper's), "
+        "finest (only those at the finest latent level, the narrowest) or none (lean blocks: on Stable Diffusion "
+        "v1.4 the feed-forward holds 6 of every 7 parameters of a block; see `spatiallock params --config-from`)",
     )  # fmt: skip
     adapter.add_argument(
         "--attention-width", type=_share, default=1.0, metavar="F",

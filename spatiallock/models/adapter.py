@@ -48,6 +48,8 @@ VARIANTS = {
 }
 
 
+# the adapter config's `feed_forward`: in every block, in none, or at the finest level only
+FEED_FORWARD = (True, False, "finest")
 # a placement of every transformer block (the GLIGEN baseline's)
 EVERY = "every"
 # the config keys that make an adapter's recipe, apart from the base it is sized for (`SpatialLockAdapter.like`)
@@ -105,9 +107,10 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             option beyond the paper, for bases whose features carry little absolute position.
         box_attention: each visual token attends only to the objects whose boxes cover it (and the null token);
             an option beyond the paper: placement is given to the attention instead of learned by it.
-        feed_forward: each Grounding-Attention block keeps the paper's gated feed-forward after its attention;
-            without it (a lean block) the block is its gated attention alone: on Stable Diffusion v1 the
-            feed-forward holds six of every seven of the block's parameters.
+        feed_forward: which Grounding-Attention blocks keep the paper's gated feed-forward after their attention:
+            True (all, the paper's), False (none: lean blocks, their gated attention alone) or `finest` (only the
+            blocks at the finest latent level, the narrowest ones). On Stable Diffusion v1 the feed-forward holds
+            six of every seven of a block's parameters, and the wide inner blocks hold most of them.
         attention_width: the inner width of each block's attention as a share of the block's width (heads kept,
             each head narrower): 1.0 is the paper's, 0.5 halves every head.
         positions: the placement `blocks` came from (a preset, attention module names, or `every` transformer
@@ -138,7 +141,7 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         max_objects: int = MAX_OBJECTS,
         query_positions: bool = False,
         box_attention: bool = False,
-        feed_forward: bool = True,
+        feed_forward: bool | str = True,
         attention_width: float = 1.0,
         positions: str | Sequence[str] | None = None,
     ):
@@ -151,12 +154,14 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         lean = (
             ("query positions", query_positions),
             ("box attention", box_attention),
-            ("no feed-forward", not feed_forward),
+            ("feed-forward", feed_forward is not True),
             ("attention width", attention_width != 1.0),
         )
         for name, wanted in lean:
             if wanted and attention != "grounding":
                 raise SpatialLockError(f"{name}: only for Grounding-Attention variants, not {variant!r}")
+        if feed_forward not in FEED_FORWARD:
+            raise SpatialLockError(f"feed-forward: True, False or 'finest', got {feed_forward!r}")
         if not 0 < attention_width <= 1:
             raise SpatialLockError(f"attention width: a share of the block's width in (0, 1], got {attention_width}")
         self.tokenizer = GroundingTokenizer(phrase_dim, context_dim, fourier_freqs, hidden_dim, max_objects)
@@ -164,7 +169,7 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             self.fusers = nn.ModuleList(
                 GroundingAttention(
                     width, context_dim, heads, narrowed(head, attention_width), query_positions, box_attention,
-                    feed_forward,
+                    feed_forward is True or feed_forward == "finest" and width == min(w for w, *_ in block_dims),
                 )
                 for width, heads, head in block_dims
             )  # fmt: skip

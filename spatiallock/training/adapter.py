@@ -21,6 +21,8 @@ from spatiallock.text import PhraseCache, encode_captions, phrase_dim
 from spatiallock.training.common import TIMESTEP_SAMPLING, drop, latents_of, noisy_inputs, start_training
 from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
 
+# `train adapter --feed-forward` -> the adapter config's `feed_forward`
+FEED_FORWARD_CHOICES = {"all": True, "finest": "finest", "none": False}
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -43,7 +45,7 @@ class AdapterTrainConfig:
     timestep_sampling: str = "uniform"
     query_positions: bool = False
     box_attention: bool = False
-    feed_forward: bool = True  # False: lean Grounding-Attention blocks, their gated attention alone
+    feed_forward: str = "all"  # which blocks keep the gated feed-forward: all (the paper's), finest or none
     attention_width: float = 1.0  # inner width of each block's attention, as a share of the block's width
     init_from: str | None = None  # an adapter (or a model folder with one) whose matching weights start the run
     gate_lr_scale: float = 1.0  # the zero-initialised gates learn at this multiple of the learning rate
@@ -132,8 +134,12 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
     for option in ("query_positions", "box_attention"):
         if getattr(config, option):
             weights[option] = True
-    if not config.feed_forward:
-        weights["feed_forward"] = False
+    if config.feed_forward != "all":
+        if config.feed_forward not in FEED_FORWARD_CHOICES:
+            raise SpatialLockError(
+                f"feed-forward: one of {', '.join(FEED_FORWARD_CHOICES)}, got {config.feed_forward!r}"
+            )
+        weights["feed_forward"] = FEED_FORWARD_CHOICES[config.feed_forward]
     if config.attention_width != 1.0:
         weights["attention_width"] = config.attention_width
     adapter = SpatialLockAdapter.from_unet(
