@@ -129,6 +129,13 @@ def main() -> None:
         help="the `shipped` row: an adapter built by the recipe of MODEL's adapter (default: the shipped model)",
     )
     parser.add_argument(
+        "--recipe",
+        action="append",
+        default=[],
+        metavar="NAME=MODEL",
+        help="one more row NAME: an adapter built by the recipe of MODEL's adapter; repeatable",
+    )
+    parser.add_argument(
         "--out", default=None, help="result JSON (default: benchmarks/results/sample_speed_<dev>.json)"
     )
     parser.add_argument(
@@ -162,6 +169,13 @@ def main() -> None:
             unet, "spatiallock", "all", phrase_dim(text_encoder), 16, box_attention=True
         ),
     }
+    for text in args.recipe:
+        name, _, model = text.partition("=")
+        if not name or not model or name in adapters:
+            parser.error(f"--recipe: expected a new NAME=MODEL, got {text!r}")
+        other, source = adapter_recipe(model)
+        source = None if source is None else build_unet(source, device="meta")
+        adapters[name] = SpatialLockAdapter.like(other, unet, phrase_dim(text_encoder), 16, source)
     # row name -> (adapter, pipeline options)
     runs = {name: (name, {}) for name in adapters}
     if args.layout_control:
