@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint clean
+.PHONY: demo test test-browser install lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The page of `spatiallock app` in headless Chromium (Debian's package; Playwright drives it, no browser download).
+test-browser: $(STAMP)
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq chromium)
+	$(BIN)/python -m pip install -q -e ".[dev,app,browser]"
+	$(BIN)/python -m pytest tests/browser --confcutdir=tests/browser -p no:cacheprovider -s
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

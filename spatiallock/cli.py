@@ -44,6 +44,7 @@ def _one_line_warnings(show=warnings.showwarning):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from spatiallock.commands import app as app_cmd
     from spatiallock.commands import demo as demo_cmd
     from spatiallock.commands import evaluate as evaluate_cmd
     from spatiallock.commands import generate as generate_cmd
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.register(sub)
     evaluate_cmd.register(sub)
     demo_cmd.register(sub)
+    app_cmd.register(sub)
     return parser
 
 
