@@ -98,3 +98,17 @@ def test_demo_runs_the_shipped_model_on_the_examples(tmp_path, capsys):
     assert float(mean) > 0.5  # the shipped model places the example objects
     # a folder without layouts: one line, exit 2
     assert main(["demo", "--examples", str(tmp_path / "demo"), "--out", str(tmp_path / "other")]) == 2
+
+
+def test_the_shipped_recipe_stays_inside_the_parameter_budget_on_sd(capsys):
+    """Counted on Stable Diffusion v1.4, the shipped recipe trains at most 0.35 of GLIGEN's parameters, and its
+    recorded feed-forward setting is the one its weights have."""
+    from spatiallock.cli import main
+    from spatiallock.pipeline import load_adapter
+
+    assert main(["params", "--base", "sd-v1-4", "--config-from", "default", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ratio"] <= 0.35
+    recipe = json.loads((default_model_path() / "provenance.json").read_text())["adapter_training"]
+    adapter = load_adapter(default_model_path() / "adapter")
+    assert {"all": True, "finest": "finest", "none": False}[recipe["feed_forward"]] == adapter.config.feed_forward
+    assert any(block.ff is None for block in adapter.fusers)
