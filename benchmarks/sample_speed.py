@@ -31,12 +31,12 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from spatiallock.base import CAPTION_TOKENS, small_scheduler, small_unet_config, small_vae_config
-from spatiallock.configs import SD_V1_UNET, build_unet
+from spatiallock.configs import SD_V1_UNET
 from spatiallock.layout import Layout
 from spatiallock.models.adapter import RECIPE, SpatialLockAdapter
 from spatiallock.models.grounding import GATES
 from spatiallock.pipeline import SpatialLockPipeline
-from spatiallock.sampling import adapter_recipe
+from spatiallock.sampling import adapter_like
 from spatiallock.text import phrase_dim
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -157,12 +157,10 @@ def main() -> None:
     pipe = SpatialLockPipeline(vae, text_encoder, tokenizer, unet, sampler, None, caption_tokens)
     pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
-    recipe, built_for = adapter_recipe(args.shipped)
-    built_for = None if built_for is None else build_unet(built_for, device="meta")
     adapters = {
         "base": None,
         "spatiallock": SpatialLockAdapter.from_unet(unet, "spatiallock", None, phrase_dim(text_encoder), 16),
-        "shipped": SpatialLockAdapter.like(recipe, unet, phrase_dim(text_encoder), 16, built_for),
+        "shipped": adapter_like(args.shipped, unet, phrase_dim(text_encoder), 16),
         "gligen": SpatialLockAdapter.from_unet(unet, "gligen", None, phrase_dim(text_encoder), 16),
         # the configuration shipped before: box attention and the full block in every down and up transformer block
         "spatiallock-box-all": SpatialLockAdapter.from_unet(
@@ -173,9 +171,7 @@ def main() -> None:
         name, _, model = text.partition("=")
         if not name or not model or name in adapters:
             parser.error(f"--recipe: expected a new NAME=MODEL, got {text!r}")
-        other, source = adapter_recipe(model)
-        source = None if source is None else build_unet(source, device="meta")
-        adapters[name] = SpatialLockAdapter.like(other, unet, phrase_dim(text_encoder), 16, source)
+        adapters[name] = adapter_like(model, unet, phrase_dim(text_encoder), 16)
     # row name -> (adapter, pipeline options)
     runs = {name: (name, {}) for name in adapters}
     if args.layout_control:

@@ -75,6 +75,20 @@ def adapter_recipe(model: str) -> tuple[dict, dict | None]:
     return config, (unet_config(str(folder)) if adapter != folder and unet.is_file() else None)
 
 
+def adapter_like(model: str, unet, phrase_dim: int, num_classes: int):
+    """A fresh adapter for `unet` built by the recipe of MODEL's adapter (see `adapter_recipe`): what the same
+    training command would build on `unet`. A config that cannot build one is a `SpatialLockError`."""
+    from spatiallock.configs import build_unet
+    from spatiallock.models.adapter import SpatialLockAdapter
+
+    recipe, built_for = adapter_recipe(model)
+    source = None if built_for is None else build_unet(built_for, device="meta")
+    try:
+        return SpatialLockAdapter.like(recipe, unet, phrase_dim, num_classes, source)
+    except (KeyError, TypeError, ValueError) as err:
+        raise SpatialLockError(f"config-from: {model}'s adapter config is not usable ({err})") from None
+
+
 def resolve_detector(name: str) -> Path:
     """`default` -> the shipped detector; otherwise a folder that must exist."""
     path = default_detector_path() if name == "default" else Path(name)

@@ -11,7 +11,7 @@ from spatiallock.configs import COCO_CLASSES, SD_V1_PHRASE_DIM, build_unet, unet
 from spatiallock.errors import SpatialLockError
 from spatiallock.models.adapter import RECIPE, SpatialLockAdapter
 from spatiallock.models.injection import count_parameters
-from spatiallock.sampling import adapter_recipe
+from spatiallock.sampling import adapter_like
 
 
 def count(
@@ -24,16 +24,11 @@ def count(
     """Parameter counts for `base`, built on the meta device (no weights, no download): the paper's SpatialLock
     at `positions`, or an adapter built by the recipe of `config_from`'s adapter."""
     unet = build_unet(unet_config(base), device="meta")
-    recipe, built_for = adapter_recipe(config_from) if config_from else (None, None)
     with torch.device("meta"):
-        if recipe is None:
+        if config_from is None:
             spatiallock = SpatialLockAdapter.from_unet(unet, "spatiallock", positions, phrase_dim, num_classes)
         else:
-            source = None if built_for is None else build_unet(built_for, device="meta")
-            try:
-                spatiallock = SpatialLockAdapter.like(recipe, unet, phrase_dim, num_classes, source)
-            except (KeyError, TypeError, ValueError) as err:
-                raise SpatialLockError(f"config-from: {config_from}'s adapter config is not usable ({err})") from None
+            spatiallock = adapter_like(config_from, unet, phrase_dim, num_classes)
         gligen = SpatialLockAdapter.from_unet(unet, "gligen", None, phrase_dim, num_classes)
     parts = spatiallock.parameter_counts()
     gligen_total = gligen.parameter_counts()["total"]
@@ -46,7 +41,7 @@ def count(
         "gligen_trainable": gligen_total,
         "ratio": parts["total"] / gligen_total,
     }
-    if recipe is not None:
+    if config_from is not None:
         result["config_from"] = config_from
         result["recipe"] = {
             key: spatiallock.config[key] for key in (*RECIPE, "positions") if key in spatiallock.config

@@ -166,10 +166,11 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             raise SpatialLockError(f"attention width: a share of the block's width in (0, 1], got {attention_width}")
         self.tokenizer = GroundingTokenizer(phrase_dim, context_dim, fourier_freqs, hidden_dim, max_objects)
         if attention == "grounding":
+            finest = min(width for width, *_ in block_dims)  # the narrowest blocks sit at the finest latent level
             self.fusers = nn.ModuleList(
                 GroundingAttention(
                     width, context_dim, heads, narrowed(head, attention_width), query_positions, box_attention,
-                    feed_forward is True or feed_forward == "finest" and width == min(w for w, *_ in block_dims),
+                    feed_forward is True or feed_forward == "finest" and width == finest,
                 )
                 for width, heads, head in block_dims
             )  # fmt: skip
