@@ -5,7 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-browser install lint clean
+APP_STAMP := $(VENV)/.installed-app
+
+.PHONY: demo app test test-browser install lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +23,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/spatiallock demo
 
+# The layout editor (`spatiallock app`) needs Gradio and gradio-image-annotation besides the project.
+$(APP_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,app,browser]"
+	touch $(APP_STAMP)
+
+app: $(APP_STAMP)
+	$(BIN)/spatiallock app
+
 lint: $(STAMP)
 	$(BIN)/ruff check spatiallock tests benchmarks scripts
 	$(BIN)/ruff format --check spatiallock tests benchmarks scripts
@@ -29,10 +39,9 @@ test: lint
 	$(BIN)/python -m pytest
 
 # The page of `spatiallock app` in headless Chromium (Debian's package; Playwright drives it, no browser download).
-test-browser: $(STAMP)
+test-browser: $(APP_STAMP)
 	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 		(apt-get update -qq && apt-get install -y -qq chromium)
-	$(BIN)/python -m pip install -q -e ".[dev,app,browser]"
 	$(BIN)/python -m pytest tests/browser --confcutdir=tests/browser -p no:cacheprovider -s
 
 clean:

@@ -113,7 +113,7 @@ class Request:
     steps: int = 25
     guidance: float = 5.0
     scheduler: str = OWN_SCHEDULER
-    grounding_steps: float = 1.0
+    grounding_steps: float | None = None  # None: the adapter's own
     layout_guidance_steps: int = 0
     layout_guidance_scale: float = 20.0
     init_from_layout: bool = False
@@ -133,7 +133,8 @@ class Request:
         options = SamplingOptions(
             seed=int(self.seed), steps=int(self.steps), guidance=float(self.guidance),
             scheduler=None if self.scheduler == OWN_SCHEDULER else self.scheduler,
-            grounding_steps=float(self.grounding_steps), layout_guidance_steps=int(self.layout_guidance_steps),
+            grounding_steps=None if self.grounding_steps is None else float(self.grounding_steps),
+            layout_guidance_steps=int(self.layout_guidance_steps),
             layout_guidance_scale=float(self.layout_guidance_scale), init_from_layout=bool(self.init_from_layout),
         )  # fmt: skip
         try:
@@ -333,7 +334,13 @@ def build_app(studio: Studio, examples: str | Path | None = "examples"):
                     guidance = gr.Slider(0.0, 15.0, value=5.0, step=0.5, label="Guidance (classifier-free)")
                 with gr.Accordion("More options", open=False):
                     scheduler = gr.Dropdown([OWN_SCHEDULER, *sorted(SCHEDULERS)], value=OWN_SCHEDULER, label="Sampler")
-                    grounding = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Share of steps that use the layout")
+                    grounding = gr.Slider(
+                        0.0,
+                        1.0,
+                        value=studio.pipe.default_grounding_steps,
+                        step=0.05,
+                        label="Share of steps that use the layout (the model's own by default)",
+                    )
                     lg_steps = gr.Slider(0, 50, value=0, step=1, label="Layout guidance steps (training-free)")
                     lg_scale = gr.Number(20.0, minimum=0, label="Layout guidance scale")
                     init = gr.Checkbox(False, label="Start from the layout rendered as a picture")

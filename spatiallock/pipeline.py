@@ -212,6 +212,14 @@ class SpatialLockPipeline(DiffusionPipeline):
         return kwargs
 
     @property
+    def default_grounding_steps(self) -> float:
+        """The share of the steps grounded when a call does not say: the adapter config's `grounding_steps`
+        (1.0 for an adapter that records none; the plain base has nothing to ground)."""
+        if self.adapter is None:
+            return 1.0
+        return float(getattr(self.adapter.config, "grounding_steps", 1.0))
+
+    @property
     def native_size(self) -> int:
         return self.unet.config.sample_size * self.vae_scale_factor
 
@@ -242,7 +250,7 @@ class SpatialLockPipeline(DiffusionPipeline):
         width: int | None = None,
         num_inference_steps: int = 25,
         guidance_scale: float = 5.0,
-        grounding_steps: float = 1.0,
+        grounding_steps: float | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -268,6 +276,7 @@ class SpatialLockPipeline(DiffusionPipeline):
                 or one list per prompt (layouts of different sizes in one batch are fine).
             layouts: `Layout`s instead of prompt/phrases/boxes.
             grounding_steps: share of the steps (from the first) with grounding; after it the base runs alone.
+                Default: the adapter's own (`default_grounding_steps`).
             guidance_scale: classifier-free guidance; <= 1 turns it off.
             generator, latents, output_type ("pil", "np", "pt", "latent"), return_dict: as in diffusers.
             layout_guidance_steps: training-free cross-attention guidance (`spatiallock.guidance`) for this many
@@ -288,6 +297,8 @@ class SpatialLockPipeline(DiffusionPipeline):
                 raise SpatialLockError("prompt: give a prompt (with phrases and boxes) or layouts")
             layouts = as_layouts(prompt, phrases, boxes)
         layouts = [layout for layout in layouts for _ in range(num_images_per_prompt)]
+        if grounding_steps is None:
+            grounding_steps = self.default_grounding_steps
         if not 0.0 <= grounding_steps <= 1.0:
             raise SpatialLockError(f"grounding_steps: a share of the steps in [0, 1], got {grounding_steps}")
         for name, value in (("guidance_scale", guidance_scale), ("layout_guidance_scale", layout_guidance_scale)):

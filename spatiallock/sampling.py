@@ -106,13 +106,13 @@ def resolve_detector(name: str) -> Path:
 class SamplingOptions:
     """Everything that decides a generated image besides the model and the layout, under the command line's
     option names (`--layout-guidance-steps` is `layout_guidance_steps`). `size` None: the model's own;
-    `scheduler` None: the model folder's."""
+    `scheduler` None: the model folder's; `grounding_steps` None: the adapter's own."""
 
     seed: int = 0
     steps: int = 25
     guidance: float = 5.0
     scheduler: str | None = None
-    grounding_steps: float = 1.0
+    grounding_steps: float | None = None
     size: int | None = None
     dtype: str = "fp32"
     batch_size: int = 8
@@ -204,6 +204,8 @@ class SamplingOptions:
         if pipe is not None:
             record["scheduler"] = self.scheduler or type(pipe.scheduler).__name__
             record["size"] = self.size or pipe.native_size
+            if self.grounding_steps is None:
+                record["grounding_steps"] = pipe.default_grounding_steps
         return record
 
     def check_for(self, pipe, layouts: Sequence[Layout]) -> None:

@@ -52,8 +52,9 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         help="sampler (default: the model's own; DPM-Solver++ for the small base)",
     )  # fmt: skip
     parser.add_argument(
-        "--grounding-steps", type=float, default=1.0, metavar="F",
-        help="share of the steps, from the first, that use the layout (default: 1.0)",
+        "--grounding-steps", type=float, default=None, metavar="F",
+        help="share of the steps, from the first, that use the layout; after them the base runs alone, at its own "
+        "speed (default: the adapter's own, recorded in its config; 1.0 unless it says otherwise)",
     )  # fmt: skip
     parser.add_argument(
         "--size", type=int, default=None, metavar="PX", help="image side, at most 4096 (default: the model's)"

@@ -108,6 +108,16 @@ def _share(text: str) -> float:
     return value
 
 
+def _grounding_share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
 def _loss_weights(text: str) -> tuple[float, float]:
     try:
         values = tuple(float(v) for v in text.split(","))
@@ -206,6 +216,7 @@ def run_adapter(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing, split=args.split, timestep_sampling=args.timestep_sampling,
         query_positions=args.query_positions, box_attention=args.box_attention, gate_lr_scale=args.gate_lr_scale,
         feed_forward=args.feed_forward, attention_width=args.attention_width, init_from=args.init_from,
+        grounding_steps=args.grounding_steps,
         max_train_samples=args.max_train_samples,
         loop=_loop(args, args.max_steps, args.batch_size, args.lr, warmup=50),
     )  # fmt: skip
@@ -330,6 +341,12 @@ def register(subparsers) -> None:
         "--attention-width", type=_share, default=1.0, metavar="F",
         help="inner width of each Grounding-Attention as a share of its block's width, heads kept and each head "
         "narrower (default: 1, the paper's; 0.5 halves it)",
+    )  # fmt: skip
+    adapter.add_argument(
+        "--grounding-steps", type=_grounding_share, default=1.0, metavar="F",
+        help="share of the sampling steps, from the first, the adapter grounds by default (saved in its config; "
+        "sampling's --grounding-steps overrides it): 0.3 grounds the first 30%% of the steps, where the layout is "
+        "settled, and samples the rest at the base's own speed, as GLIGEN does (default: 1, every step)",
     )  # fmt: skip
     adapter.add_argument(
         "--init-from", default=None, metavar="ADAPTER",

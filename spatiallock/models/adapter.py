@@ -56,6 +56,7 @@ EVERY = "every"
 RECIPE = (
     "variant", "fourier_freqs", "hidden_dim", "max_objects", "query_positions", "box_attention", "feed_forward",
     "attention_width", "loss_weighting", "loss_weights", "enh_grid", "enh_layers", "enh_heads", "anchor_scale",
+    "grounding_steps",
 )  # fmt: skip
 
 
@@ -115,6 +116,10 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             each head narrower): 1.0 is the paper's, 0.5 halves every head.
         positions: the placement `blocks` came from (a preset, attention module names, or `every` transformer
             block), so that the same recipe can be built on another base (`like`); None where not recorded.
+        grounding_steps: the share of the sampling steps, from the first, that this adapter grounds when a caller
+            does not say (GLIGEN's scheduled sampling: the layout is settled in the first, noisiest steps; after
+            them the base runs alone, at its own speed). 1.0, every step, unless the adapter was trained or
+            shipped with another share.
     """
 
     config_name = "config.json"
@@ -144,6 +149,7 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         feed_forward: bool | str = True,
         attention_width: float = 1.0,
         positions: str | Sequence[str] | None = None,
+        grounding_steps: float = 1.0,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -162,6 +168,8 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
                 raise SpatialLockError(f"{name}: only for Grounding-Attention variants, not {variant!r}")
         if feed_forward not in FEED_FORWARD:
             raise SpatialLockError(f"feed-forward: True, False or 'finest', got {feed_forward!r}")
+        if not 0 <= grounding_steps <= 1:  # nan fails too
+            raise SpatialLockError(f"grounding steps: a share of the sampling steps in [0, 1], got {grounding_steps}")
         if not 0 < attention_width <= 1:
             raise SpatialLockError(f"attention width: a share of the block's width in (0, 1], got {attention_width}")
         self.tokenizer = GroundingTokenizer(phrase_dim, context_dim, fourier_freqs, hidden_dim, max_objects)

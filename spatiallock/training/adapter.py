@@ -49,6 +49,7 @@ class AdapterTrainConfig:
     attention_width: float = 1.0  # inner width of each block's attention, as a share of the block's width
     init_from: str | None = None  # an adapter (or a model folder with one) whose matching weights start the run
     gate_lr_scale: float = 1.0  # the zero-initialised gates learn at this multiple of the learning rate
+    grounding_steps: float = 1.0  # the share of sampling steps the adapter grounds by default (its config)
     max_objects: int = MAX_OBJECTS
     split: str = "train"
     max_train_samples: int | None = None  # None: the whole split; N: its first N images
@@ -142,6 +143,8 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
         weights["feed_forward"] = FEED_FORWARD_CHOICES[config.feed_forward]
     if config.attention_width != 1.0:
         weights["attention_width"] = config.attention_width
+    if config.grounding_steps != 1.0:
+        weights["grounding_steps"] = config.grounding_steps
     adapter = SpatialLockAdapter.from_unet(
         base.unet, config.variant, config.positions, phrase_dim(base.text_encoder), len(dataset.categories), **weights
     )

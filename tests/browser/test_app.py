@@ -4,9 +4,12 @@ bad input shown on the page, two people at once. The screenshot of the README (d
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FEW_STEPS = "4"
@@ -135,3 +138,30 @@ def test_two_people_generating_at_once_both_get_images(open_page):
     for page in pages:
         status(page).get_by_text(re.compile(r"1 image, [\d.]+ s each")).wait_for(timeout=300_000)
         assert page.locator("#gallery img").count() >= 1
+
+
+@pytest.mark.parametrize("example", ["two_shapes", "three_shapes"])
+def test_each_example_at_the_default_settings(open_page, example):
+    """An example as a new user runs it: one click to load, Generate with every setting left as the page offers
+    it. The seconds until the first image is on screen are printed (and written to SPATIALLOCK_APP_TIMES when
+    set); the benchmark, not this test, judges them."""
+    page = open_page()
+    page.get_by_role("button", name=example).click()
+    status(page).get_by_text(f"Loaded {example}.json").wait_for()
+    images = int(page.locator("#images input[type=number]").input_value())
+    start = time.monotonic()
+    page.locator("#generate").click()
+    page.locator("#gallery img").first.wait_for(timeout=300_000)
+    seconds = time.monotonic() - start
+    status(page).get_by_text(re.compile(rf"{images} images?, [\d.]+ s each")).wait_for(timeout=600_000)
+    assert page.locator("#gallery img").count() >= 1
+    assert "Error" not in status(page).inner_text()
+    steps = page.locator("#steps input[type=number]").input_value()
+    print(f"{example}: first image on screen {seconds:.1f} s after pressing Generate ({images} images, {steps} steps)")
+    record = os.environ.get("SPATIALLOCK_APP_TIMES")
+    if record:
+        path = Path(record)
+        times = json.loads(path.read_text()) if path.is_file() else {}
+        measured = {"first_image_seconds": round(seconds, 2), "images": images, "steps": int(steps)}
+        times.setdefault("examples", {})[example] = measured
+        path.write_text(json.dumps(times, indent=1) + "\n")
