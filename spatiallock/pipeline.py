@@ -220,6 +220,14 @@ class SpatialLockPipeline(DiffusionPipeline):
         return float(getattr(self.adapter.config, "grounding_steps", 1.0))
 
     @property
+    def default_ground_unconditional(self) -> bool:
+        """Whether classifier-free guidance's unconditional rows go through the adapter (with null grounding) when
+        a call does not say: the adapter config's `ground_unconditional` (True for one that records none)."""
+        if self.adapter is None:
+            return True
+        return bool(getattr(self.adapter.config, "ground_unconditional", True))
+
+    @property
     def native_size(self) -> int:
         return self.unet.config.sample_size * self.vae_scale_factor
 
@@ -251,6 +259,7 @@ class SpatialLockPipeline(DiffusionPipeline):
         num_inference_steps: int = 25,
         guidance_scale: float = 5.0,
         grounding_steps: float | None = None,
+        ground_unconditional: bool | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -277,6 +286,11 @@ class SpatialLockPipeline(DiffusionPipeline):
             layouts: `Layout`s instead of prompt/phrases/boxes.
             grounding_steps: share of the steps (from the first) with grounding; after it the base runs alone.
                 Default: the adapter's own (`default_grounding_steps`).
+            ground_unconditional: with classifier-free guidance, whether the unconditional rows go through the
+                adapter with null grounding (True, as the adapter was trained with dropped layouts) or are the
+                plain base's prediction for the empty caption (False: the adapter runs on the conditional rows
+                alone, half its cost, and guidance pushes towards the layout as well as the caption). Default:
+                the adapter's own (`default_ground_unconditional`).
             guidance_scale: classifier-free guidance; <= 1 turns it off.
             generator, latents, output_type ("pil", "np", "pt", "latent"), return_dict: as in diffusers.
             layout_guidance_steps: training-free cross-attention guidance (`spatiallock.guidance`) for this many
@@ -299,6 +313,8 @@ class SpatialLockPipeline(DiffusionPipeline):
         layouts = [layout for layout in layouts for _ in range(num_images_per_prompt)]
         if grounding_steps is None:
             grounding_steps = self.default_grounding_steps
+        if ground_unconditional is None:
+            ground_unconditional = self.default_ground_unconditional
         if not 0.0 <= grounding_steps <= 1.0:
             raise SpatialLockError(f"grounding_steps: a share of the steps in [0, 1], got {grounding_steps}")
         for name, value in (("guidance_scale", guidance_scale), ("layout_guidance_scale", layout_guidance_scale)):
@@ -329,7 +345,7 @@ class SpatialLockPipeline(DiffusionPipeline):
             empty, empty_mask = self.encode_prompts([""] * batch)
             states = torch.cat([empty, states])
             caption_mask = None if caption_mask is None else torch.cat([empty_mask, caption_mask])
-            if layout_inputs is not None:
+            if layout_inputs is not None and ground_unconditional:
                 embeds, bxs, masks = layout_inputs
                 null = torch.zeros_like(masks)
                 layout_inputs = [embeds.repeat(2, 1, 1), bxs.repeat(2, 1, 1), torch.cat([null, masks])]
@@ -337,6 +353,8 @@ class SpatialLockPipeline(DiffusionPipeline):
         if layout_inputs is not None:
             latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
             grounding = self.adapter.encode_grounding(*layout_inputs, latent_size)
+            if guided and not ground_unconditional:
+                grounding = grounding._replace(rows=slice(batch, None))
         states = states.to(device)
         caption_mask = None if caption_mask is None else caption_mask.to(device)
         cond_rows = slice(batch, None) if guided else slice(None)  # the conditional rows: for guidance and inversion
@@ -359,7 +377,7 @@ class SpatialLockPipeline(DiffusionPipeline):
         grounded = int(grounding_steps * len(timesteps) + 1e-6)
         cond_grounding = grounding  # the conditional rows' own, for layout guidance
         if grounding is not None and guided:
-            cond_grounding = grounding.select(cond_rows)
+            cond_grounding = grounding.select(cond_rows) if ground_unconditional else grounding._replace(rows=None)
 
         # 3. denoising
         with self.progress_bar(total=len(timesteps)) as progress:

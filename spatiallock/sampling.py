@@ -106,13 +106,14 @@ def resolve_detector(name: str) -> Path:
 class SamplingOptions:
     """Everything that decides a generated image besides the model and the layout, under the command line's
     option names (`--layout-guidance-steps` is `layout_guidance_steps`). `size` None: the model's own;
-    `scheduler` None: the model folder's; `grounding_steps` None: the adapter's own."""
+    `scheduler` None: the model folder's; `grounding_steps` and `ground_unconditional` None: the adapter's own."""
 
     seed: int = 0
     steps: int = 25
     guidance: float = 5.0
     scheduler: str | None = None
     grounding_steps: float | None = None
+    ground_unconditional: bool | None = None
     size: int | None = None
     dtype: str = "fp32"
     batch_size: int = 8
@@ -182,6 +183,7 @@ class SamplingOptions:
             "num_inference_steps": self.steps,
             "guidance_scale": self.guidance,
             "grounding_steps": self.grounding_steps,
+            "ground_unconditional": self.ground_unconditional,
             "height": self.size,
             "width": self.size,
         }
@@ -206,6 +208,8 @@ class SamplingOptions:
             record["size"] = self.size or pipe.native_size
             if self.grounding_steps is None:
                 record["grounding_steps"] = pipe.default_grounding_steps
+            if self.ground_unconditional is None:
+                record["ground_unconditional"] = pipe.default_ground_unconditional
         return record
 
     def check_for(self, pipe, layouts: Sequence[Layout]) -> None:

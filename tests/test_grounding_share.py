@@ -1,6 +1,7 @@
-"""The share of the sampling steps an adapter grounds by default (its config's `grounding_steps`, GLIGEN's
-scheduled sampling): used when a call does not say, overridden when it does, saved and read back, recorded in
-reports as the share actually used."""
+"""Sampling defaults an adapter carries in its config: the share of the steps it grounds (`grounding_steps`,
+GLIGEN's scheduled sampling) and whether classifier-free guidance's unconditional rows go through it
+(`ground_unconditional`). Used when a call does not say, overridden when it does, saved and read back, recorded
+in reports as actually used."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import NUM_CLASSES, PHRASE_DIM
-from test_pipeline import make_adapter, sample
+from test_grounding_once import box_adapter
+from test_pipeline import LAYOUTS, make_adapter, sample
 from test_train_adapter import train
 
 from spatiallock.cli import main
@@ -77,3 +80,52 @@ def test_train_adapter_saves_the_share_and_refuses_a_bad_one(tiny_sd, tiny_shape
     ]
     assert main(["train", "adapter", *bad]) == 2
     assert "--grounding-steps" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_without_unconditional_grounding_those_rows_are_the_plain_bases_and_the_others_unchanged(tiny_small_base):
+    """One U-Net call on a guided batch: the unconditional rows are exactly the plain U-Net's, the conditional
+    rows exactly what the adapter gives them in a batch of their own."""
+    adapter = box_adapter(tiny_small_base)
+    pipe = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=adapter)
+    embeds, boxes, masks = pipe.encode_layouts(LAYOUTS)
+    states, mask = pipe.encode_prompts(["", ""] + [layout.caption for layout in LAYOUTS])
+    torch.manual_seed(0)
+    latents, t = torch.randn(4, 4, 8, 8), torch.tensor(500)
+    cond = adapter.encode_grounding(embeds, boxes, masks, (8, 8))
+    both = adapter(
+        pipe.unet, latents, t, states, encoder_attention_mask=mask, grounding=cond._replace(rows=slice(2, None))
+    )
+    plain = pipe.unet(latents[:2], t, encoder_hidden_states=states[:2], encoder_attention_mask=mask[:2]).sample
+    alone = adapter(pipe.unet, latents[2:], t, states[2:], encoder_attention_mask=mask[2:], grounding=cond).sample
+    torch.testing.assert_close(both.sample[:2], plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(both.sample[2:], alone, rtol=0, atol=1e-5)
+
+
+def test_the_adapters_unconditional_choice_is_the_default_and_a_call_overrides_it(tiny_small_base):
+    own = box_adapter(tiny_small_base)
+    own.register_to_config(ground_unconditional=False)
+    lean = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=own)
+    usual = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=box_adapter(tiny_small_base))
+    assert lean.default_ground_unconditional is False and usual.default_ground_unconditional is True
+    by_default = sample(lean, num_inference_steps=STEPS)
+    np.testing.assert_array_equal(by_default, sample(usual, num_inference_steps=STEPS, ground_unconditional=False))
+    assert np.abs(by_default - sample(usual, num_inference_steps=STEPS)).max() > 1e-3
+    np.testing.assert_array_equal(
+        sample(lean, num_inference_steps=STEPS, ground_unconditional=True), sample(usual, num_inference_steps=STEPS)
+    )
+    assert SamplingOptions().record(lean)["ground_unconditional"] is False
+    # without guidance there are no unconditional rows: the choice changes nothing
+    np.testing.assert_array_equal(
+        sample(lean, num_inference_steps=STEPS, guidance_scale=1.0),
+        sample(usual, num_inference_steps=STEPS, guidance_scale=1.0),
+    )
+
+
+def test_ground_unconditional_takes_yes_or_no_on_the_command_line(tmp_path, capsys):
+    layout = tmp_path / "layout.json"
+    layout.write_text(
+        json.dumps({"caption": "a red circle", "objects": [{"label": "red circle", "box": [0, 0, 1, 1]}]})
+    )
+    code = main(["generate", "--model", "default", "--layout", str(layout), "--out", str(tmp_path / "o"),
+                 "--ground-unconditional", "maybe"])  # fmt: skip
+    assert code == 2 and "--ground-unconditional" in capsys.readouterr().err and not (tmp_path / "o").exists()

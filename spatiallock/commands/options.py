@@ -28,6 +28,12 @@ def make_out_folder(out: Path, option: str = "--out") -> Path:
     return out
 
 
+def _yes_no(text: str) -> bool:
+    if text.lower() in ("yes", "no"):
+        return text.lower() == "yes"
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
+
+
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that samples."""
     from spatiallock.pipeline import SCHEDULERS
@@ -55,6 +61,12 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         "--grounding-steps", type=float, default=None, metavar="F",
         help="share of the steps, from the first, that use the layout; after them the base runs alone, at its own "
         "speed (default: the adapter's own, recorded in its config; 1.0 unless it says otherwise)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ground-unconditional", type=_yes_no, default=None, metavar="yes|no",
+        help="with classifier-free guidance, whether the unconditional half of each U-Net call also goes through "
+        "the adapter, with an empty layout (yes, as it was trained), or is the plain base's (no: the adapter runs "
+        "on the conditional half alone, half its cost) (default: the adapter's own; yes unless it says otherwise)",
     )  # fmt: skip
     parser.add_argument(
         "--size", type=int, default=None, metavar="PX", help="image side, at most 4096 (default: the model's)"

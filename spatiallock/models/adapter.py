@@ -56,7 +56,7 @@ EVERY = "every"
 RECIPE = (
     "variant", "fourier_freqs", "hidden_dim", "max_objects", "query_positions", "box_attention", "feed_forward",
     "attention_width", "loss_weighting", "loss_weights", "enh_grid", "enh_layers", "enh_heads", "anchor_scale",
-    "grounding_steps",
+    "grounding_steps", "ground_unconditional",
 )  # fmt: skip
 
 
@@ -120,6 +120,9 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             does not say (GLIGEN's scheduled sampling: the layout is settled in the first, noisiest steps; after
             them the base runs alone, at its own speed). 1.0, every step, unless the adapter was trained or
             shipped with another share.
+        ground_unconditional: whether classifier-free guidance's unconditional rows go through this adapter with
+            null grounding (True) or are the plain base's (False: the adapter runs on the conditional rows alone,
+            at half the cost), when a caller does not say.
     """
 
     config_name = "config.json"
@@ -150,6 +153,7 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         attention_width: float = 1.0,
         positions: str | Sequence[str] | None = None,
         grounding_steps: float = 1.0,
+        ground_unconditional: bool = True,
     ):
         super().__init__()
         if variant not in VARIANTS:

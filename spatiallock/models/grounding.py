@@ -41,12 +41,13 @@ class GroundingTokens(NamedTuple):
     boxes: torch.Tensor | None = None  # (B, N, 4) normalised xyxy, for box attention
     grid: tuple[int, int] | None = None  # (height, width) of the U-Net's input latent, for box attention
     cache: dict | None = None
+    rows: slice | None = None  # the U-Net batch's rows this grounding is for; the rest pass every block unchanged
 
     def select(self, rows: slice | torch.Tensor) -> GroundingTokens:
         """The same grounding for a subset of the batch's rows (a cache of its own)."""
         boxes = None if self.boxes is None else self.boxes[rows]
         cache = None if self.cache is None else {}
-        return self._replace(tokens=self.tokens[rows], mask=self.mask[rows], boxes=boxes, cache=cache)
+        return self._replace(tokens=self.tokens[rows], mask=self.mask[rows], boxes=boxes, cache=cache, rows=None)
 
     def cached(self, key, compute):
         """`compute()`, kept under `key` when this grounding has a cache."""
@@ -55,6 +56,14 @@ class GroundingTokens(NamedTuple):
         if key not in self.cache:
             self.cache[key] = compute()
         return self.cache[key]
+
+
+def on_rows(block: nn.Module, hidden_states: torch.Tensor, objs: GroundingTokens) -> torch.Tensor:
+    """`block` applied to the rows `objs.rows` of the batch only (the others unchanged): classifier-free guidance
+    whose unconditional rows are the plain base's, at the cost of grounding the conditional rows alone."""
+    out = hidden_states.clone()
+    out[objs.rows] = block(hidden_states[objs.rows], objs._replace(rows=None))
+    return out
 
 
 class GroundingTokenizer(nn.Module):
@@ -254,6 +263,8 @@ class GroundingAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, objs: GroundingTokens) -> torch.Tensor:
         if not self.enabled:
             return hidden_states
+        if objs.rows is not None:
+            return on_rows(self, hidden_states, objs)
         # 1. gated cross-attention: (B, HW, C) queries over (B, 1 + N, D) keys: the null token, always present,
         #    where a visual token outside every box can attend, and the grounding tokens. The keys' projections
         #    and the bias come from the call's cache; the same computation as diffusers' attention processor
@@ -287,6 +298,8 @@ class GatedSelfAttention(GatedSelfAttentionDense):
     def forward(self, x: torch.Tensor, objs: GroundingTokens) -> torch.Tensor:
         if not self.enabled:
             return x
+        if objs.rows is not None:
+            return on_rows(self, x, objs)
         # 1. gated self-attention: (B, HW + N, C) tokens; every token may attend to all visual tokens and to
         #    the real objects' tokens only (a layout without objects: to the visual tokens alone)
         n_visual = x.shape[1]
