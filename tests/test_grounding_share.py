@@ -129,3 +129,14 @@ def test_ground_unconditional_takes_yes_or_no_on_the_command_line(tmp_path, caps
     code = main(["generate", "--model", "default", "--layout", str(layout), "--out", str(tmp_path / "o"),
                  "--ground-unconditional", "maybe"])  # fmt: skip
     assert code == 2 and "--ground-unconditional" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_layout_guidance_and_layout_initialisation_compose_with_ungrounded_unconditional_rows(tiny_small_base):
+    pipe = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=box_adapter(tiny_small_base))
+    control = {"layout_guidance_steps": 2, "layout_guidance_scale": 5.0, "init_from_layout": True}
+    images = sample(pipe, num_inference_steps=STEPS, ground_unconditional=False, **control)
+    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+    np.testing.assert_array_equal(
+        images, sample(pipe, num_inference_steps=STEPS, ground_unconditional=False, **control)
+    )
+    assert np.abs(images - sample(pipe, num_inference_steps=STEPS, ground_unconditional=True, **control)).max() > 1e-4
