@@ -274,6 +274,11 @@ class LayoutGuidance:
             pipe.predict(pipe.scheduler.scale_model_input(latents, t), t, states, caption_mask, grounding)
         return layout_loss([store.maps[name] for name in self.layers], self.positions, self.boxes, latents.shape[-2:])
 
+    def repeated(self, times: int) -> LayoutGuidance:
+        """The same guidance for a batch with each image repeated `times` times in a row (candidates)."""
+        positions = [p for p in self.positions for _ in range(times)]
+        return replace(self, positions=positions, boxes=[b for b in self.boxes for _ in range(times)])
+
     def update(self, pipe, latents, t, step: int, states, caption_mask=None, grounding=None) -> torch.Tensor:
         """The latents after `iterations` gradient steps on the loss; `states` etc. are the conditional branch's."""
         size = self.step_size(step)

@@ -38,6 +38,7 @@ from spatiallock.init import initial_latents
 from spatiallock.layout import Layout, as_layouts, excerpt, pad_layouts
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.models.grounding import GroundingTokens
+from spatiallock.models.perception import DownBlockTap
 from spatiallock.text import PhraseCache, encode_captions, is_clip, phrase_dim
 
 # --scheduler names -> diffusers classes (and the options that make them what the name says)
@@ -247,6 +248,92 @@ class SpatialLockPipeline(DiffusionPipeline):
         output = self.adapter(self.unet, latents, t, states, encoder_attention_mask=caption_mask, grounding=grounding)
         return output.sample
 
+    def _conditioning(self, layouts, guided: bool, ground_unconditional: bool, latent_size, device) -> tuple:
+        """Caption states and mask (unconditional rows first when guided), grounding, and the conditional rows'
+        slice, caption mask and grounding (for layout guidance and inversion), for `layouts`."""
+        batch = len(layouts)
+        states, caption_mask = self.encode_prompts([layout.caption for layout in layouts])
+        layout_inputs = None
+        if self.adapter is not None:
+            layout_inputs = [x.to(device) for x in self.encode_layouts(layouts)]
+        if guided:
+            empty, empty_mask = self.encode_prompts([""] * batch)
+            states = torch.cat([empty, states])
+            caption_mask = None if caption_mask is None else torch.cat([empty_mask, caption_mask])
+            if layout_inputs is not None and ground_unconditional:  # null grounding: every slot masked
+                embeds, bxs, masks = layout_inputs
+                null = torch.zeros_like(masks)
+                layout_inputs = [embeds.repeat(2, 1, 1), bxs.repeat(2, 1, 1), torch.cat([null, masks])]
+        grounding = None
+        if layout_inputs is not None:
+            grounding = self.adapter.encode_grounding(*layout_inputs, latent_size)
+            if guided and not ground_unconditional:
+                grounding = grounding._replace(rows=slice(batch, None))
+        states = states.to(device)
+        caption_mask = None if caption_mask is None else caption_mask.to(device)
+        cond_rows = slice(batch, None) if guided else slice(None)  # the conditional rows: for guidance and inversion
+        cond_mask = None if caption_mask is None else caption_mask[cond_rows]
+        cond_grounding = grounding
+        if grounding is not None and guided:
+            cond_grounding = grounding.select(cond_rows) if ground_unconditional else grounding._replace(rows=None)
+        return states, caption_mask, grounding, cond_rows, cond_mask, cond_grounding
+
+    def perception_targets(self, layouts: Sequence[Layout]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The requested layouts as the PoG head's targets: boxes (B, N, 4), class indices (B, N) and masks
+        (B, N) of the objects whose label is one of the head's classes (the others are not scored)."""
+        names = {name: k for k, name in enumerate(self.adapter.config.class_names)}
+        slots = max(1, max(len(layout) for layout in layouts))
+        boxes = torch.zeros(len(layouts), slots, 4)
+        labels = torch.zeros(len(layouts), slots, dtype=torch.long)
+        masks = torch.zeros(len(layouts), slots)
+        for b, layout in enumerate(layouts):
+            for n, (label, box) in enumerate(zip(layout.labels, layout.boxes)):
+                if label in names:
+                    boxes[b, n], labels[b, n], masks[b, n] = torch.tensor(box), names[label], 1.0
+        return boxes, labels, masks
+
+    @torch.no_grad()
+    def score_candidates(self, features: list[torch.Tensor], layouts: Sequence[Layout]) -> torch.Tensor:
+        """Per image, the PoG head's detection loss (focal classification + box regression) against its
+        requested layout, from the U-Net's down-block `features` of those images: lower is better."""
+        boxes, labels, masks = (x.to(features[0].device) for x in self.perception_targets(layouts))
+        head = self.adapter.perception
+        scores = []
+        for b in range(len(layouts)):
+            rows = [f[b : b + 1].to(next(head.parameters()).dtype) for f in features]
+            losses = head.loss(rows, boxes[b : b + 1], labels[b : b + 1], masks[b : b + 1])
+            scores.append(sum(v.float() for v in losses.values()))
+        return torch.stack(scores)
+
+    def check_candidates(self, candidates: int, select_at: float, layouts: Sequence[Layout], init: bool) -> None:
+        """Refuse, in one line, candidate selection this pipeline or call cannot do."""
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+            raise SpatialLockError(f"candidates: a whole number, 1 or more, got {candidates!r}")
+        if not 0.0 < select_at < 1.0:  # nan fails too
+            raise SpatialLockError(f"select_at: a share of the steps in (0, 1), got {select_at}")
+        if candidates == 1:
+            return
+        if self.adapter is None or self.adapter.perception is None:
+            raise SpatialLockError(
+                "candidates: selection needs an adapter with a PoG perception head (variant spatiallock or poi-pog)"
+            )
+        if not self.adapter.config.class_names:
+            raise SpatialLockError(
+                "candidates: the adapter does not record its perception head's class names (class_names in its "
+                "config); retrain it, or add them in the order of its training data's categories"
+            )
+        if init:
+            raise SpatialLockError(
+                "candidates: not with init_image or init_from_layout (every candidate would start from the same "
+                "latents)"
+            )
+        known = set(self.adapter.config.class_names)
+        if not any(label in known for layout in layouts for label in layout.labels):
+            raise SpatialLockError(
+                "candidates: no label of the layouts is one of the perception head's classes "
+                f"({', '.join(self.adapter.config.class_names[:8])}, ...): nothing to score the candidates by"
+            )
+
     @torch.no_grad()
     def __call__(
         self,
@@ -276,6 +363,8 @@ class SpatialLockPipeline(DiffusionPipeline):
         init_from_layout: bool = False,
         init_strength: float = 1.0,
         init_steps: int | None = None,
+        candidates: int = 1,
+        select_at: float = 0.3,
     ) -> SpatialLockPipelineOutput | tuple:
         """Generate images whose objects sit in their boxes.
 
@@ -305,6 +394,13 @@ class SpatialLockPipeline(DiffusionPipeline):
                 as coloured boxes on grey, instead of random noise.
             init_strength: share of the schedule to invert through; sampling runs that share of the steps.
             init_steps: DDIM inversion steps (default: as many as sampling then runs).
+            candidates: sample this many candidates per image in one batch (each image's generator draws its
+                candidates' noise one after another, so candidate 0 is the image without selection), score
+                each with the adapter's PoG head against the requested layout after `select_at` of the steps
+                (`score_candidates`: its detection loss, from the U-Net call of that step, no extra call) and
+                finish only the best; the rest of the steps cost what one image costs. Needs an adapter with a
+                PoG head that records its class names; `last_selection` keeps the scores and the choice.
+            select_at: the share of the steps, in (0, 1), after which the candidates are scored.
         """
         if layouts is None:
             if prompt is None:
@@ -325,6 +421,8 @@ class SpatialLockPipeline(DiffusionPipeline):
         for name, value in (("height", height), ("width", width)):
             if value % self.vae_scale_factor:
                 raise SpatialLockError(f"{name}: must be a multiple of {self.vae_scale_factor}, got {value}")
+        self.check_candidates(candidates, select_at, layouts, init_image is not None or init_from_layout)
+        self.last_selection = None
         device = self._execution_device
         batch = len(layouts)
         guided = guidance_scale > 1.0
@@ -336,29 +434,18 @@ class SpatialLockPipeline(DiffusionPipeline):
             )  # fmt: skip
 
         # 1. captions (unconditional first, as Stable Diffusion orders them) and grounding tokens, computed once for
-        #    every step: the unconditional rows get null grounding (every slot masked)
-        states, caption_mask = self.encode_prompts([layout.caption for layout in layouts])
-        layout_inputs = None
-        if self.adapter is not None:
-            layout_inputs = [x.to(device) for x in self.encode_layouts(layouts)]
-        if guided:
-            empty, empty_mask = self.encode_prompts([""] * batch)
-            states = torch.cat([empty, states])
-            caption_mask = None if caption_mask is None else torch.cat([empty_mask, caption_mask])
-            if layout_inputs is not None and ground_unconditional:
-                embeds, bxs, masks = layout_inputs
-                null = torch.zeros_like(masks)
-                layout_inputs = [embeds.repeat(2, 1, 1), bxs.repeat(2, 1, 1), torch.cat([null, masks])]
-        grounding = None
-        if layout_inputs is not None:
-            latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-            grounding = self.adapter.encode_grounding(*layout_inputs, latent_size)
-            if guided and not ground_unconditional:
-                grounding = grounding._replace(rows=slice(batch, None))
-        states = states.to(device)
-        caption_mask = None if caption_mask is None else caption_mask.to(device)
-        cond_rows = slice(batch, None) if guided else slice(None)  # the conditional rows: for guidance and inversion
-        cond_mask = None if caption_mask is None else caption_mask[cond_rows]
+        #    every step (with candidates: K rows per layout until the selection, then one)
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        final = self._conditioning(layouts, guided, ground_unconditional, latent_size, device)
+        states, caption_mask, grounding, cond_rows, cond_mask, cond_grounding = final
+        if candidates > 1:
+            expanded = [layout for layout in layouts for _ in range(candidates)]
+            conditioning = self._conditioning(expanded, guided, ground_unconditional, latent_size, device)
+            states, caption_mask, grounding, cond_rows, cond_mask, cond_grounding = conditioning
+            generators = generator
+            if isinstance(generator, list):  # each layout's K candidates are drawn one after another from its own
+                generators = [g for g in generator for _ in range(candidates)]
+            final_guidance, layout_guidance = layout_guidance, layout_guidance and layout_guidance.repeated(candidates)
 
         # 2. timesteps and noise (or a DDIM-inverted reference image, entered part-way)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -371,13 +458,15 @@ class SpatialLockPipeline(DiffusionPipeline):
                 init_strength, init_steps,
             )  # fmt: skip
             timesteps = timesteps[start:]
+        elif candidates > 1:
+            latents = self.prepare_latents(
+                batch * candidates, height, width, states.dtype, device, generators, latents
+            )
         else:
             latents = self.prepare_latents(batch, height, width, states.dtype, device, generator, latents)
-        extra = self.prepare_extra_step_kwargs(generator, eta)
+        extra = self.prepare_extra_step_kwargs(generators if candidates > 1 else generator, eta)
         grounded = int(grounding_steps * len(timesteps) + 1e-6)
-        cond_grounding = grounding  # the conditional rows' own, for layout guidance
-        if grounding is not None and guided:
-            cond_grounding = grounding.select(cond_rows) if ground_unconditional else grounding._replace(rows=None)
+        select = min(max(1, round(select_at * len(timesteps))), len(timesteps) - 1) if candidates > 1 else None
 
         # 3. denoising
         with self.progress_bar(total=len(timesteps)) as progress:
@@ -387,10 +476,21 @@ class SpatialLockPipeline(DiffusionPipeline):
                     latents = layout_guidance.update(self, latents, t, i, states[cond_rows], cond_mask, ground)
                 model_input = torch.cat([latents] * 2) if guided else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
-                noise = self.predict(model_input, t, states, caption_mask, grounding if i < grounded else None)
+                with DownBlockTap(self.unet.down_blocks if i == select else []) as tap:
+                    noise = self.predict(model_input, t, states, caption_mask, grounding if i < grounded else None)
                 if guided:
                     uncond, cond = noise.chunk(2)
                     noise = uncond + guidance_scale * (cond - uncond)
+                if i == select:  # keep each layout's best candidate by the PoG head, and go on with it alone
+                    features = [f[cond_rows] for f in tap.features]
+                    scores = self.score_candidates(features, expanded).view(batch, candidates)
+                    keep = (torch.arange(batch) * candidates + scores.argmin(dim=1).cpu()).to(latents.device)
+                    self.last_selection = {"scores": scores.cpu(), "kept": (keep % candidates).cpu()}
+                    latents, noise = latents[keep], noise[keep]
+                    select_scheduler_rows(self.scheduler, keep, batch * candidates)
+                    states, caption_mask, grounding, cond_rows, cond_mask, cond_grounding = final
+                    layout_guidance = final_guidance
+                    extra = self.prepare_extra_step_kwargs(generator, eta)
                 latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
@@ -412,6 +512,23 @@ class SpatialLockPipeline(DiffusionPipeline):
         if not return_dict:
             return (images, layouts)
         return SpatialLockPipelineOutput(images=images, layouts=layouts)
+
+
+def select_scheduler_rows(scheduler, keep: torch.Tensor, rows: int) -> None:
+    """Keep the rows `keep` of every per-image tensor a scheduler carries from one step to the next (the previous
+    model outputs of a multistep solver, a last sample): those of the shape of a batch of `rows` latents. The
+    schedule itself (timesteps, sigmas: one dimension) is the same for every image and stays."""
+
+    def pick(value):
+        if torch.is_tensor(value) and value.ndim >= 2 and value.shape[0] == rows:
+            return value[keep]
+        return value
+
+    for name, value in list(vars(scheduler).items()):
+        if isinstance(value, list | tuple) and any(torch.is_tensor(v) for v in value):
+            setattr(scheduler, name, type(value)(pick(v) for v in value))
+        elif torch.is_tensor(value):
+            setattr(scheduler, name, pick(value))
 
 
 def load_adapter(path: str | os.PathLike, torch_dtype: torch.dtype = torch.float32) -> SpatialLockAdapter:

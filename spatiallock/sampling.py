@@ -126,6 +126,8 @@ class SamplingOptions:
     init_from_layout: bool = False
     init_strength: float = 1.0
     init_steps: int | None = None
+    candidates: int = 1
+    select_at: float = 0.3
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SamplingOptions:
@@ -144,7 +146,9 @@ class SamplingOptions:
                 limits = f"from {low} to {high}" if high < math.inf else f"at least {low}"
                 raise SpatialLockError(f"--{name.replace('_', '-')}: {what or 'must be'} {limits}, got {value}")
 
-        for name, low in (("steps", 1), ("batch_size", 1), ("layout_guidance_iterations", 1), ("init_steps", 1)):
+        for name, low in (
+            ("steps", 1), ("batch_size", 1), ("layout_guidance_iterations", 1), ("init_steps", 1), ("candidates", 1)
+        ):  # fmt: skip
             in_range(name, low)
         in_range("layout_guidance_steps", 0)
         in_range("seed", 0, MAX_SEED)
@@ -154,6 +158,10 @@ class SamplingOptions:
         in_range("guidance", 0.0, what="a finite number")
         in_range("layout_guidance_scale", 0.0, what="a finite number")
         in_range("grounding_steps", 0.0, 1.0, what="a share")
+        if not 0.0 < self.select_at < 1.0:  # nan fails too
+            raise SpatialLockError(f"--select-at: a share of the steps in (0, 1), got {self.select_at}")
+        if self.candidates > 1 and self.uses_init:
+            raise SpatialLockError("--candidates: not with --init-image or --init-from-layout (same start for all)")
         if not 0.0 < self.init_strength <= 1.0:  # nan fails too
             raise SpatialLockError(f"--init-strength: a share in (0, 1], got {self.init_strength}")
         if self.init_image is not None and self.init_from_layout:
@@ -193,6 +201,8 @@ class SamplingOptions:
                 layout_guidance_iterations=self.layout_guidance_iterations,
                 layout_guidance_layers=self.layout_guidance_layers, missing_labels=self.missing_labels,
             )  # fmt: skip
+        if self.candidates > 1:
+            kwargs.update(candidates=self.candidates, select_at=self.select_at)
         if self.uses_init:
             kwargs.update(
                 init_image=self.init_image, init_from_layout=self.init_from_layout,
@@ -216,7 +226,7 @@ class SamplingOptions:
         """Refuse, before anything is generated or written, guidance layers the U-Net lacks, a caption without one
         of its labels (with missing_labels "error"), a size the autoencoder cannot take and more steps than the
         noise schedule has; warn once when captions or labels are longer than the text encoder reads (they are
-        cut)."""
+        cut); candidate selection the adapter cannot do."""
         from spatiallock.guidance import caption_targets, guidance_layers
         from spatiallock.text import PHRASE_TOKENS, warn_cut_texts
 
@@ -235,6 +245,11 @@ class SamplingOptions:
             guidance_layers(pipe.unet, self.layout_guidance_layers)
             if self.missing_labels == "error":
                 caption_targets(layouts, pipe.tokenizer, pipe.caption_tokens, "error")
+        try:
+            pipe.check_candidates(self.candidates, self.select_at, layouts, self.uses_init)
+        except SpatialLockError as err:  # the pipeline's argument names -> the command line's
+            text = str(err)
+            raise SpatialLockError("--" + text.replace("select_at", "select-at", 1) if ":" in text else text) from None
 
 
 def load_pipeline(

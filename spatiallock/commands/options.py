@@ -69,6 +69,15 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         "on the conditional half alone, half its cost) (default: the adapter's own; yes unless it says otherwise)",
     )  # fmt: skip
     parser.add_argument(
+        "--candidates", type=int, default=1, metavar="K",
+        help="sample K candidates per image in one batch, score them with the adapter's PoG perception head against "
+        "the requested layout after --select-at of the steps and finish only the best (default: 1, no selection)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--select-at", type=float, default=0.3, metavar="F",
+        help="share of the steps, in (0, 1), after which --candidates are scored (default: 0.3)",
+    )  # fmt: skip
+    parser.add_argument(
         "--size", type=int, default=None, metavar="PX", help="image side, at most 4096 (default: the model's)"
     )
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per batch (default: 8)")

@@ -123,6 +123,9 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         ground_unconditional: whether classifier-free guidance's unconditional rows go through this adapter with
             null grounding (True) or are the plain base's (False: the adapter runs on the conditional rows alone,
             at half the cost), when a caller does not say.
+        class_names: the names of the perception head's classes, in the order of its class indices (the
+            training data's categories): what candidate selection scores a layout's labels by. None where not
+            recorded.
     """
 
     config_name = "config.json"
@@ -154,6 +157,7 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         positions: str | Sequence[str] | None = None,
         grounding_steps: float = 1.0,
         ground_unconditional: bool = True,
+        class_names: Sequence[str] | None = None,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -170,6 +174,8 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         for name, wanted in lean:
             if wanted and attention != "grounding":
                 raise SpatialLockError(f"{name}: only for Grounding-Attention variants, not {variant!r}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise SpatialLockError(f"class names: {len(class_names)} names for {num_classes} classes")
         if feed_forward not in FEED_FORWARD:
             raise SpatialLockError(f"feed-forward: True, False or 'finest', got {feed_forward!r}")
         if not 0 <= grounding_steps <= 1:  # nan fails too

@@ -145,6 +145,7 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
         weights["attention_width"] = config.attention_width
     if config.grounding_steps != 1.0:
         weights["grounding_steps"] = config.grounding_steps
+    weights["class_names"] = list(dataset.categories)  # the perception head's classes, by index
     adapter = SpatialLockAdapter.from_unet(
         base.unet, config.variant, config.positions, phrase_dim(base.text_encoder), len(dataset.categories), **weights
     )

@@ -1,0 +1,137 @@
+"""Candidate selection by the PoG head (`candidates`, `select_at`): K candidates per layout in one batch, scored by
+the adapter's perception head against the requested layout part-way, the best finished alone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_grounding_once import box_adapter
+from test_pipeline import LAYOUTS
+from test_train_adapter import error_line
+
+from spatiallock.base import load_base
+from spatiallock.cli import main
+from spatiallock.errors import SpatialLockError
+from spatiallock.models.adapter import SpatialLockAdapter
+from spatiallock.models.perception import DownBlockTap
+from spatiallock.pipeline import SpatialLockPipeline
+from spatiallock.text import phrase_dim
+
+NAMES = ["red circle", "blue square", "green triangle"] + [f"class {k}" for k in range(13)]  # the 16 classes
+STEPS, K = 4, 3
+
+
+def pipeline(folder, **options) -> SpatialLockPipeline:
+    pipe = SpatialLockPipeline.from_pretrained(folder, adapter=box_adapter(folder, class_names=NAMES, **options))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def poi_adapter(folder) -> SpatialLockAdapter:
+    """Grounding-Attention without a perception head (variant `poi`)."""
+    base = load_base(folder)
+    return SpatialLockAdapter.from_unet(base.unet, "poi", "all", phrase_dim(base.text_encoder), 16, box_attention=True)
+
+
+def run(pipe, layouts, seeds, **kwargs) -> torch.Tensor:
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    options = {"num_inference_steps": STEPS, "guidance_scale": 4.0, "output_type": "latent", **kwargs}
+    return pipe(layouts=layouts, generator=generators, **options).images
+
+
+def candidate_noise(pipe, seed: int, k: int) -> torch.Tensor:
+    """The initial noise of candidate k of the image whose generator is seeded `seed`: its (k+1)-th draw."""
+    generator = torch.Generator().manual_seed(seed)
+    size = pipe.native_size // pipe.vae_scale_factor
+    for _ in range(k + 1):
+        noise = torch.randn((1, pipe.unet.config.in_channels, size, size), generator=generator)
+    return noise
+
+
+@pytest.mark.parametrize("scheduler", [None, "ddim"])
+def test_selection_finishes_the_candidate_the_head_scores_best_as_if_it_ran_alone(tiny_small_base, scheduler):
+    """With the scores set, the kept candidates are the lowest-scored, and each finishes exactly as that
+    candidate sampled alone from its own noise (the multistep solver's history follows the kept rows)."""
+    pipe = pipeline(tiny_small_base)
+    if scheduler:
+        pipe = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=pipe.adapter, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+    designed = torch.tensor([[0.5, 0.9, 0.1], [0.7, 0.2, 0.8]])  # best: candidate 2 of layout 0, 1 of layout 1
+    pipe.score_candidates = lambda features, layouts: designed.flatten()
+    chosen = run(pipe, LAYOUTS, (10, 11), candidates=K, select_at=0.5)
+    assert pipe.last_selection["kept"].tolist() == [2, 1]
+    for b, (seed, k) in enumerate(((10, 2), (11, 1))):
+        alone = run(pipe, [LAYOUTS[b]], (seed,), latents=candidate_noise(pipe, seed, k))
+        torch.testing.assert_close(chosen[b : b + 1], alone, rtol=0, atol=2e-5)
+
+
+def test_the_heads_scores_decide_and_candidate_0_is_the_image_without_selection(tiny_small_base):
+    pipe = pipeline(tiny_small_base)
+    chosen = run(pipe, LAYOUTS, (3, 4), candidates=K, select_at=0.5)
+    scores, kept = pipe.last_selection["scores"], pipe.last_selection["kept"]
+    assert scores.shape == (2, K) and torch.isfinite(scores).all() and (scores.std(dim=1) > 0).all()
+    assert kept.tolist() == scores.argmin(dim=1).tolist()
+    # the scores are the PoG head's loss against each layout, one image at a time
+    states, mask = pipe.encode_prompts([layout.caption for layout in LAYOUTS])
+    with DownBlockTap(pipe.unet.down_blocks) as tap:
+        pipe.unet(torch.randn(2, 4, 8, 8), 500, encoder_hidden_states=states, encoder_attention_mask=mask)
+    features = tap.features
+    both = pipe.score_candidates(features, LAYOUTS)
+    one = pipe.score_candidates([f[1:] for f in features], LAYOUTS[1:])
+    torch.testing.assert_close(both[1:], one)
+    # candidate 0 of each layout is drawn first from its generator: what the same call without selection samples
+    plain = run(pipe, LAYOUTS, (3, 4))
+    for b in range(2):
+        same = torch.allclose(chosen[b], plain[b], atol=2e-5)
+        assert same == (kept[b].item() == 0)
+
+
+def test_a_layouts_result_does_not_depend_on_the_rest_of_the_batch(tiny_small_base):
+    pipe = pipeline(tiny_small_base)
+    together = run(pipe, LAYOUTS, (5, 6), candidates=2, select_at=0.5)
+    kept_together = pipe.last_selection["kept"][1].item()
+    alone = run(pipe, LAYOUTS[1:], (6,), candidates=2, select_at=0.5)
+    assert pipe.last_selection["kept"][0].item() == kept_together
+    torch.testing.assert_close(together[1:], alone, rtol=0, atol=2e-5)
+
+
+def test_selection_composes_with_layout_guidance_and_either_unconditional_branch(tiny_small_base):
+    pipe = pipeline(tiny_small_base)
+    for ground_unconditional in (True, False):
+        images = run(
+            pipe, LAYOUTS, (7, 8), candidates=2, select_at=0.5, layout_guidance_steps=2, layout_guidance_scale=5.0,
+            ground_unconditional=ground_unconditional, output_type="np",
+        )  # fmt: skip
+        assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_what_cannot_select_is_refused(tiny_small_base):
+    poi = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=poi_adapter(tiny_small_base))
+    with pytest.raises(SpatialLockError, match="PoG perception head"):
+        run(poi, LAYOUTS, (0, 1), candidates=2)
+    unnamed = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=box_adapter(tiny_small_base))
+    with pytest.raises(SpatialLockError, match="class names"):
+        run(unnamed, LAYOUTS, (0, 1), candidates=2)
+    pipe = pipeline(tiny_small_base)
+    for bad, match in (({"candidates": 0}, "candidates"), ({"candidates": 2, "select_at": 1.0}, "select_at")):
+        with pytest.raises(SpatialLockError, match=match):
+            run(pipe, LAYOUTS, (0, 1), **bad)
+    with pytest.raises(SpatialLockError, match="init"):
+        run(pipe, LAYOUTS, (0, 1), candidates=2, init_from_layout=True)
+    with pytest.raises(SpatialLockError, match="no label"):
+        run(pipe, [LAYOUTS[0].__class__("a cat", ("cat",), ((0.1, 0.1, 0.5, 0.5),))], (0,), candidates=2)
+
+
+def test_the_command_line_refuses_an_adapter_without_a_pog_head_in_one_line(tiny_small_base, tmp_path, capsys):
+    poi_adapter(tiny_small_base).save_pretrained(tmp_path / "poi")
+    layout = tmp_path / "layout.json"
+    layout.write_text(
+        json.dumps({"caption": "a red circle", "objects": [{"label": "red circle", "box": [0, 0, 1, 1]}]})
+    )
+    args = ["generate", "--model", str(tiny_small_base), "--adapter", str(tmp_path / "poi"), "--layout", str(layout)]
+    assert main([*args, "--out", str(tmp_path / "out"), "--candidates", "2", "--steps", "2"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "--candidates" in line and "PoG" in line and not (tmp_path / "out").exists()
