@@ -305,6 +305,60 @@ class SpatialLockPipeline(DiffusionPipeline):
             scores.append(sum(v.float() for v in losses.values()))
         return torch.stack(scores)
 
+    def down_features(self, sample, t, states, caption_mask, grounding) -> list[torch.Tensor]:
+        """The U-Net's down-block features (what the PoG head reads) for a scaled model input, the up path
+        never run: the call stops after the last down block."""
+        with DownBlockTap(self.unet.down_blocks) as tap:
+            stop = self.unet.down_blocks[-1].register_forward_hook(_stop_after_down_blocks)  # after the tap's hook
+            try:
+                self.predict(sample, t, states, caption_mask, grounding)
+            except _DownBlocksDone:
+                pass
+            finally:
+                stop.remove()
+        return tap.features
+
+    def perception_guidance(self, latents, t, states, caption_mask, grounding, layouts, scale: float):
+        """`latents` moved by `scale` (root mean square per image) down the gradient of the PoG head's detection
+        loss against `layouts`; each image's move depends on that image alone."""
+        boxes, labels, masks = (x.to(latents.device) for x in self.perception_targets(layouts))
+        with torch.enable_grad():
+            x = latents.detach().requires_grad_(True)
+            features = self.down_features(self.scheduler.scale_model_input(x, t), t, states, caption_mask, grounding)
+            head = self.adapter.perception
+            features = [f.to(next(head.parameters()).dtype) for f in features]
+            # the head's loss is a mean over the batch's images: times their number, each image's own term
+            loss = sum(head.loss(features, boxes, labels, masks).values()) * len(layouts)
+            (grad,) = torch.autograd.grad(loss, x)
+        rms = grad.float().pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp(min=1e-12)
+        return (x - scale * (grad.float() / rms).to(x.dtype)).detach()
+
+    def check_perception_guidance(self, steps: int, scale: float, layouts: Sequence[Layout]) -> None:
+        """Refuse, in one line, perception guidance this pipeline or call cannot do."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise SpatialLockError(f"perception_guidance_steps: a whole number, 0 or more, got {steps!r}")
+        if not (math.isfinite(scale) and scale >= 0):
+            raise SpatialLockError(f"perception_guidance_scale: a step size, 0 or more, got {scale!r}")
+        if steps:
+            self._check_perception(layouts, "perception_guidance_steps")
+
+    def _check_perception(self, layouts: Sequence[Layout], option: str) -> None:
+        if self.adapter is None or self.adapter.perception is None:
+            raise SpatialLockError(
+                f"{option}: needs an adapter with a PoG perception head (variant spatiallock or poi-pog)"
+            )
+        if not self.adapter.config.class_names:
+            raise SpatialLockError(
+                f"{option}: the adapter does not record its perception head's class names (class_names in its "
+                "config); retrain it, or add them in the order of its training data's categories"
+            )
+        known = set(self.adapter.config.class_names)
+        if not any(label in known for layout in layouts for label in layout.labels):
+            raise SpatialLockError(
+                f"{option}: no label of the layouts is one of the perception head's classes "
+                f"({', '.join(self.adapter.config.class_names[:8])}, ...): nothing to score them by"
+            )
+
     def check_candidates(self, candidates: int, select_at: float, layouts: Sequence[Layout], init: bool) -> None:
         """Refuse, in one line, candidate selection this pipeline or call cannot do."""
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
@@ -313,26 +367,12 @@ class SpatialLockPipeline(DiffusionPipeline):
             raise SpatialLockError(f"select_at: a share of the steps in (0, 1), got {select_at}")
         if candidates == 1:
             return
-        if self.adapter is None or self.adapter.perception is None:
-            raise SpatialLockError(
-                "candidates: selection needs an adapter with a PoG perception head (variant spatiallock or poi-pog)"
-            )
-        if not self.adapter.config.class_names:
-            raise SpatialLockError(
-                "candidates: the adapter does not record its perception head's class names (class_names in its "
-                "config); retrain it, or add them in the order of its training data's categories"
-            )
         if init:
             raise SpatialLockError(
                 "candidates: not with init_image or init_from_layout (every candidate would start from the same "
                 "latents)"
             )
-        known = set(self.adapter.config.class_names)
-        if not any(label in known for layout in layouts for label in layout.labels):
-            raise SpatialLockError(
-                "candidates: no label of the layouts is one of the perception head's classes "
-                f"({', '.join(self.adapter.config.class_names[:8])}, ...): nothing to score the candidates by"
-            )
+        self._check_perception(layouts, "candidates")
 
     @torch.no_grad()
     def __call__(
@@ -365,6 +405,8 @@ class SpatialLockPipeline(DiffusionPipeline):
         init_steps: int | None = None,
         candidates: int = 1,
         select_at: float = 0.3,
+        perception_guidance_steps: int = 0,
+        perception_guidance_scale: float = 0.1,
     ) -> SpatialLockPipelineOutput | tuple:
         """Generate images whose objects sit in their boxes.
 
@@ -401,6 +443,12 @@ class SpatialLockPipeline(DiffusionPipeline):
                 finish only the best; the rest of the steps cost what one image costs. Needs an adapter with a
                 PoG head that records its class names; `last_selection` keeps the scores and the choice.
             select_at: the share of the steps, in (0, 1), after which the candidates are scored.
+            perception_guidance_steps: for this many steps from the first, move the latents down the gradient of
+                the PoG head's detection loss against the requested layout (`perception_guidance`) before the
+                U-Net call; the head reads the down blocks only, so the backward pass stops there. Needs what
+                `candidates` needs. 0 (default) turns it off.
+            perception_guidance_scale: the size of each such move, in latent units: the gradient is normalised
+                per image to a root mean square of 1, then scaled by this.
         """
         if layouts is None:
             if prompt is None:
@@ -422,6 +470,7 @@ class SpatialLockPipeline(DiffusionPipeline):
             if value % self.vae_scale_factor:
                 raise SpatialLockError(f"{name}: must be a multiple of {self.vae_scale_factor}, got {value}")
         self.check_candidates(candidates, select_at, layouts, init_image is not None or init_from_layout)
+        self.check_perception_guidance(perception_guidance_steps, perception_guidance_scale, layouts)
         self.last_selection = None
         device = self._execution_device
         batch = len(layouts)
@@ -446,6 +495,7 @@ class SpatialLockPipeline(DiffusionPipeline):
             if isinstance(generator, list):  # each layout's K candidates are drawn one after another from its own
                 generators = [g for g in generator for _ in range(candidates)]
             final_guidance, layout_guidance = layout_guidance, layout_guidance and layout_guidance.repeated(candidates)
+        current = expanded if candidates > 1 else layouts  # the layouts of the batch's rows
 
         # 2. timesteps and noise (or a DDIM-inverted reference image, entered part-way)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -474,6 +524,11 @@ class SpatialLockPipeline(DiffusionPipeline):
                 if layout_guidance is not None and i < layout_guidance.steps:
                     ground = None if i >= grounded else cond_grounding
                     latents = layout_guidance.update(self, latents, t, i, states[cond_rows], cond_mask, ground)
+                if i < perception_guidance_steps:
+                    ground = None if i >= grounded else cond_grounding
+                    latents = self.perception_guidance(
+                        latents, t, states[cond_rows], cond_mask, ground, current, perception_guidance_scale
+                    )
                 model_input = torch.cat([latents] * 2) if guided else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 with DownBlockTap(self.unet.down_blocks if i == select else []) as tap:
@@ -489,7 +544,7 @@ class SpatialLockPipeline(DiffusionPipeline):
                     latents, noise = latents[keep], noise[keep]
                     select_scheduler_rows(self.scheduler, keep, batch * candidates)
                     states, caption_mask, grounding, cond_rows, cond_mask, cond_grounding = final
-                    layout_guidance = final_guidance
+                    layout_guidance, current = final_guidance, layouts
                     extra = self.prepare_extra_step_kwargs(generator, eta)
                 latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
                 if callback_on_step_end is not None:
@@ -512,6 +567,14 @@ class SpatialLockPipeline(DiffusionPipeline):
         if not return_dict:
             return (images, layouts)
         return SpatialLockPipelineOutput(images=images, layouts=layouts)
+
+
+class _DownBlocksDone(Exception):
+    """Raised after the U-Net's last down block when only the down path is wanted."""
+
+
+def _stop_after_down_blocks(module, args, output):
+    raise _DownBlocksDone
 
 
 def select_scheduler_rows(scheduler, keep: torch.Tensor, rows: int) -> None:

@@ -128,6 +128,8 @@ class SamplingOptions:
     init_steps: int | None = None
     candidates: int = 1
     select_at: float = 0.3
+    perception_guidance_steps: int = 0
+    perception_guidance_scale: float = 0.1
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SamplingOptions:
@@ -151,6 +153,8 @@ class SamplingOptions:
         ):  # fmt: skip
             in_range(name, low)
         in_range("layout_guidance_steps", 0)
+        in_range("perception_guidance_steps", 0)
+        in_range("perception_guidance_scale", 0.0, what="a finite number")
         in_range("seed", 0, MAX_SEED)
         in_range("size", 8, MAX_SIZE)
         if self.dtype not in DTYPES:
@@ -203,6 +207,11 @@ class SamplingOptions:
             )  # fmt: skip
         if self.candidates > 1:
             kwargs.update(candidates=self.candidates, select_at=self.select_at)
+        if self.perception_guidance_steps:
+            kwargs.update(
+                perception_guidance_steps=self.perception_guidance_steps,
+                perception_guidance_scale=self.perception_guidance_scale,
+            )
         if self.uses_init:
             kwargs.update(
                 init_image=self.init_image, init_from_layout=self.init_from_layout,
@@ -247,9 +256,10 @@ class SamplingOptions:
                 caption_targets(layouts, pipe.tokenizer, pipe.caption_tokens, "error")
         try:
             pipe.check_candidates(self.candidates, self.select_at, layouts, self.uses_init)
-        except SpatialLockError as err:  # the pipeline's argument names -> the command line's
-            text = str(err)
-            raise SpatialLockError("--" + text.replace("select_at", "select-at", 1) if ":" in text else text) from None
+            pipe.check_perception_guidance(self.perception_guidance_steps, self.perception_guidance_scale, layouts)
+        except SpatialLockError as err:  # the pipeline's argument name -> the command line's
+            option, _, rest = str(err).partition(":")
+            raise SpatialLockError(f"--{option.replace('_', '-')}:{rest}") from None
 
 
 def load_pipeline(

@@ -135,3 +135,65 @@ def test_the_command_line_refuses_an_adapter_without_a_pog_head_in_one_line(tiny
     assert main([*args, "--out", str(tmp_path / "out"), "--candidates", "2", "--steps", "2"]) == 2
     line = error_line(capsys.readouterr().err)
     assert "--candidates" in line and "PoG" in line and not (tmp_path / "out").exists()
+
+
+def pog_loss(pipe, latents, t, layouts) -> torch.Tensor:
+    """Per image, the PoG head's detection loss against its layout at `latents` (the conditional rows alone)."""
+    states, mask = pipe.encode_prompts([layout.caption for layout in layouts])
+    grounding = pipe.adapter.encode_grounding(*pipe.encode_layouts(layouts), tuple(latents.shape[-2:]))
+    features = pipe.down_features(pipe.scheduler.scale_model_input(latents, t), t, states, mask, grounding)
+    return pipe.score_candidates(features, layouts)
+
+
+def test_perception_guidance_lowers_the_pog_loss_against_the_requested_layout(tiny_small_base):
+    pipe = pipeline(tiny_small_base)
+    pipe.scheduler.set_timesteps(STEPS)
+    t = pipe.scheduler.timesteps[0]
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    states, mask = pipe.encode_prompts([layout.caption for layout in LAYOUTS])
+    grounding = pipe.adapter.encode_grounding(*pipe.encode_layouts(LAYOUTS), (8, 8))
+    before = pog_loss(pipe, latents, t, LAYOUTS)
+    moved = pipe.perception_guidance(latents, t, states, mask, grounding, LAYOUTS, 0.05)
+    after = pog_loss(pipe, moved, t, LAYOUTS)
+    assert (after < before).all(), (before, after)
+    rms = (moved - latents).pow(2).mean(dim=(1, 2, 3)).sqrt()
+    torch.testing.assert_close(rms, torch.full((2,), 0.05), rtol=1e-3, atol=0)
+    # one image's move does not depend on the rest of the batch
+    grounding_1 = pipe.adapter.encode_grounding(*pipe.encode_layouts(LAYOUTS[1:]), (8, 8))
+    alone = pipe.perception_guidance(latents[1:], t, states[1:], mask[1:], grounding_1, LAYOUTS[1:], 0.05)
+    torch.testing.assert_close(moved[1:], alone, rtol=0, atol=1e-5)
+
+
+def test_the_down_path_alone_gives_the_features_of_the_whole_call(tiny_small_base):
+    pipe = pipeline(tiny_small_base)
+    states, mask = pipe.encode_prompts([layout.caption for layout in LAYOUTS])
+    grounding = pipe.adapter.encode_grounding(*pipe.encode_layouts(LAYOUTS), (8, 8))
+    sample, t = torch.randn(2, 4, 8, 8), torch.tensor(400)
+    with DownBlockTap(pipe.unet.down_blocks) as tap:
+        pipe.predict(sample, t, states, mask, grounding)
+    early = pipe.down_features(sample, t, states, mask, grounding)
+    assert len(early) == len(tap.features) == len(pipe.unet.down_blocks)
+    for a, b in zip(early, tap.features):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_perception_guidance_in_a_sampling_call_and_what_is_refused(tiny_small_base, tmp_path, capsys):
+    pipe = pipeline(tiny_small_base)
+    guided = run(pipe, LAYOUTS, (1, 2), perception_guidance_steps=2, perception_guidance_scale=0.2)
+    assert torch.isfinite(guided).all() and (guided - run(pipe, LAYOUTS, (1, 2))).abs().max() > 1e-4
+    both = run(pipe, LAYOUTS, (1, 2), perception_guidance_steps=2, candidates=2, select_at=0.5, output_type="np")
+    assert np.isfinite(both).all()
+    poi = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=poi_adapter(tiny_small_base))
+    with pytest.raises(SpatialLockError, match="perception_guidance_steps: needs an adapter with a PoG"):
+        run(poi, LAYOUTS, (0, 1), perception_guidance_steps=1)
+    poi_adapter(tiny_small_base).save_pretrained(tmp_path / "poi")
+    layout = tmp_path / "layout.json"
+    layout.write_text(
+        json.dumps({"caption": "a red circle", "objects": [{"label": "red circle", "box": [0, 0, 1, 1]}]})
+    )
+    args = ["evaluate", "--model", str(tiny_small_base), "--adapter", str(tmp_path / "poi"), "--layouts", str(layout)]
+    args += ["--detector", "default", "--out", str(tmp_path / "r.json"), "--perception-guidance-steps", "2"]
+    assert main(args) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith("spatiallock: error: --perception-guidance-steps: needs an adapter with a PoG")
+    assert not (tmp_path / "r.json").exists()

@@ -78,6 +78,15 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         help="share of the steps, in (0, 1), after which --candidates are scored (default: 0.3)",
     )  # fmt: skip
     parser.add_argument(
+        "--perception-guidance-steps", type=int, default=0, metavar="N",
+        help="for the first N steps, move the latents down the gradient of the adapter's PoG head's detection loss "
+        "against the requested layout (the backward pass through the U-Net's down blocks only) (default: 0, off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--perception-guidance-scale", type=float, default=0.1, metavar="S",
+        help="size of each such move in latent units, the gradient normalised per image (default: 0.1)",
+    )  # fmt: skip
+    parser.add_argument(
         "--size", type=int, default=None, metavar="PX", help="image side, at most 4096 (default: the model's)"
     )
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per batch (default: 8)")
