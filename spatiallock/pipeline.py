@@ -293,17 +293,39 @@ class SpatialLockPipeline(DiffusionPipeline):
         return boxes, labels, masks
 
     @torch.no_grad()
-    def score_candidates(self, features: list[torch.Tensor], layouts: Sequence[Layout]) -> torch.Tensor:
+    def perception_losses(self, features: list[torch.Tensor], layouts: Sequence[Layout]) -> torch.Tensor:
         """Per image, the PoG head's detection loss (focal classification + box regression) against its
-        requested layout, from the U-Net's down-block `features` of those images: lower is better."""
+        requested layout, from the U-Net's down-block `features` of those images."""
         boxes, labels, masks = (x.to(features[0].device) for x in self.perception_targets(layouts))
         head = self.adapter.perception
-        scores = []
+        losses = []
         for b in range(len(layouts)):
             rows = [f[b : b + 1].to(next(head.parameters()).dtype) for f in features]
-            losses = head.loss(rows, boxes[b : b + 1], labels[b : b + 1], masks[b : b + 1])
-            scores.append(sum(v.float() for v in losses.values()))
-        return torch.stack(scores)
+            parts = head.loss(rows, boxes[b : b + 1], labels[b : b + 1], masks[b : b + 1])
+            losses.append(sum(v.float() for v in parts.values()))
+        return torch.stack(losses)
+
+    @torch.no_grad()
+    def score_candidates(self, features: list[torch.Tensor], layouts: Sequence[Layout]) -> torch.Tensor:
+        """Per image, how badly the PoG head finds its requested objects, from the U-Net's down-block `features`
+        of those images: 1 - the mean over the objects of a class the head knows of the best IoU x score of a
+        detection of that class (0 when none). Lower is better."""
+        from torchvision.ops import box_iou
+
+        boxes, labels, masks = self.perception_targets(layouts)
+        head = self.adapter.perception
+        detections = head.detect([f.to(next(head.parameters()).dtype) for f in features], score_threshold=0.05)
+        scores = []
+        for b, found in enumerate(detections):
+            keep = masks[b] > 0.5
+            asked, classes = boxes[b, keep], labels[b, keep]
+            if not len(asked) or not len(found["boxes"]):
+                scores.append(1.0)
+                continue
+            quality = box_iou(asked, found["boxes"].cpu().float()) * found["scores"].cpu().float()[None]
+            quality = quality * (classes[:, None] == found["labels"].cpu()[None])
+            scores.append(1.0 - quality.max(dim=1).values.mean().item())
+        return torch.tensor(scores)
 
     def down_features(self, sample, t, states, caption_mask, grounding) -> list[torch.Tensor]:
         """The U-Net's down-block features (what the PoG head reads) for a scaled model input, the up path

@@ -72,16 +72,16 @@ def test_the_heads_scores_decide_and_candidate_0_is_the_image_without_selection(
     pipe = pipeline(tiny_small_base)
     chosen = run(pipe, LAYOUTS, (3, 4), candidates=K, select_at=0.5)
     scores, kept = pipe.last_selection["scores"], pipe.last_selection["kept"]
-    assert scores.shape == (2, K) and torch.isfinite(scores).all() and (scores.std(dim=1) > 0).all()
+    assert scores.shape == (2, K) and torch.isfinite(scores).all() and ((scores >= 0) & (scores <= 1)).all()
     assert kept.tolist() == scores.argmin(dim=1).tolist()
-    # the scores are the PoG head's loss against each layout, one image at a time
+    # each image is scored against its own layout alone
     states, mask = pipe.encode_prompts([layout.caption for layout in LAYOUTS])
     with DownBlockTap(pipe.unet.down_blocks) as tap:
         pipe.unet(torch.randn(2, 4, 8, 8), 500, encoder_hidden_states=states, encoder_attention_mask=mask)
     features = tap.features
-    both = pipe.score_candidates(features, LAYOUTS)
-    one = pipe.score_candidates([f[1:] for f in features], LAYOUTS[1:])
-    torch.testing.assert_close(both[1:], one)
+    for score in (pipe.score_candidates, pipe.perception_losses):
+        both, one = score(features, LAYOUTS), score([f[1:] for f in features], LAYOUTS[1:])
+        torch.testing.assert_close(both[1:], one)
     # candidate 0 of each layout is drawn first from its generator: what the same call without selection samples
     plain = run(pipe, LAYOUTS, (3, 4))
     for b in range(2):
@@ -142,7 +142,7 @@ def pog_loss(pipe, latents, t, layouts) -> torch.Tensor:
     states, mask = pipe.encode_prompts([layout.caption for layout in layouts])
     grounding = pipe.adapter.encode_grounding(*pipe.encode_layouts(layouts), tuple(latents.shape[-2:]))
     features = pipe.down_features(pipe.scheduler.scale_model_input(latents, t), t, states, mask, grounding)
-    return pipe.score_candidates(features, layouts)
+    return pipe.perception_losses(features, layouts)
 
 
 def test_perception_guidance_lowers_the_pog_loss_against_the_requested_layout(tiny_small_base):
@@ -197,3 +197,26 @@ def test_perception_guidance_in_a_sampling_call_and_what_is_refused(tiny_small_b
     line = error_line(capsys.readouterr().err)
     assert line.startswith("spatiallock: error: --perception-guidance-steps: needs an adapter with a PoG")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_candidate_whose_objects_the_head_finds_in_their_boxes_scores_better(tiny_small_base):
+    pipe = pipeline(tiny_small_base)
+    layout = LAYOUTS[1]  # one green triangle at (0.2, 0.1, 0.8, 0.6)
+    triangle = NAMES.index("green triangle")
+    found = [
+        {
+            "boxes": torch.tensor([[0.2, 0.1, 0.8, 0.6]]),
+            "scores": torch.tensor([0.9]),
+            "labels": torch.tensor([triangle]),
+        },
+        {"boxes": torch.tensor([[0.2, 0.1, 0.8, 0.6]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([0])},
+        {
+            "boxes": torch.tensor([[0.0, 0.7, 0.3, 1.0]]),
+            "scores": torch.tensor([0.9]),
+            "labels": torch.tensor([triangle]),
+        },
+        {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)},
+    ]
+    pipe.adapter.perception.detect = lambda features, score_threshold: found
+    scores = pipe.score_candidates([torch.zeros(4, 1, 1, 1)], [layout] * 4)
+    torch.testing.assert_close(scores, torch.tensor([0.1, 1.0, 1.0, 1.0]))  # right class, right box: 1 - 0.9
