@@ -140,3 +140,12 @@ def test_layout_guidance_and_layout_initialisation_compose_with_ungrounded_uncon
         images, sample(pipe, num_inference_steps=STEPS, ground_unconditional=False, **control)
     )
     assert np.abs(images - sample(pipe, num_inference_steps=STEPS, ground_unconditional=True, **control)).max() > 1e-4
+
+
+def test_train_adapter_perception_timesteps_is_recorded_and_checked(tiny_sd, tiny_shapes, tmp_path, capsys):
+    out = tmp_path / "early"
+    assert train(tiny_sd, tiny_shapes, out, "--perception-timesteps", "600", "--max-steps", "1") == 0
+    assert json.loads((out / "train" / "config.json").read_text())["perception_timesteps"] == 600
+    bad = ["--base", str(tiny_sd), "--data", str(tiny_shapes), "--out", str(tmp_path / "x")]
+    assert main(["train", "adapter", *bad, "--perception-timesteps", "0"]) == 2
+    assert "--perception-timesteps" in capsys.readouterr().err and not (tmp_path / "x").exists()

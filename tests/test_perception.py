@@ -95,3 +95,22 @@ def test_adapter_trains_with_learned_weights_that_move(unet):
         optimiser.step()
     weights = adapter.weighting.weights()
     assert set(weights) == {"diffusion", "perception"} and weights["perception"] != 1.0
+
+
+def test_the_perception_loss_on_chosen_images_only(unet):
+    """`perception_rows`: the loss of the chosen images is the loss of a batch of those alone; with none chosen it
+    is zero, and a backward pass still reaches every head parameter."""
+    torch.manual_seed(0)
+    adapter = SpatialLockAdapter.from_unet(unet, phrase_dim=PHRASE_DIM, num_classes=NUM_CLASSES, fpn_channels=32)
+    adapter.attach(unet)
+    x = make_inputs(batch=3)
+    chosen = adapter(unet, **x, perception_rows=torch.tensor([False, True, True])).perception_losses
+    alone = adapter(unet, **{k: v[1:] for k, v in x.items()}).perception_losses
+    for name in alone:
+        torch.testing.assert_close(chosen[name], alone[name], rtol=1e-5, atol=1e-6)
+    everything = adapter(unet, **x).perception_losses
+    assert any(not torch.allclose(everything[n], chosen[n]) for n in alone)
+    none = adapter(unet, **x, perception_rows=torch.zeros(3, dtype=torch.bool)).perception_losses
+    assert all(v.item() == 0.0 for v in none.values())
+    sum(none.values()).backward()
+    assert all(p.grad is not None for p in adapter.perception.parameters())

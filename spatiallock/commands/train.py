@@ -216,7 +216,7 @@ def run_adapter(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing, split=args.split, timestep_sampling=args.timestep_sampling,
         query_positions=args.query_positions, box_attention=args.box_attention, gate_lr_scale=args.gate_lr_scale,
         feed_forward=args.feed_forward, attention_width=args.attention_width, init_from=args.init_from,
-        grounding_steps=args.grounding_steps,
+        grounding_steps=args.grounding_steps, perception_timesteps=args.perception_timesteps,
         max_train_samples=args.max_train_samples,
         loop=_loop(args, args.max_steps, args.batch_size, args.lr, warmup=50),
     )  # fmt: skip
@@ -347,6 +347,12 @@ def register(subparsers) -> None:
         help="share of the sampling steps, from the first, the adapter grounds by default (saved in its config; "
         "sampling's --grounding-steps overrides it): 0.3 grounds the first 30%% of the steps, where the layout is "
         "settled, and samples the rest at the base's own speed, as GLIGEN does (default: 1, every step)",
+    )  # fmt: skip
+    adapter.add_argument(
+        "--perception-timesteps", type=_positive_int, default=None, metavar="T",
+        help="compute the PoG perception loss only on the images noised at a timestep below T (of the schedule's "
+        "1000): the head cannot see objects in nearly pure noise, and there its gradient only competes with the "
+        "diffusion loss (default: every timestep, the paper's)",
     )  # fmt: skip
     adapter.add_argument(
         "--init-from", default=None, metavar="ADAPTER",

@@ -340,6 +340,7 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         target: torch.Tensor | None = None,
         object_masks: torch.Tensor | None = None,
         grounding: GroundingTokens | None = None,
+        perception_rows: torch.Tensor | None = None,
     ) -> AdapterOutput:
         """Run the attached `unet` with grounding; optionally the perception and training losses.
 
@@ -351,6 +352,8 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             labels: (B, N) class indices: the perception head is trained against `boxes` with them.
             target: the diffusion target; with it `loss` holds the weighted total and `losses` its parts.
             object_masks: (B, N) objects present in the image for the perception loss (default: `masks`).
+            perception_rows: (B,) bool, the images the perception loss is computed on (default: all); with none,
+                the loss is a zero that still reaches the head's parameters.
         """
         # 1. grounding tokens (and, through their cache, each block's keys and attention bias)
         if grounding is None:
@@ -376,7 +379,15 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         perception = None
         if perceive:
             object_masks = masks if object_masks is None else object_masks
-            perception = self.perception.loss(tap.features, boxes, labels.clamp(min=0), object_masks)
+            features, targets = tap.features, (boxes, labels.clamp(min=0), object_masks)
+            if perception_rows is not None:
+                rows = perception_rows.to(boxes.device).bool()
+                features, targets = [f[rows] for f in features], tuple(x[rows] for x in targets)
+            if len(targets[0]):
+                perception = self.perception.loss(features, *targets)
+            else:  # no image this step: a zero loss, the graph still through every head parameter
+                zero = sum(p.sum() for p in self.perception.parameters()) * 0.0
+                perception = {"classification": zero, "bbox_regression": zero}
         output = AdapterOutput(sample, perception)
         if target is not None:
             output.losses = {"diffusion": F.mse_loss(sample.float(), target.float())}

@@ -50,6 +50,7 @@ class AdapterTrainConfig:
     init_from: str | None = None  # an adapter (or a model folder with one) whose matching weights start the run
     gate_lr_scale: float = 1.0  # the zero-initialised gates learn at this multiple of the learning rate
     grounding_steps: float = 1.0  # the share of sampling steps the adapter grounds by default (its config)
+    perception_timesteps: int | None = None  # the perception loss on images noised below this timestep only
     max_objects: int = MAX_OBJECTS
     split: str = "train"
     max_train_samples: int | None = None  # None: the whole split; N: its first N images
@@ -120,6 +121,8 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
         raise SpatialLockError(
             f"timestep sampling: one of {', '.join(TIMESTEP_SAMPLING)}, got {config.timestep_sampling!r}"
         )
+    if config.perception_timesteps is not None and config.perception_timesteps < 1:
+        raise SpatialLockError(f"perception-timesteps: at least 1, got {config.perception_timesteps}")
     if config.init_from:
         adapter_weights_file(config.init_from)  # before any work
     run = start_training(config, ("adapter",), config.loop.resume, config.mixed_precision)
@@ -174,6 +177,7 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
             labels=batch["category_ids"].to(device),
             encoder_attention_mask=caption_mask if base.uses_caption_mask else None,
             target=target, object_masks=objects,
+            perception_rows=None if config.perception_timesteps is None else steps < config.perception_timesteps,
         )  # fmt: skip
         return {"loss": output.loss, **output.losses}
 
