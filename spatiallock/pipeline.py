@@ -216,17 +216,13 @@ class SpatialLockPipeline(DiffusionPipeline):
     def default_grounding_steps(self) -> float:
         """The share of the steps grounded when a call does not say: the adapter config's `grounding_steps`
         (1.0 for an adapter that records none; the plain base has nothing to ground)."""
-        if self.adapter is None:
-            return 1.0
-        return float(getattr(self.adapter.config, "grounding_steps", 1.0))
+        return 1.0 if self.adapter is None else float(self.adapter.config.grounding_steps)
 
     @property
     def default_ground_unconditional(self) -> bool:
         """Whether classifier-free guidance's unconditional rows go through the adapter (with null grounding) when
         a call does not say: the adapter config's `ground_unconditional` (True for one that records none)."""
-        if self.adapter is None:
-            return True
-        return bool(getattr(self.adapter.config, "ground_unconditional", True))
+        return True if self.adapter is None else bool(self.adapter.config.ground_unconditional)
 
     @property
     def native_size(self) -> int:
@@ -291,19 +287,6 @@ class SpatialLockPipeline(DiffusionPipeline):
                 if label in names:
                     boxes[b, n], labels[b, n], masks[b, n] = torch.tensor(box), names[label], 1.0
         return boxes, labels, masks
-
-    @torch.no_grad()
-    def perception_losses(self, features: list[torch.Tensor], layouts: Sequence[Layout]) -> torch.Tensor:
-        """Per image, the PoG head's detection loss (focal classification + box regression) against its
-        requested layout, from the U-Net's down-block `features` of those images."""
-        boxes, labels, masks = (x.to(features[0].device) for x in self.perception_targets(layouts))
-        head = self.adapter.perception
-        losses = []
-        for b in range(len(layouts)):
-            rows = [f[b : b + 1].to(next(head.parameters()).dtype) for f in features]
-            parts = head.loss(rows, boxes[b : b + 1], labels[b : b + 1], masks[b : b + 1])
-            losses.append(sum(v.float() for v in parts.values()))
-        return torch.stack(losses)
 
     @torch.no_grad()
     def score_candidates(self, features: list[torch.Tensor], layouts: Sequence[Layout]) -> torch.Tensor:
@@ -461,7 +444,8 @@ class SpatialLockPipeline(DiffusionPipeline):
             candidates: sample this many candidates per image in one batch (each image's generator draws its
                 candidates' noise one after another, so candidate 0 is the image without selection), score
                 each with the adapter's PoG head against the requested layout after `select_at` of the steps
-                (`score_candidates`: its detection loss, from the U-Net call of that step, no extra call) and
+                (`score_candidates`: how well its detections find each object in its box, from the U-Net call of
+                that step, no extra call) and
                 finish only the best; the rest of the steps cost what one image costs. Needs an adapter with a
                 PoG head that records its class names; `last_selection` keeps the scores and the choice.
             select_at: the share of the steps, in (0, 1), after which the candidates are scored.
@@ -513,11 +497,11 @@ class SpatialLockPipeline(DiffusionPipeline):
             expanded = [layout for layout in layouts for _ in range(candidates)]
             conditioning = self._conditioning(expanded, guided, ground_unconditional, latent_size, device)
             states, caption_mask, grounding, cond_rows, cond_mask, cond_grounding = conditioning
-            generators = generator
-            if isinstance(generator, list):  # each layout's K candidates are drawn one after another from its own
-                generators = [g for g in generator for _ in range(candidates)]
             final_guidance, layout_guidance = layout_guidance, layout_guidance and layout_guidance.repeated(candidates)
         current = expanded if candidates > 1 else layouts  # the layouts of the batch's rows
+        generators = generator
+        if candidates > 1 and isinstance(generator, list):  # a layout's K candidates drawn in turn from its own
+            generators = [g for g in generator for _ in range(candidates)]
 
         # 2. timesteps and noise (or a DDIM-inverted reference image, entered part-way)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -530,13 +514,9 @@ class SpatialLockPipeline(DiffusionPipeline):
                 init_strength, init_steps,
             )  # fmt: skip
             timesteps = timesteps[start:]
-        elif candidates > 1:
-            latents = self.prepare_latents(
-                batch * candidates, height, width, states.dtype, device, generators, latents
-            )
         else:
-            latents = self.prepare_latents(batch, height, width, states.dtype, device, generator, latents)
-        extra = self.prepare_extra_step_kwargs(generators if candidates > 1 else generator, eta)
+            latents = self.prepare_latents(len(current), height, width, states.dtype, device, generators, latents)
+        extra = self.prepare_extra_step_kwargs(generators, eta)
         grounded = int(grounding_steps * len(timesteps) + 1e-6)
         select = min(max(1, round(select_at * len(timesteps))), len(timesteps) - 1) if candidates > 1 else None
 

@@ -79,9 +79,8 @@ def test_the_heads_scores_decide_and_candidate_0_is_the_image_without_selection(
     with DownBlockTap(pipe.unet.down_blocks) as tap:
         pipe.unet(torch.randn(2, 4, 8, 8), 500, encoder_hidden_states=states, encoder_attention_mask=mask)
     features = tap.features
-    for score in (pipe.score_candidates, pipe.perception_losses):
-        both, one = score(features, LAYOUTS), score([f[1:] for f in features], LAYOUTS[1:])
-        torch.testing.assert_close(both[1:], one)
+    both, one = pipe.score_candidates(features, LAYOUTS), pipe.score_candidates([f[1:] for f in features], LAYOUTS[1:])
+    torch.testing.assert_close(both[1:], one)
     # candidate 0 of each layout is drawn first from its generator: what the same call without selection samples
     plain = run(pipe, LAYOUTS, (3, 4))
     for b in range(2):
@@ -142,7 +141,12 @@ def pog_loss(pipe, latents, t, layouts) -> torch.Tensor:
     states, mask = pipe.encode_prompts([layout.caption for layout in layouts])
     grounding = pipe.adapter.encode_grounding(*pipe.encode_layouts(layouts), tuple(latents.shape[-2:]))
     features = pipe.down_features(pipe.scheduler.scale_model_input(latents, t), t, states, mask, grounding)
-    return pipe.perception_losses(features, layouts)
+    boxes, labels, masks = pipe.perception_targets(layouts)
+    head, losses = pipe.adapter.perception, []
+    for b in range(len(layouts)):
+        parts = head.loss([f[b : b + 1] for f in features], boxes[b : b + 1], labels[b : b + 1], masks[b : b + 1])
+        losses.append(sum(parts.values()))
+    return torch.stack(losses)
 
 
 def test_perception_guidance_lowers_the_pog_loss_against_the_requested_layout(tiny_small_base):

@@ -98,24 +98,24 @@ _positive = _positive_of(float, "positive number")
 _positive_int = _positive_of(int, "positive whole number")
 
 
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
+def _share_of(zero_allowed: bool):
+    """An argparse type: a number in (0, 1], or in [0, 1] when `zero_allowed`."""
+    interval = "[0, 1]" if zero_allowed else "(0, 1]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}") from None
+        if not (0 <= value if zero_allowed else 0 < value) or not value <= 1:
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _grounding_share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
+_share = _share_of(zero_allowed=False)
+_grounding_share = _share_of(zero_allowed=True)
 
 
 def _loss_weights(text: str) -> tuple[float, float]:
