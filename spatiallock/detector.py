@@ -1,4 +1,4 @@
-"""The detector of the synthetic domain: a small FCOS trained from scratch, and COCO AP scoring.
+"""The detectors of the synthetic domain: small torchvision detection models trained from scratch, and COCO AP.
 
     detector = Detector.from_pretrained("models/detector")
     found = detector.detect([image])  # [{"boxes": (n, 4) xyxy in [0, 1], "scores", "labels", "names"}]
@@ -6,9 +6,11 @@
     print(evaluate_detector(detector, "data/shapes", "val"))  # {"ap": ..., "ap50": ..., "ap75": ...}
 
 Architecture: a residual conv backbone (GroupNorm, no pretrained weights) with outputs at strides 4, 8 and 16,
-torchvision's `FeaturePyramidNetwork` on them and torchvision's `FCOS` head and losses. Images are resized to
-`image_size` (their longer side; 64 for the synthetic domain, i.e. native) by FCOS's own transform; detections
-come back in the coordinates of the image given, normalised by its width and height.
+torchvision's `FeaturePyramidNetwork` on them and one of torchvision's detection models on the pyramid, its
+heads and losses as torchvision builds them (`DetectorConfig.arch`): `fcos` (the shipped detector), `retinanet`,
+`fasterrcnn` (RPN + RoIAlign box head) or `ssd`. Images are resized to `image_size` (their longer side; 64 for
+the synthetic domain, i.e. native) by the model's own transform; detections come back in the coordinates of the
+image given, normalised by its width and height.
 
 A detector folder holds `config.json` (architecture, thresholds, categories) and `model.safetensors`.
 """
@@ -16,6 +18,7 @@ A detector folder holds `config.json` (architecture, thresholds, categories) and
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -32,16 +35,21 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torchvision.models.detection import FCOS
-from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.fcos import FCOSHead
-from torchvision.ops import FeaturePyramidNetwork
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.ssd import SSD, SSDHead
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 
 from spatiallock.errors import SpatialLockError, first_line
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ImageInput = Sequence[Image.Image] | Sequence[torch.Tensor] | torch.Tensor
+ARCHS = ("fcos", "retinanet", "fasterrcnn", "ssd")
+BACKGROUND_CLASS = frozenset({"fasterrcnn", "ssd"})  # models whose label 0 is the background
 
 
 @dataclass
@@ -50,13 +58,18 @@ class DetectorConfig:
 
     channels: widths of the stem (stride 1) and of the stages at strides 2, 4, 8, 16; the last three feed the
         feature pyramid.
-    object_scales: per pyramid level, FCOS's anchor size in pixels: regression targets are divided by it and
-        level k takes locations whose farthest box side is within [4 s_k, 8 s_k) (level 0 from 0, the last
-        without upper bound).
+    arch: the torchvision detection model on the pyramid, one of `ARCHS`.
+    object_scales: per pyramid level s_k, the object size it is for. FCOS: its anchor size in pixels
+        (regression targets are divided by it and level k takes locations whose farthest box side is within
+        [4 s_k, 8 s_k), level 0 from 0, the last without upper bound). RetinaNet: anchors of 4 s_k times
+        2^0, 2^(1/3), 2^(2/3), aspect ratios 1/2, 1, 2. Faster R-CNN's RPN: anchors of 4 s_k, ratios 1/2, 1, 2.
+        SSD: default boxes of 4 s_k (and the geometric mean with the next level's), ratios 1/2, 1, 2.
+    head_convs: FCOS's head depth (RetinaNet's and SSD's heads are torchvision's as they are).
     categories: [{"id": COCO id, "name": ...}], in the order of the model's contiguous labels 0..K-1.
     """
 
     categories: list[dict] = field(default_factory=list)
+    arch: str = "fcos"
     image_size: int = 64
     channels: tuple[int, ...] = (32, 48, 64, 96, 128)
     fpn_channels: int = 64
@@ -70,6 +83,8 @@ class DetectorConfig:
 
     def __post_init__(self):
         self.channels, self.object_scales = tuple(self.channels), tuple(self.object_scales)
+        if self.arch not in ARCHS:
+            raise SpatialLockError(f"detector config: arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if len(self.channels) != 5 or len(self.object_scales) != 3:
             raise SpatialLockError("detector config: channels needs 5 widths and object_scales 3 sizes")
         if not self.categories:
@@ -161,30 +176,65 @@ def to_image_tensors(images: ImageInput) -> list[torch.Tensor]:
     return out
 
 
-class Detector(nn.Module):
-    """A torchvision FCOS on `SmallBackbone`, with the category mapping and folder I/O of the project.
+def build_model(config: DetectorConfig) -> nn.Module:
+    """The torchvision detection model of `config.arch` on a fresh `SmallBackbone` (see `DetectorConfig`)."""
+    backbone = SmallBackbone(config.channels, config.fpn_channels, config.groups)
+    classes, channels, levels = len(config.categories), config.fpn_channels, len(config.object_scales)
+    norm = functools.partial(nn.GroupNorm, min(config.groups, channels))  # torchvision's default is 32 groups
+    post = dict(score_thresh=config.score_threshold, nms_thresh=config.nms_threshold,
+                detections_per_img=config.max_detections)  # fmt: skip
+    pixels = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    sizes = dict(min_size=config.image_size, max_size=config.image_size, **pixels)
+    if config.arch == "fcos":
+        anchors = AnchorGenerator(tuple((s,) for s in config.object_scales), ((1.0,),) * levels)
+        head = FCOSHead(channels, 1, classes, config.head_convs)
+        for conv in (head.classification_head.conv, head.regression_head.conv):
+            for i, layer in enumerate(conv):
+                if isinstance(layer, nn.GroupNorm):
+                    conv[i] = norm(channels)
+        return FCOS(backbone, classes, anchor_generator=anchors, head=head,
+                    center_sampling_radius=config.center_sampling_radius, **sizes, **post)  # fmt: skip
+    ratios = ((0.5, 1.0, 2.0),) * levels
+    if config.arch == "retinanet":
+        octaves = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
+        anchors = AnchorGenerator(tuple(tuple(4 * s * o for o in octaves) for s in config.object_scales), ratios)
+        head = RetinaNetHead(channels, anchors.num_anchors_per_location()[0], classes, norm_layer=norm)
+        return RetinaNet(backbone, classes, anchor_generator=anchors, head=head, **sizes, **post)
+    if config.arch == "fasterrcnn":
+        anchors = AnchorGenerator(tuple((4 * s,) for s in config.object_scales), ratios)
+        pool = MultiScaleRoIAlign([str(k) for k in range(levels)], output_size=7, sampling_ratio=2)
+        hidden = 4 * channels
+        return FasterRCNN(
+            backbone, None, rpn_anchor_generator=anchors, box_roi_pool=pool,
+            box_head=TwoMLPHead(channels * 7 * 7, hidden), box_predictor=FastRCNNPredictor(hidden, classes + 1),
+            rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500, rpn_pre_nms_top_n_test=500,
+            rpn_post_nms_top_n_test=300, box_batch_size_per_image=128, box_score_thresh=config.score_threshold,
+            box_nms_thresh=config.nms_threshold, box_detections_per_img=config.max_detections, **sizes,
+        )  # fmt: skip
+    # ssd: default boxes of 4 s_k relative to the image, the last level's next scale twice its own
+    scales = [min(1.0, 4 * s / config.image_size) for s in config.object_scales]
+    boxes = DefaultBoxGenerator([[2]] * levels, scales=[*scales, min(1.0, 2 * scales[-1])])
+    head = SSDHead([channels] * levels, boxes.num_anchors_per_location(), classes + 1)
+    return SSD(backbone, boxes, (config.image_size, config.image_size), classes + 1, head=head, **pixels,
+               score_thresh=config.score_threshold, nms_thresh=config.nms_threshold,
+               detections_per_img=config.max_detections)  # fmt: skip
 
-    `forward(images, targets)` is FCOS's: in training mode, images are float (3, H, W) in [0, 1] and targets
-    dicts with "boxes" (n, 4) xyxy in pixels and "labels" contiguous 0..K-1; it returns the loss dict.
+
+class Detector(nn.Module):
+    """A torchvision detection model on `SmallBackbone` (`build_model`), with the category mapping and folder
+    I/O of the project.
+
+    `forward(images, targets)` is the model's: in training mode, images are float (3, H, W) in [0, 1] and targets
+    dicts with "boxes" (n, 4) xyxy in pixels and "labels" contiguous 0..K-1 (shifted here to the model's own
+    labels); it returns the loss dict.
     """
 
     def __init__(self, config: DetectorConfig):
         super().__init__()
         self.config = config
-        n = len(config.object_scales)
-        anchors = AnchorGenerator(tuple((s,) for s in config.object_scales), ((1.0,),) * n)
-        backbone = SmallBackbone(config.channels, config.fpn_channels, config.groups)
-        head = FCOSHead(config.fpn_channels, 1, len(config.categories), config.head_convs)
-        for conv in (head.classification_head.conv, head.regression_head.conv):
-            for i, layer in enumerate(conv):
-                if isinstance(layer, nn.GroupNorm):  # torchvision's default is 32 groups
-                    conv[i] = nn.GroupNorm(min(config.groups, config.fpn_channels), config.fpn_channels)
-        self.model = FCOS(
-            backbone, len(config.categories), min_size=config.image_size, max_size=config.image_size,
-            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], anchor_generator=anchors, head=head,
-            center_sampling_radius=config.center_sampling_radius, score_thresh=config.score_threshold,
-            nms_thresh=config.nms_threshold, detections_per_img=config.max_detections,
-        )  # fmt: skip
+        self.model = build_model(config)
+        # contiguous category k is the model's label k + offset (Faster R-CNN and SSD keep 0 for the background)
+        self.label_offset = 1 if config.arch in BACKGROUND_CLASS else 0
         ids = [c["id"] for c in config.categories]
         self.register_buffer("_label_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
         self.category_index: dict[int, int] = {cid: i for i, cid in enumerate(ids)}
@@ -200,6 +250,8 @@ class Detector(nn.Module):
         return next(self.parameters()).device
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
+        if targets is not None and self.label_offset:
+            targets = [{**t, "labels": t["labels"] + self.label_offset} for t in targets]
         return self.model(images, targets)
 
     @contextlib.contextmanager
@@ -229,7 +281,7 @@ class Detector(nn.Module):
                     height, width = image.shape[-2:]
                     scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=self.device)
                     boxes = (found["boxes"][keep] / scale).clamp(0.0, 1.0)
-                    labels = found["labels"][keep]
+                    labels = found["labels"][keep] - self.label_offset
                     results.append(
                         {
                             "boxes": boxes.cpu(),

@@ -234,3 +234,18 @@ def test_coco_images_with_more_than_thirty_objects_keep_the_largest(tmp_path):
         (layout,) = read_layouts(path)
     assert len(layout.boxes) == 30
     assert min(b[2] for b in layout.boxes) == pytest.approx(0.04)  # the 3rd smallest box (4 px of 100) is kept
+
+
+def test_skip_leaves_out_the_first_layouts(tiny_small_base, tmp_path, capsys):
+    """`--skip N`: the data set is made from the layouts after the first N (e.g. those of images a detector
+    does not train on); past the end is one error line."""
+    layouts = coco_layouts(tmp_path)
+    args = ["generate-dataset", "--layouts", layouts, "--model", str(tiny_small_base), "--adapter", "none"]
+    out = tmp_path / "skipped"
+    assert main([*args, "--out", str(out), "--skip", "2", "--steps", "2", "--no-progress"]) == 0
+    images = json.loads((out / "instances.json").read_text())["images"]
+    assert [im["source_image_id"] for im in images] == [12, 14]  # 10 and 11 left out (13 has no objects)
+    assert json.loads((out / "generate.json").read_text())["skip"] == 2
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "none"), "--skip", "4", "--no-progress"]) == 2
+    assert "--skip" in error_line(capsys.readouterr().err) and not (tmp_path / "none").exists()

@@ -54,8 +54,12 @@ Killed or interrupted, the same command continues where it stopped: images alrea
 the result is the same as one uninterrupted run. Several processes or GPUs share the work under
 `accelerate launch -m spatiallock.cli generate-dataset ...`.
 
-example:
+`spatiallock train detector --extra-data DIR` trains a detector on such a folder beside real images.
+
+examples:
   spatiallock generate-dataset --layouts data/shapes/instances_val.json --model default --out gen/val --per-layout 2
+  spatiallock generate-dataset --layouts data/shapes/instances_train.json --skip 1000 --limit 2000 \
+      --model default --out gen/train-layouts
 """
 
 # ---- generate ------------------------------------------------------------------------------------------------
@@ -120,8 +124,8 @@ def output_names(stem: str, count: int) -> list[str]:
 
 def _settings(args: argparse.Namespace, options, layouts: list, categories: list[dict]) -> dict:
     """What decides the data set's bytes, kept in DIR/generate.json so that a rerun resumes only the same job.
-    `layouts_sha256` covers the layouts used (after --limit; captions as read, from a captions file too) and the
-    categories, not the bytes of the file they came from."""
+    `layouts_sha256` covers the layouts used (after --skip and --limit; captions as read, from a captions file
+    too) and the categories, not the bytes of the file they came from."""
     record = options.record()
     keys = ("seed", "steps", "guidance", "scheduler", "grounding_steps", "size", "dtype")
     settings = {"model": args.model, "adapter": args.adapter, **{key: record[key] for key in keys}}
@@ -134,6 +138,8 @@ def _settings(args: argparse.Namespace, options, layouts: list, categories: list
         layouts_sha256=hashlib.sha256(text.encode()).hexdigest(), limit=args.limit, per_layout=args.per_layout,
         batch_size=args.batch_size,
     )  # fmt: skip
+    if args.skip:  # only when used: data sets written before it existed still resume
+        settings["skip"] = args.skip
     return settings
 
 
@@ -220,7 +226,11 @@ def run_generate_dataset(args: argparse.Namespace) -> int:
         raise SpatialLockError(f"--per-layout: must be at least 1, got {args.per_layout}")
     if args.limit is not None and args.limit < 1:
         raise SpatialLockError(f"--limit: must be at least 1, got {args.limit}")
-    layouts = read_layouts(args.layouts)[: args.limit]
+    if args.skip < 0:
+        raise SpatialLockError(f"--skip: must be 0 or more, got {args.skip}")
+    layouts = read_layouts(args.layouts)[args.skip :][: args.limit]
+    if not layouts:
+        raise SpatialLockError(f"--skip: {args.layouts} has no layouts after the first {args.skip}")
     source = read_json(args.layouts, "layout JSON file")
     categories = _categories(layouts, source["categories"] if is_coco_instances(source) else None)
     out = check_out_folder(args.out)
@@ -298,5 +308,9 @@ def register(subparsers) -> None:
     data.add_argument("--out", required=True, metavar="DIR", help="output folder")
     data.add_argument("--per-layout", type=int, default=1, metavar="K", help="images per layout (default: 1)")
     data.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N layouts")
+    data.add_argument(
+        "--skip", type=int, default=0, metavar="N",
+        help="leave out the first N layouts of the file (e.g. those of the real images a detector trains on)",
+    )  # fmt: skip
     add_sampling_options(data)
     data.set_defaults(func=run_generate_dataset)

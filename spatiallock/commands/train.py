@@ -63,11 +63,17 @@ example:
 """
 
 DETECTOR_HELP = """\
-Train the detector of a COCO-format layout domain (the synthetic shapes) from scratch on its real images:
-a small FCOS (torchvision) on a residual conv backbone with a feature pyramid, no downloaded weights.
-Layout fidelity of generated images is scored with it (AP, AP50, AP75) and its pooled features give a
-Frechet distance. Writes DET/config.json + DET/model.safetensors, then scores DET on the real images of
---eval-split (the ceiling for generated images), prints AP, AP50, AP75 and writes them to DET/eval.json.
+Train a detector of a COCO-format layout domain (the synthetic shapes) from scratch on its real images:
+a small torchvision detection model (--arch: FCOS, RetinaNet, Faster R-CNN or SSD) on a residual conv
+backbone with a feature pyramid, no downloaded weights. The FCOS one scores the layout fidelity of generated
+images (AP, AP50, AP75) and its pooled features give a Frechet distance. Writes DET/config.json +
+DET/model.safetensors, then scores DET on the real images of --eval-split, prints AP, AP50, AP75 and writes
+them to DET/eval.json.
+
+Generated data: --extra-data DIR (repeatable) adds the images of a `generate-dataset` folder (or of another
+data folder's --split) to the real ones; their category ids must name the same categories as --data's.
+--max-train-samples N keeps only the first N real images; --extra-share P draws a share P of the training
+samples from the extra data (default: in proportion to the image counts).
 Checkpoints and the loss log go to DET/train/. Ctrl-C writes a checkpoint and stops; --resume continues
 from the newest one (also after the last step: it then only writes and scores the model again).
 The defaults (5000 steps of 16 images at 64 px) reach AP 0.85+ on the shapes' val images in about
@@ -76,6 +82,8 @@ half an hour on two CPU cores.
 example:
   spatiallock data synth --out data/shapes --train 10000 --val 1000
   spatiallock train detector --data data/shapes --out models/detector
+  spatiallock train detector --data data/shapes --out runs/det-gen --arch retinanet --max-train-samples 1000 \
+      --extra-data gen/train-layouts
 """
 
 
@@ -248,14 +256,22 @@ def run_detector(args: argparse.Namespace) -> int:
     _check_number("--ema-decay", args.ema_decay, 0.0, 1.0, open_high=True)
     loop = _loop(args, args.max_steps, args.batch_size, args.lr, warmup=args.warmup_steps)
     loop.weight_decay, loop.ema_decay = args.weight_decay, args.ema_decay
+    if args.extra_share is not None:
+        if not args.extra_data:
+            raise SpatialLockError("--extra-share: needs --extra-data")
+        _check_number("--extra-share", args.extra_share, 0.0, 1.0, open_low=True, open_high=True)
     config = DetectorTrainConfig(
-        data=args.data, out=args.out, split=args.split, image_size=args.image_size, flip_prob=args.flip_prob,
-        loop=loop,
+        data=args.data, out=args.out, split=args.split, arch=args.arch, max_train_samples=args.max_train_samples,
+        extra_data=tuple(args.extra_data), extra_share=args.extra_share, image_size=args.image_size,
+        flip_prob=args.flip_prob, loop=loop,
     )  # fmt: skip
     result = train_detector(config)
     if _exit_code(result, f"detector written to {args.out} ({result.step} steps, last losses {result.last_losses})"):
         return 130
-    metrics = evaluate_and_record(args.out, args.data, args.eval_split, steps=result.step)
+    metrics = evaluate_and_record(
+        args.out, args.data, args.eval_split, steps=result.step, arch=args.arch,
+        max_train_samples=args.max_train_samples, extra_data=list(args.extra_data), extra_share=args.extra_share,
+    )  # fmt: skip
     if metrics is None:
         print(f"no {args.eval_split} split in {args.data}: not scored")
     else:
@@ -396,6 +412,22 @@ def register(subparsers) -> None:
     detector.add_argument("--data", required=True, metavar="DIR", help="COCO-format layout folder")
     detector.add_argument("--out", required=True, metavar="DET", help="detector folder to write")
     detector.add_argument("--split", default="train", help="split to train on (default: train)")
+    detector.add_argument(
+        "--arch", default="fcos", choices=["fcos", "retinanet", "fasterrcnn", "ssd"],
+        help="torchvision detection model on the backbone's pyramid (default: fcos, the shipped detector's)",
+    )  # fmt: skip
+    detector.add_argument(
+        "--max-train-samples", type=_positive_int, default=None, metavar="N",
+        help="train on the first N images of --split only (default: all)",
+    )  # fmt: skip
+    detector.add_argument(
+        "--extra-data", action="append", default=[], metavar="DIR",
+        help="add the images of this folder (a generate-dataset folder, or a data folder's --split); repeatable",
+    )  # fmt: skip
+    detector.add_argument(
+        "--extra-share", type=float, default=None, metavar="P",
+        help="share of training samples drawn from --extra-data, in (0, 1) (default: by image counts)",
+    )  # fmt: skip
     detector.add_argument("--eval-split", default="val", help="split to score the result on (default: val)")
     detector.add_argument(
         "--image-size", type=int, default=64, metavar="PX", help="image side for training and detection (default: 64)"

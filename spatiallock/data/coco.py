@@ -9,6 +9,7 @@ A horizontal flip swaps the words "left" and "right" in the caption, so relation
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -56,6 +57,15 @@ def split_files(root: str | Path, split: str) -> tuple[Path, Path, Path]:
         if instances.exists():
             return instances, captions, root / split
     raise SpatialLockError(f"{root}: no instances_{split}.json in it or in its annotations/ folder")
+
+
+def folder_files(root: str | Path, split: str) -> tuple[Path, Path, Path]:
+    """`split_files`, or the files of a folder `generate-dataset` wrote (root/instances.json, root/captions.json,
+    images named relative to root), which has no splits."""
+    root = Path(root)
+    if (root / "instances.json").is_file() and not (root / f"instances_{split}.json").exists():
+        return root / "instances.json", root / "captions.json", root
+    return split_files(root, split)
 
 
 def _summary(counts: dict[str, int]) -> str:
@@ -175,6 +185,68 @@ class LayoutDataset(torch.utils.data.Dataset):
             "category_ids": torch.tensor([self.category_index[o.category_id] for o in objects], dtype=torch.long),
             "image_id": record.image_id,
         }
+
+
+class MixedLayouts(torch.utils.data.Dataset):
+    """A `LayoutDataset` with extra ones drawn in: the samples of the extra data sets get the first one's
+    category indices (matched by COCO id; `check_categories` first), and `extra_share` of the items come from
+    them (None: in proportion to their sizes, i.e. plain concatenation).
+
+    With a share, the length is the smallest that holds every image of both sides at that share; the smaller
+    side repeats. Index i < `main_items` is main image i mod len(main), the rest extra images in turn.
+    """
+
+    def __init__(self, main: LayoutDataset, extras: list[LayoutDataset], extra_share: float | None = None):
+        if not extras:
+            raise SpatialLockError("extra data: none given")
+        self.main, self.extras = main, extras
+        self.extra_records = [(k, i) for k, extra in enumerate(extras) for i in range(len(extra))]
+        n_main, n_extra = len(main), len(self.extra_records)
+        if extra_share is None:
+            self.main_items, self.extra_items = n_main, n_extra
+        else:
+            if not 0.0 < extra_share < 1.0:
+                raise SpatialLockError(f"extra share: must lie in (0, 1), got {extra_share}")
+            total = max(math.ceil(n_main / (1 - extra_share)), math.ceil(n_extra / extra_share))
+            self.main_items = max(n_main, round(total * (1 - extra_share)))
+            self.extra_items = max(n_extra, total - self.main_items)
+        self.categories, self.category_index = main.categories, main.category_index
+        # per extra data set: its contiguous index -> the main one's
+        self.remap = [
+            torch.tensor([main.category_index[cid] for cid, _ in sorted(e.category_index.items(), key=lambda c: c[1])])
+            for e in extras
+        ]
+
+    def set_epoch(self, epoch: int) -> None:
+        for dataset in (self.main, *self.extras):
+            dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.main_items + self.extra_items
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} items")
+        if i < self.main_items:
+            return self.main[i % len(self.main)]
+        k, j = self.extra_records[(i - self.main_items) % len(self.extra_records)]
+        sample = dict(self.extras[k][j])
+        sample["category_ids"] = self.remap[k][sample["category_ids"]]
+        return sample
+
+
+def check_categories(main: LayoutDataset, extra: LayoutDataset, main_name: str, extra_name: str) -> None:
+    """Refuse an extra data set whose categories are not the main one's: every COCO id it uses must name the
+    same category there."""
+    names = {cid: main.categories[i] for cid, i in main.category_index.items()}
+    for cid, i in extra.category_index.items():
+        name = extra.categories[i]
+        if cid not in names:
+            raise SpatialLockError(f"{extra_name}: category id {cid} ({name!r}) is not a category of {main_name}")
+        if names[cid] != name:
+            raise SpatialLockError(
+                f"{extra_name}: category id {cid} is {name!r} there but {names[cid]!r} in {main_name}"
+            )
 
 
 def collate_layouts(samples: list[dict], max_boxes: int = MAX_OBJECTS) -> dict:

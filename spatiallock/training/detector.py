@@ -1,7 +1,9 @@
-"""`spatiallock train detector`: the detector of the synthetic domain, trained from scratch on real rendered images.
+"""`spatiallock train detector`: detectors of the synthetic domain, trained from scratch on its real images, with
+generated data sets added when asked (`extra_data`).
 
-Its AP on the real validation images is the ceiling beside which the generated images' AP is reported, and its
-pooled features give the Frechet distance of the synthetic domain (see `spatiallock.detector`).
+The shipped FCOS's AP on the real validation images is the ceiling beside which the generated images' AP is
+reported, and its pooled features give the Frechet distance of the synthetic domain (see `spatiallock.detector`).
+`benchmarks/augmentation.py` trains the other architectures with and without generated data.
 """
 
 from __future__ import annotations
@@ -14,9 +16,16 @@ from pathlib import Path
 import torch
 
 from spatiallock.checkpoint import atomic_save_pretrained
-from spatiallock.data.coco import collate_layouts, split_files
+from spatiallock.data.coco import (
+    LayoutDataset,
+    MixedLayouts,
+    check_categories,
+    collate_layouts,
+    folder_files,
+    split_files,
+)
 from spatiallock.data.cocofile import write_text_atomic
-from spatiallock.detector import Detector, DetectorConfig, evaluate_detector
+from spatiallock.detector import ARCHS, Detector, DetectorConfig, evaluate_detector
 from spatiallock.errors import SpatialLockError
 from spatiallock.training.common import start_training
 from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
@@ -29,13 +38,20 @@ EVAL_NAME = "eval.json"
 class DetectorTrainConfig:
     """Everything `train detector` needs; written to `<out>/train/config.json`.
 
-    `channels`, `fpn_channels`, `head_convs`: the architecture (see `DetectorConfig`); `image_size`: the side
-    images are trained and detected at (the data's native size is cheapest and loses nothing).
+    `arch`, `channels`, `fpn_channels`, `head_convs`: the architecture (see `DetectorConfig`); `image_size`: the
+    side images are trained and detected at (the data's native size is cheapest and loses nothing).
+    `max_train_samples`: only the first N images of the split (None: all). `extra_data`: folders whose images are
+    added to them (a `generate-dataset` folder, or another data folder's same split); `extra_share`: the share
+    of training samples drawn from those (None: in proportion to the image counts).
     """
 
     data: str
     out: str
     split: str = "train"
+    arch: str = "fcos"
+    max_train_samples: int | None = None
+    extra_data: tuple[str, ...] = ()
+    extra_share: float | None = None
     image_size: int = 64
     flip_prob: float = 0.5
     channels: tuple[int, ...] = (16, 32, 64, 96, 128)
@@ -58,8 +74,35 @@ def _targets(batch: dict, size: int, device: torch.device) -> list[dict]:
     return targets
 
 
+def training_data(config: DetectorTrainConfig, seed: int) -> LayoutDataset | MixedLayouts:
+    """The split of `config.data` (its first `max_train_samples` images), with `extra_data` drawn in."""
+    options = dict(resolution=config.image_size, flip_prob=config.flip_prob, seed=seed)
+    main = LayoutDataset.from_split(config.data, config.split, max_images=config.max_train_samples, **options)
+    if not len(main):
+        raise SpatialLockError(f"data: {config.data} has no {config.split} images to train on")
+    if not config.extra_data:
+        return main
+    extras = []
+    for folder in config.extra_data:
+        try:
+            extra = LayoutDataset(*folder_files(folder, config.split), **options)
+        except SpatialLockError as err:
+            raise SpatialLockError(f"--extra-data: {err}") from None
+        check_categories(main, extra, str(config.data), f"--extra-data: {folder}")
+        if not len(extra):
+            raise SpatialLockError(f"--extra-data: {folder} has no images")
+        extras.append(extra)
+    return MixedLayouts(main, extras, config.extra_share)
+
+
 def train_detector(config: DetectorTrainConfig) -> LoopResult:
     """Train the detector as configured; writes the detector folder at `config.out` when done (not when stopped)."""
+    if config.arch not in ARCHS:
+        raise SpatialLockError(f"arch: must be one of {', '.join(ARCHS)}, got {config.arch!r}")
+    if config.extra_share is not None and not config.extra_data:
+        raise SpatialLockError("extra share: needs --extra-data")
+    if config.extra_share is not None and not 0.0 < config.extra_share < 1.0:
+        raise SpatialLockError(f"extra share: must lie in (0, 1), got {config.extra_share}")
     if config.image_size < 32:
         raise SpatialLockError(f"image size: must be at least 32, got {config.image_size}")
     if not 0.0 <= config.flip_prob <= 1.0:
@@ -69,13 +112,13 @@ def train_detector(config: DetectorTrainConfig) -> LoopResult:
     run = start_training(config, (STAGE,), config.loop.resume)
     accelerator = run.accelerator
     device = accelerator.device
-    dataset = run.layout_data(config.image_size, config.loop.seed)
+    dataset = training_data(config, config.loop.seed)
     categories = [{"id": cid, "name": dataset.categories[i]} for cid, i in dataset.category_index.items()]
     categories.sort(key=lambda c: dataset.category_index[c["id"]])
     torch.manual_seed(config.loop.seed)
     detector = Detector(
         DetectorConfig(
-            categories=categories, image_size=config.image_size, channels=config.channels,
+            categories=categories, arch=config.arch, image_size=config.image_size, channels=config.channels,
             fpn_channels=config.fpn_channels, head_convs=config.head_convs,
         )
     ).to(device)  # fmt: skip
