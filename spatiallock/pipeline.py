@@ -38,7 +38,13 @@ from spatiallock.init import initial_latents
 from spatiallock.layout import Layout, as_layouts, excerpt, pad_layouts
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.models.grounding import GroundingTokens
-from spatiallock.models.perception import DownBlockTap
+from spatiallock.models.perception import (
+    DownBlocksDone,
+    DownBlockTap,
+    down_path_only,
+    predicted_clean,
+    rendered_features,
+)
 from spatiallock.text import PhraseCache, encode_captions, is_clip, phrase_dim
 
 # --scheduler names -> diffusers classes (and the options that make them what the name says)
@@ -310,33 +316,58 @@ class SpatialLockPipeline(DiffusionPipeline):
             scores.append(1.0 - quality.max(dim=1).values.mean().item())
         return torch.tensor(scores)
 
+    def predicted_clean(self, model_input: torch.Tensor, t, prediction: torch.Tensor) -> torch.Tensor:
+        """The clean latents a U-Net `prediction` at timestep `t` implies for a (scaled) `model_input`."""
+        steps = torch.full((len(model_input),), int(t), dtype=torch.long, device=model_input.device)
+        alphas = self.scheduler.alphas_cumprod
+        return predicted_clean(alphas, model_input, steps, prediction, self.scheduler.config.prediction_type)
+
+    def candidate_features(self, tapped, model_input, t, noise, states, caption_mask) -> list[torch.Tensor]:
+        """What the PoG head scores candidates from: the features tapped from this step's call (`grounded`), or
+        the features of the clean latents the step's guided prediction implies, seen without the layout
+        (`rendered`: one down pass more)."""
+        if self.adapter.config.perception_input != "rendered":
+            return tapped
+        with torch.no_grad():
+            return rendered_features(self.unet, self.predicted_clean(model_input, t, noise), states, caption_mask)
+
     def down_features(self, sample, t, states, caption_mask, grounding) -> list[torch.Tensor]:
         """The U-Net's down-block features (what the PoG head reads) for a scaled model input, the up path
         never run: the call stops after the last down block."""
-        with DownBlockTap(self.unet.down_blocks) as tap:
-            stop = self.unet.down_blocks[-1].register_forward_hook(_stop_after_down_blocks)  # after the tap's hook
+        with DownBlockTap(self.unet.down_blocks) as tap, down_path_only(self.unet.down_blocks):
             try:
                 self.predict(sample, t, states, caption_mask, grounding)
-            except _DownBlocksDone:
+            except DownBlocksDone:
                 pass
-            finally:
-                stop.remove()
         return tap.features
 
     def perception_guidance(self, latents, t, states, caption_mask, grounding, layouts, scale: float):
         """`latents` moved by `scale` (root mean square per image) down the gradient of the PoG head's detection
         loss against `layouts`; each image's move depends on that image alone."""
         boxes, labels, masks = (x.to(latents.device) for x in self.perception_targets(layouts))
+        original = latents
+        rendered = self.adapter.config.perception_input == "rendered"
+        if rendered:  # the gradient at the clean latents the prediction implies, the prediction held fixed
+            model_input = self.scheduler.scale_model_input(latents, t)
+            with torch.no_grad():
+                prediction = self.predict(model_input, t, states, caption_mask, grounding)
+            latents = self.predicted_clean(model_input, t, prediction)
         with torch.enable_grad():
             x = latents.detach().requires_grad_(True)
-            features = self.down_features(self.scheduler.scale_model_input(x, t), t, states, caption_mask, grounding)
+            if rendered:
+                features = rendered_features(self.unet, x, states, caption_mask)
+            else:
+                model_input = self.scheduler.scale_model_input(x, t)
+                features = self.down_features(model_input, t, states, caption_mask, grounding)
             head = self.adapter.perception
             features = [f.to(next(head.parameters()).dtype) for f in features]
             # the head's loss is a mean over the batch's images: times their number, each image's own term
             loss = sum(head.loss(features, boxes, labels, masks).values()) * len(layouts)
             (grad,) = torch.autograd.grad(loss, x)
         rms = grad.float().pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp(min=1e-12)
-        return (x - scale * (grad.float() / rms).to(x.dtype)).detach()
+        step = scale * (grad.float() / rms).to(x.dtype)
+        # rendered: x_t moves with x0 by a positive factor (the prediction held fixed), and the step is normalised
+        return (original - step if rendered else x - step).detach()
 
     def check_perception_guidance(self, steps: int, scale: float, layouts: Sequence[Layout]) -> None:
         """Refuse, in one line, perception guidance this pipeline or call cannot do."""
@@ -533,13 +564,17 @@ class SpatialLockPipeline(DiffusionPipeline):
                     )
                 model_input = torch.cat([latents] * 2) if guided else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
-                with DownBlockTap(self.unet.down_blocks if i == select else []) as tap:
+                tapping = i == select and self.adapter.config.perception_input != "rendered"
+                with DownBlockTap(self.unet.down_blocks if tapping else []) as tap:
                     noise = self.predict(model_input, t, states, caption_mask, grounding if i < grounded else None)
                 if guided:
                     uncond, cond = noise.chunk(2)
                     noise = uncond + guidance_scale * (cond - uncond)
                 if i == select:  # keep each layout's best candidate by the PoG head, and go on with it alone
-                    features = [f[cond_rows] for f in tap.features]
+                    features = self.candidate_features(
+                        [f[cond_rows] for f in tap.features], model_input[cond_rows], t, noise, states[cond_rows],
+                        cond_mask,
+                    )  # fmt: skip
                     scores = self.score_candidates(features, expanded).view(batch, candidates)
                     keep = (torch.arange(batch) * candidates + scores.argmin(dim=1).cpu()).to(latents.device)
                     self.last_selection = {"scores": scores.cpu(), "kept": (keep % candidates).cpu()}
@@ -569,14 +604,6 @@ class SpatialLockPipeline(DiffusionPipeline):
         if not return_dict:
             return (images, layouts)
         return SpatialLockPipelineOutput(images=images, layouts=layouts)
-
-
-class _DownBlocksDone(Exception):
-    """Raised after the U-Net's last down block when only the down path is wanted."""
-
-
-def _stop_after_down_blocks(module, args, output):
-    raise _DownBlocksDone
 
 
 def select_scheduler_rows(scheduler, keep: torch.Tensor, rows: int) -> None:

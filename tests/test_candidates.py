@@ -16,7 +16,7 @@ from spatiallock.base import load_base
 from spatiallock.cli import main
 from spatiallock.errors import SpatialLockError
 from spatiallock.models.adapter import SpatialLockAdapter
-from spatiallock.models.perception import DownBlockTap
+from spatiallock.models.perception import DownBlockTap, rendered_features
 from spatiallock.pipeline import SpatialLockPipeline
 from spatiallock.text import phrase_dim
 
@@ -224,3 +224,33 @@ def test_a_candidate_whose_objects_the_head_finds_in_their_boxes_scores_better(t
     pipe.adapter.perception.detect = lambda features, score_threshold: found
     scores = pipe.score_candidates([torch.zeros(4, 1, 1, 1)], [layout] * 4)
     torch.testing.assert_close(scores, torch.tensor([0.1, 1.0, 1.0, 1.0]))  # right class, right box: 1 - 0.9
+
+
+def test_a_rendered_head_guides_and_selects_by_the_clean_latents_the_prediction_implies(tiny_small_base):
+    """`perception_input="rendered"`: guidance moves the latents by the normalised gradient of the head's loss
+    at the predicted clean latents seen without the layout, and selection scores those same features."""
+    pipe = pipeline(tiny_small_base, perception_input="rendered")
+    pipe.scheduler.set_timesteps(STEPS)
+    t = pipe.scheduler.timesteps[1]
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    states, mask = pipe.encode_prompts([layout.caption for layout in LAYOUTS])
+    grounding = pipe.adapter.encode_grounding(*pipe.encode_layouts(LAYOUTS), (8, 8))
+    model_input = pipe.scheduler.scale_model_input(latents, t)
+    with torch.no_grad():
+        clean = pipe.predicted_clean(model_input, t, pipe.predict(model_input, t, states, mask, grounding))
+    x = clean.clone().requires_grad_(True)
+    boxes, labels, masks = pipe.perception_targets(LAYOUTS)
+    loss = sum(
+        pipe.adapter.perception.loss(rendered_features(pipe.unet, x, states, mask), boxes, labels, masks).values()
+    )
+    (grad,) = torch.autograd.grad(loss * len(LAYOUTS), x)
+    expected = latents - 0.05 * grad / grad.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+    moved = pipe.perception_guidance(latents, t, states, mask, grounding, LAYOUTS, 0.05)
+    torch.testing.assert_close(moved, expected, rtol=1e-4, atol=1e-5)
+
+    features = pipe.candidate_features([], model_input, t, pipe.predict(model_input, t, states, mask, grounding),
+                                       states, mask)  # fmt: skip
+    for a, b in zip(features, rendered_features(pipe.unet, clean, states, mask)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    chosen = run(pipe, LAYOUTS, (10, 11), candidates=K, select_at=0.5, perception_guidance_steps=1)
+    assert torch.isfinite(chosen).all() and pipe.last_selection["kept"].shape == (2,)

@@ -149,3 +149,16 @@ def test_train_adapter_perception_timesteps_is_recorded_and_checked(tiny_sd, tin
     bad = ["--base", str(tiny_sd), "--data", str(tiny_shapes), "--out", str(tmp_path / "x")]
     assert main(["train", "adapter", *bad, "--perception-timesteps", "0"]) == 2
     assert "--perception-timesteps" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_train_adapter_perception_input_rendered_trains_and_is_saved(tiny_sd, tiny_shapes, tmp_path, capsys):
+    out = tmp_path / "rendered"
+    options = ["--perception-input", "rendered", "--perception-timesteps", "600", "--max-steps", "2"]
+    assert train(tiny_sd, tiny_shapes, out, *options) == 0
+    assert json.loads((out / "config.json").read_text())["perception_input"] == "rendered"
+    log = [json.loads(line) for line in (out / "train" / "log.jsonl").read_text().splitlines()]
+    assert np.isfinite(log[-1]["perception"])
+    assert load_adapter(out).config.perception_input == "rendered"
+    bad = ["--base", str(tiny_sd), "--data", str(tiny_shapes), "--out", str(tmp_path / "x"), "--variant", "poi"]
+    assert main(["train", "adapter", *bad, "--perception-input", "rendered"]) == 2
+    assert "perception-input" in capsys.readouterr().err and not (tmp_path / "x").exists()

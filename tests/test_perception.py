@@ -5,10 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import NUM_CLASSES, PHRASE_DIM, make_inputs
+from diffusers import DDPMScheduler
 from torchvision.ops import box_iou
 
+from spatiallock.errors import SpatialLockError
 from spatiallock.models.adapter import SpatialLockAdapter
-from spatiallock.models.perception import DownBlockTap, LossWeighting, PerceptionHead
+from spatiallock.models.grounding import GATES
+from spatiallock.models.perception import (
+    DownBlockTap,
+    LossWeighting,
+    PerceptionHead,
+    predicted_clean,
+    rendered_features,
+)
 
 
 def test_tap_collects_one_full_resolution_feature_per_down_block(unet):
@@ -114,3 +123,64 @@ def test_the_perception_loss_on_chosen_images_only(unet):
     assert all(v.item() == 0.0 for v in none.values())
     sum(none.values()).backward()
     assert all(p.grad is not None for p in adapter.perception.parameters())
+
+
+def open_gates(adapter: SpatialLockAdapter) -> None:
+    with torch.no_grad():
+        for name, parameter in adapter.named_parameters():
+            if name.rsplit(".", 1)[-1] in GATES:
+                parameter.fill_(0.7)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_predicted_clean_inverts_the_noising(prediction_type):
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(0)
+    clean, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    steps = torch.tensor([0, 400, 999])
+    noisy = scheduler.add_noise(clean, noise, steps)
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(clean, noise, steps)
+    found = predicted_clean(scheduler.alphas_cumprod, noisy, steps, target, prediction_type)
+    torch.testing.assert_close(found, clean, rtol=1e-4, atol=2e-3)
+
+
+def test_rendered_features_see_the_latents_only_never_the_layout(unet):
+    """The head's `rendered` input is the plain U-Net's down path at timestep 0: the same with the adapter
+    attached as without it, whatever layout the adapter was told."""
+    torch.manual_seed(0)
+    adapter = SpatialLockAdapter.from_unet(unet, phrase_dim=PHRASE_DIM, num_classes=NUM_CLASSES, fpn_channels=32)
+    open_gates(adapter)  # so that grounding would change the features if it reached them
+    x = make_inputs()
+    states = x["encoder_hidden_states"]
+    with DownBlockTap(unet.down_blocks) as tap:
+        unet(x["sample"], torch.zeros(2, dtype=torch.long), states)
+    adapter.attach(unet)
+    seen = rendered_features(unet, x["sample"], states)
+    assert len(seen) == len(tap.features)
+    for a, b in zip(seen, tap.features):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    grounded = adapter(unet, **x).sample  # the attached adapter does act on a grounded call
+    assert not torch.allclose(grounded, unet(x["sample"], x["timestep"], states).sample)
+
+
+def test_a_rendered_head_trains_the_adapter_through_its_prediction(unet):
+    """With `perception_input="rendered"`, the perception loss reaches the attention blocks through the clean
+    latents their prediction implies (and the head through the plain down path); it needs the scheduler."""
+    torch.manual_seed(0)
+    adapter = SpatialLockAdapter.from_unet(
+        unet, phrase_dim=PHRASE_DIM, num_classes=NUM_CLASSES, fpn_channels=32, perception_input="rendered"
+    )
+    open_gates(adapter)
+    adapter.attach(unet)
+    x = make_inputs()
+    with pytest.raises(ValueError, match="scheduler"):
+        adapter(unet, **x)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    out = adapter(unet, **x, scheduler=scheduler)
+    loss = sum(out.perception_losses.values())
+    loss.backward()
+    fuser_grads = [p.grad for p in adapter.fusers.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in fuser_grads)
+    assert all(p.grad is not None for p in adapter.perception.parameters())
+    with pytest.raises(SpatialLockError, match="perception input"):
+        SpatialLockAdapter.from_unet(unet, phrase_dim=PHRASE_DIM, num_classes=NUM_CLASSES, perception_input="x")

@@ -225,6 +225,7 @@ def run_adapter(args: argparse.Namespace) -> int:
         query_positions=args.query_positions, box_attention=args.box_attention, gate_lr_scale=args.gate_lr_scale,
         feed_forward=args.feed_forward, attention_width=args.attention_width, init_from=args.init_from,
         grounding_steps=args.grounding_steps, perception_timesteps=args.perception_timesteps,
+        perception_input=args.perception_input,
         max_train_samples=args.max_train_samples,
         loop=_loop(args, args.max_steps, args.batch_size, args.lr, warmup=50),
     )  # fmt: skip
@@ -369,6 +370,14 @@ def register(subparsers) -> None:
         help="compute the PoG perception loss only on the images noised at a timestep below T (of the schedule's "
         "1000): the head cannot see objects in nearly pure noise, and there its gradient only competes with the "
         "diffusion loss (default: every timestep, the paper's)",
+    )  # fmt: skip
+    adapter.add_argument(
+        "--perception-input", default="grounded", choices=["grounded", "rendered"],
+        help="what the PoG head reads: `grounded` (the paper's: the grounded U-Net's down-block features of the "
+        "noisy latents, which carry the requested boxes themselves) or `rendered` (the U-Net's down-block "
+        "features, without grounding, of the clean latents the adapter's prediction implies: the loss then "
+        "rewards objects drawn where asked, not only asked for; costs one down pass more per step; saved in the "
+        "config, and candidate selection and perception guidance read the same) (default: grounded)",
     )  # fmt: skip
     adapter.add_argument(
         "--init-from", default=None, metavar="ADAPTER",

@@ -37,7 +37,14 @@ from spatiallock.models.injection import (
     transformer_blocks,
 )
 from spatiallock.models.injection import block_dims as dims_of
-from spatiallock.models.perception import DownBlockTap, LossWeighting, PerceptionHead
+from spatiallock.models.perception import (
+    PERCEPTION_INPUTS,
+    DownBlockTap,
+    LossWeighting,
+    PerceptionHead,
+    predicted_clean,
+    rendered_features,
+)
 
 # variant -> (attention kind, perception head, Enh-Fusion)
 VARIANTS = {
@@ -56,7 +63,7 @@ EVERY = "every"
 RECIPE = (
     "variant", "fourier_freqs", "hidden_dim", "max_objects", "query_positions", "box_attention", "feed_forward",
     "attention_width", "loss_weighting", "loss_weights", "enh_grid", "enh_layers", "enh_heads", "anchor_scale",
-    "grounding_steps", "ground_unconditional",
+    "grounding_steps", "ground_unconditional", "perception_input",
 )  # fmt: skip
 
 
@@ -126,6 +133,11 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         class_names: the names of the perception head's classes, in the order of its class indices (the
             training data's categories): what candidate selection scores a layout's labels by. None where not
             recorded.
+        perception_input: what the PoG head reads (`PERCEPTION_INPUTS`): `grounded`, the paper's, the down-block
+            features of the grounded U-Net call on the noisy latents (which also carry the requested layout, so
+            the head can find the objects asked for whether or not they are drawn), or `rendered`, the
+            down-block features of the U-Net without grounding on the clean latents implied by the adapter's
+            prediction (only what was drawn). Training and sampling (selection, perception guidance) both read it.
     """
 
     config_name = "config.json"
@@ -158,8 +170,13 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         grounding_steps: float = 1.0,
         ground_unconditional: bool = True,
         class_names: Sequence[str] | None = None,
+        perception_input: str = "grounded",
     ):
         super().__init__()
+        if perception_input not in PERCEPTION_INPUTS:
+            raise SpatialLockError(
+                f"perception input: one of {', '.join(PERCEPTION_INPUTS)}, got {perception_input!r}"
+            )
         if variant not in VARIANTS:
             raise SpatialLockError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
         if len(blocks) != len(block_dims) or not blocks:
@@ -341,6 +358,7 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         object_masks: torch.Tensor | None = None,
         grounding: GroundingTokens | None = None,
         perception_rows: torch.Tensor | None = None,
+        scheduler=None,
     ) -> AdapterOutput:
         """Run the attached `unet` with grounding; optionally the perception and training losses.
 
@@ -354,6 +372,8 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             object_masks: (B, N) objects present in the image for the perception loss (default: `masks`).
             perception_rows: (B,) bool, the images the perception loss is computed on (default: all); with none,
                 the loss is a zero that still reaches the head's parameters.
+            scheduler: the noise scheduler `sample` was noised with (its `alphas_cumprod` and prediction type):
+                needed for the perception loss of a head whose input is `rendered`.
         """
         # 1. grounding tokens (and, through their cache, each block's keys and attention bias)
         if grounding is None:
@@ -367,7 +387,11 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         perceive = labels is not None and self.perception is not None
         if perceive and boxes is None:
             raise ValueError("the perception loss needs the boxes its labels belong to")
-        with DownBlockTap(unet.down_blocks if perceive else []) as tap:
+        rendered = perceive and self.config.perception_input == "rendered"
+        if rendered and scheduler is None:
+            raise ValueError("a head that reads the rendered latents needs the noise scheduler")
+        noisy = sample
+        with DownBlockTap(unet.down_blocks if perceive and not rendered else []) as tap:
             sample = unet(
                 sample,
                 timestep,
@@ -380,9 +404,17 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         if perceive:
             object_masks = masks if object_masks is None else object_masks
             features, targets = tap.features, (boxes, labels.clamp(min=0), object_masks)
+            rows = slice(None) if perception_rows is None else perception_rows.to(boxes.device).bool()
             if perception_rows is not None:
-                rows = perception_rows.to(boxes.device).bool()
                 features, targets = [f[rows] for f in features], tuple(x[rows] for x in targets)
+            if rendered and len(targets[0]):  # what the prediction implies was drawn, seen without the layout
+                steps = timestep.expand(len(noisy)) if timestep.dim() == 0 else timestep
+                clean = predicted_clean(
+                    scheduler.alphas_cumprod, noisy[rows], steps[rows], sample[rows],
+                    scheduler.config.prediction_type,
+                )  # fmt: skip
+                mask = None if encoder_attention_mask is None else encoder_attention_mask[rows]
+                features = rendered_features(unet, clean, encoder_hidden_states[rows], mask)
             if len(targets[0]):
                 perception = self.perception.loss(features, *targets)
             else:  # no image this step: a zero loss, the graph still through every head parameter

@@ -6,6 +6,7 @@ sigmoid focal loss, box-coded regression loss), `AnchorGenerator` and `Matcher`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -47,6 +48,53 @@ class DownBlockTap:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+class DownBlocksDone(Exception):
+    """Raised after the U-Net's last down block inside `down_path_only`."""
+
+
+def _raise_done(module, args, output):
+    raise DownBlocksDone
+
+
+@contextlib.contextmanager
+def down_path_only(down_blocks: Sequence[nn.Module]):
+    """Inside it, a U-Net call raises `DownBlocksDone` after its last down block (catch it): the up path, which
+    the PoG head does not read, never runs. Enter it after a `DownBlockTap`, whose hooks must run first."""
+    handle = down_blocks[-1].register_forward_hook(_raise_done)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# the PoG head's input: the features of the grounded U-Net call on the noisy latents (the paper's), or those of
+# the U-Net without grounding on the clean latents the adapter's prediction implies (what it rendered)
+PERCEPTION_INPUTS = ("grounded", "rendered")
+
+
+def predicted_clean(alphas_cumprod: torch.Tensor, noisy, timesteps, prediction, prediction_type: str):
+    """The clean latents x0 a U-Net's `prediction` at `timesteps` implies for `noisy` (epsilon or v)."""
+    alpha = alphas_cumprod.to(noisy.device)[timesteps].to(noisy.dtype).view(-1, *([1] * (noisy.dim() - 1)))
+    if prediction_type == "v_prediction":
+        return alpha.sqrt() * noisy - (1 - alpha).sqrt() * prediction
+    if prediction_type == "epsilon":
+        return (noisy - (1 - alpha).sqrt() * prediction) / alpha.sqrt()
+    raise ValueError(f"prediction type {prediction_type!r}: epsilon or v_prediction")
+
+
+def rendered_features(unet: nn.Module, latents: torch.Tensor, states, attention_mask=None) -> list[torch.Tensor]:
+    """What the PoG head reads when its input is `rendered`: the down-block features of `unet` on clean
+    `latents` at timestep 0, without grounding (an attached adapter adds nothing to a call without it), so
+    that the head can find only what the latents show, never the requested layout. Differentiable."""
+    t = torch.zeros(len(latents), dtype=torch.long, device=latents.device)
+    with DownBlockTap(unet.down_blocks) as tap, down_path_only(unet.down_blocks):
+        try:
+            unet(latents, t, states, encoder_attention_mask=attention_mask)
+        except DownBlocksDone:
+            pass
+    return tap.features
 
 
 class EnhFusion(nn.Module):

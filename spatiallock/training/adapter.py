@@ -17,6 +17,7 @@ from spatiallock.data.coco import collate_layouts
 from spatiallock.errors import SpatialLockError, first_line
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.models.grounding import GATES, MAX_OBJECTS
+from spatiallock.models.perception import PERCEPTION_INPUTS
 from spatiallock.text import PhraseCache, encode_captions, phrase_dim
 from spatiallock.training.common import TIMESTEP_SAMPLING, drop, latents_of, noisy_inputs, start_training
 from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
@@ -51,6 +52,7 @@ class AdapterTrainConfig:
     gate_lr_scale: float = 1.0  # the zero-initialised gates learn at this multiple of the learning rate
     grounding_steps: float = 1.0  # the share of sampling steps the adapter grounds by default (its config)
     perception_timesteps: int | None = None  # the perception loss on images noised below this timestep only
+    perception_input: str = "grounded"  # what the PoG head reads: grounded (the paper's) or rendered features
     max_objects: int = MAX_OBJECTS
     split: str = "train"
     max_train_samples: int | None = None  # None: the whole split; N: its first N images
@@ -123,6 +125,12 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
         )
     if config.perception_timesteps is not None and config.perception_timesteps < 1:
         raise SpatialLockError(f"perception-timesteps: at least 1, got {config.perception_timesteps}")
+    if config.perception_input not in PERCEPTION_INPUTS:
+        raise SpatialLockError(
+            f"perception-input: one of {', '.join(PERCEPTION_INPUTS)}, got {config.perception_input!r}"
+        )
+    if config.perception_input != "grounded" and config.variant in ("poi", "gligen"):
+        raise SpatialLockError(f"perception-input: variant {config.variant} has no PoG perception head")
     if config.init_from:
         adapter_weights_file(config.init_from)  # before any work
     run = start_training(config, ("adapter",), config.loop.resume, config.mixed_precision)
@@ -148,6 +156,8 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
         weights["attention_width"] = config.attention_width
     if config.grounding_steps != 1.0:
         weights["grounding_steps"] = config.grounding_steps
+    if config.perception_input != "grounded":
+        weights["perception_input"] = config.perception_input
     weights["class_names"] = list(dataset.categories)  # the perception head's classes, by index
     adapter = SpatialLockAdapter.from_unet(
         base.unet, config.variant, config.positions, phrase_dim(base.text_encoder), len(dataset.categories), **weights
@@ -178,6 +188,7 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
             encoder_attention_mask=caption_mask if base.uses_caption_mask else None,
             target=target, object_masks=objects,
             perception_rows=None if config.perception_timesteps is None else steps < config.perception_timesteps,
+            scheduler=base.scheduler,
         )  # fmt: skip
         return {"loss": output.loss, **output.losses}
 

@@ -1,0 +1,137 @@
+"""How well does the adapter's own PoG perception head see objects, noise level by noise level?
+
+The head reads the U-Net's down-block features while sampling (`--candidates`, `--perception-guidance-steps`).
+This scores it as a detector: real validation images are encoded, noised to timestep t (of the 1,000 training
+steps), run through the U-Net's down path with the adapter grounding their own layout (as in training), and the
+head's detections are scored with COCO AP against the real boxes, beside the shipped detector's AP on the same
+real images. It tells at which point of sampling the head's judgement can be trusted.
+
+The head reads features of a U-Net that is told the layout. `--grounding` says which layout: `own` (the
+image's, as in training), `none` (no objects: only the image to go by) or `other` (the next image's layout:
+scored both against what is in the image and against what was asked, to see whether the head reports the
+request instead of the image).
+
+    python benchmarks/perception_head.py --limit 300 --timesteps 0 100 250 400 600 800 --grounding own none other
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.image_processor import VaeImageProcessor
+
+from spatiallock.data.cocofile import write_text_atomic
+from spatiallock.detector import Detector, coco_ap, to_coco_results
+from spatiallock.evaluate import load_real_images, real_image_paths
+from spatiallock.layout import read_layouts
+from spatiallock.sampling import load_pipeline, resolve_detector
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@torch.no_grad()
+def head_detections(pipe, layouts, latents, t: int, seed: int, batch: int) -> list[dict]:
+    noising = DDPMScheduler.from_config(pipe.scheduler.config)
+    head = pipe.adapter.perception
+    found = []
+    for start in range(0, len(layouts), batch):
+        chunk, clean = layouts[start : start + batch], latents[start : start + batch]
+        noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed + start))
+        steps = torch.full((len(chunk),), t, dtype=torch.long)
+        noisy = noising.add_noise(clean, noise, steps) if t > 0 else clean
+        states, mask, grounding, *_ = pipe._conditioning(chunk, False, False, tuple(clean.shape[-2:]), clean.device)
+        features = pipe.down_features(noisy, steps, states, mask, grounding)
+        found += head.detect([f.float() for f in features], score_threshold=0.05)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--adapter", default=None, help="adapter folder (default: the model's own)")
+    parser.add_argument("--layouts", default="data/shapes/instances_val.json")
+    parser.add_argument("--limit", type=int, default=300)
+    parser.add_argument("--timesteps", type=int, nargs="+", default=[0, 100, 250, 400, 600, 800])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--grounding", nargs="+", default=["own"], choices=["own", "none", "other"])
+    parser.add_argument("--out", default=str(RESULTS / "perception_head.json"))
+    args = parser.parse_args(argv)
+
+    pipe = load_pipeline(args.model, args.adapter, device="cpu")
+    if pipe.adapter is None or pipe.adapter.perception is None:
+        print("the adapter has no PoG head", file=sys.stderr)
+        return 2
+    layouts = read_layouts(args.layouts)[: args.limit]
+    paths = real_image_paths(args.layouts, layouts)
+    images = load_real_images(paths)
+    instances = json.loads(Path(args.layouts).read_text())
+    ids = {layout.image_id for layout in layouts}
+    instances = {
+        "images": [im for im in instances["images"] if im["id"] in ids],
+        "annotations": [a for a in instances["annotations"] if a["image_id"] in ids],
+        "categories": instances["categories"],
+    }
+    image_ids = [layout.image_id for layout in layouts]
+    sizes = {im["id"]: (im["width"], im["height"]) for im in instances["images"]}
+    category_of = {c["name"]: c["id"] for c in instances["categories"]}
+    class_ids = torch.tensor([category_of[name] for name in pipe.adapter.config.class_names])
+
+    processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor)
+    with torch.no_grad():
+        pixels = processor.preprocess(images, height=pipe.native_size, width=pipe.native_size)
+        latents = torch.cat([
+            pipe.vae.encode(pixels[i : i + 64]).latent_dist.mean for i in range(0, len(pixels), 64)
+        ]) * pipe.vae.config.scaling_factor  # fmt: skip
+
+    detector = Detector.from_pretrained(resolve_detector("default"))
+    ceiling = coco_ap(instances, to_coco_results(detector.detect(images), image_ids, [sizes[i] for i in image_ids]))
+    print(f"shipped detector on the real images: AP {ceiling['ap']:.4f}")
+    # the annotations moved one image back: what `other` asks of each image
+    asked = {"images": instances["images"], "categories": instances["categories"], "annotations": []}
+    following = {image_ids[i]: image_ids[(i + 1) % len(image_ids)] for i in range(len(image_ids))}
+    by_image = {}
+    for a in instances["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    for i in image_ids:
+        asked["annotations"] += [{**a, "image_id": i} for a in by_image.get(following[i], [])]
+    rows = []
+    for mode in args.grounding:
+        if mode == "own":
+            grounded = layouts
+        elif mode == "none":
+            grounded = [dataclasses.replace(layout, labels=(), boxes=()) for layout in layouts]
+        else:
+            grounded = [layouts[(i + 1) % len(layouts)] for i in range(len(layouts))]
+        for t in args.timesteps:
+            found = head_detections(pipe, grounded, latents, t, args.seed, args.batch_size)
+            for f in found:
+                f["labels"] = class_ids[f["labels"]]
+            results = to_coco_results(found, image_ids, [sizes[i] for i in image_ids])
+            metrics = coco_ap(instances, results)
+            row = {"grounding": mode, "timestep": t, **{k: round(v, 4) for k, v in metrics.items()}}
+            line = f"grounding {mode:5s} t={t:4d}: head AP {metrics['ap']:.4f} (AP50 {metrics['ap50']:.4f})"
+            if mode == "other":
+                request = coco_ap(asked, results)
+                row["ap_against_request"] = round(request["ap"], 4)
+                line += f"; against the requested layout AP {request['ap']:.4f}"
+            rows.append(row)
+            print(line, flush=True)
+    result = {
+        "model": args.model, "adapter": args.adapter or "the model's own", "layouts": args.layouts,
+        "images": len(layouts), "seed": args.seed, "detector_on_real_images": ceiling, "rows": rows,
+        "command": "python benchmarks/perception_head.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }  # fmt: skip
+    write_text_atomic(Path(args.out), json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
