@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 command.append("--no-progress")
             run(command, args.dry_run)
 
+    count = None if args.dry_run else len(json.loads((Path(args.data) / "instances_train.json").read_text())["images"])
     rows = []
     for arch in archs:
         for kind in kinds:
@@ -168,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
                 if args.dry_run:
                     continue
                 record = finished(out, args.steps)
-            count = len(json.loads((Path(args.data) / "instances_train.json").read_text())["images"])
             rows.append({
                 "arch": arch, "data": kind, "real_images": count if kind == "real-all" else args.real,
                 "generated_images": args.generated if kind in generated else 0,
