@@ -101,8 +101,6 @@ def train_detector(config: DetectorTrainConfig) -> LoopResult:
         raise SpatialLockError(f"arch: must be one of {', '.join(ARCHS)}, got {config.arch!r}")
     if config.extra_share is not None and not config.extra_data:
         raise SpatialLockError("extra share: needs --extra-data")
-    if config.extra_share is not None and not 0.0 < config.extra_share < 1.0:
-        raise SpatialLockError(f"extra share: must lie in (0, 1), got {config.extra_share}")
     if config.image_size < 32:
         raise SpatialLockError(f"image size: must be at least 32, got {config.image_size}")
     if not 0.0 <= config.flip_prob <= 1.0:
