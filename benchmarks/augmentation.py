@@ -14,7 +14,8 @@ images the detectors never see, so a gain cannot come from seeing the same scene
 Every step is a `spatiallock` command, printed before it runs and kept in the row (`command`), and every step
 resumes: the data sets continue where they stopped, a detector run with checkpoints continues with `--resume`,
 a finished detector (its eval.json) is read back. Results merge into benchmarks/results/augmentation.json (rows
-keyed by arch and data) and are drawn in benchmarks/results/augmentation.png.
+keyed by arch and data) and are drawn in benchmarks/results/augmentation.png; the first generated images of
+each data set, with the boxes they were asked for, are in benchmarks/results/augmentation_samples.png.
 
     python benchmarks/augmentation.py --data data/shapes --real 1000 --generated 2000 --steps 3000 \\
         --arch fcos --arch retinanet --arch ssd
@@ -120,6 +121,36 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def samples(generated: dict[str, Path], path: Path, count: int = 8) -> None:
+    """The first `count` images of each generated data set (one row each), with their requested boxes dashed."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from spatiallock.draw import draw_boxes, grid
+    from spatiallock.layout import read_layouts
+
+    strips = []
+    for kind, folder in generated.items():
+        layouts = read_layouts(folder / "instances.json")[:count]
+        cells = [
+            draw_boxes(Image.open(folder / layout.meta["file_name"]), layout.labels, layout.boxes, min_side=128,
+                       dashed=True)
+            for layout in layouts
+        ]  # fmt: skip
+        strips.append((kind, grid(cells, columns=len(cells), gap=2)))
+    if not strips:
+        return
+    left = 150
+    sheet = Image.new(
+        "RGB", (left + max(s.size[0] for _, s in strips), sum(s.size[1] + 4 for _, s in strips)), "white"
+    )
+    draw, font, y = ImageDraw.Draw(sheet), ImageFont.load_default(size=15), 0
+    for kind, strip in strips:
+        sheet.paste(strip, (left, y))
+        draw.text((8, y + strip.size[1] // 2 - 8), kind, fill=(0, 0, 0), font=font)
+        y += strip.size[1] + 4
+    sheet.save(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/shapes", help="data folder with train and val splits")
@@ -190,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     result = merge(rows, Path(args.out), meta)
     plot(result, Path(args.out).with_suffix(".png"))
-    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+    samples(generated, Path(args.out).with_name(Path(args.out).stem + "_samples.png"))
+    print(f"wrote {args.out}, {Path(args.out).with_suffix('.png')} and the samples figure beside them")
     return 0
 
 
