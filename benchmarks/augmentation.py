@@ -66,6 +66,8 @@ def detector_command(args, arch: str, kind: str, out: Path, generated: dict[str,
         command += ["--max-train-samples", str(args.real)]
     if kind in generated:
         command += ["--extra-data", str(generated[kind])]
+        if args.extra_share is not None:
+            command += ["--extra-share", str(args.extra_share)]
     if args.no_progress:
         command.append("--no-progress")
     return command
@@ -164,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3000, help="detector training steps (default: 3000)")
     parser.add_argument("--batch-size", type=int, default=16, help="detector batch size (default: 16)")
     parser.add_argument("--seed", type=int, default=0, help="detector seed (default: 0)")
+    parser.add_argument(
+        "--extra-share", type=float, default=None, metavar="P",
+        help="share of the training samples drawn from the generated images (default: in proportion to the image "
+        "counts, G / (R + G)); the real and real-all rows do not change with it",
+    )  # fmt: skip
     parser.add_argument("--gen-batch", type=int, default=8, help="generation batch size (default: 8)")
     parser.add_argument("--checkpoint-every", type=int, default=500, help="detector checkpoint interval")
     parser.add_argument("--work", default="runs/augmentation", help="folder of the data sets and detectors")
@@ -191,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for arch in archs:
         for kind in kinds:
-            out = work / f"det-{arch}-{kind}-{args.real}-{args.generated}-{args.steps}"
+            share = f"-share{args.extra_share:g}" if kind in generated and args.extra_share is not None else ""
+            out = work / f"det-{arch}-{kind}-{args.real}-{args.generated}-{args.steps}{share}"
             command = detector_command(args, arch, kind, out, generated)
             record = None if args.dry_run else finished(out, args.steps)
             if record is None:
@@ -203,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({
                 "arch": arch, "data": kind, "real_images": count if kind == "real-all" else args.real,
                 "generated_images": args.generated if kind in generated else 0,
+                "extra_share": round(record["extra_share"], 4) if record.get("extra_share") is not None else None,
                 "ap": round(record["ap"], 4), "ap50": round(record["ap50"], 4), "ap75": round(record["ap75"], 4),
                 "steps": args.steps, "seed": args.seed, "batch_size": args.batch_size,
                 "command": shlex.join(["spatiallock", *command[3:]]),
