@@ -23,10 +23,19 @@ per image on textured backgrounds, 5 captions per image, in the COCO 2017 file f
 The same seed writes the same bytes. The scene options draw harder sets than the training domain, to see
 how a model holds up on layouts unlike those it learnt from: more objects, smaller ones, more overlap.
 
+--scene shelves draws a domain where placement has rules (spatiallock.data.shelves): two or three boards,
+objects standing on them, sized to their shelf, proportioned to their shape, not piled on each other. Each
+image's `shelves` are in the instances file, and for each image one object is taken out again:
+
+  DIR/train-removed/000000000001.png  the image without that object
+  DIR/placements_train.json           its label, its box, and positive and negative boxes for it
+                                      (normalised xyxy; the rules' checker says which are which)
+
 examples:
   spatiallock data synth --out data/shapes --train 10000 --val 1000 --seed 0
   spatiallock data synth --out data/hard --train 0 --val 300 --seed 7 --min-objects 5 --max-objects 6 \
       --max-extent 0.3 --min-visible 0.3     # five or six small objects, overlapping, often at the border
+  spatiallock data synth --out data/shelves --train 5000 --val 300 --scene shelves --min-objects 2
 """
 
 SHOW_HELP = """\
@@ -63,18 +72,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--workers", type=int, default=None, metavar="W", help="processes (default: CPU count, at most 8)"
     )
     scene = synth.add_argument_group("scene (defaults: the training domain)")
+    scene.add_argument(
+        "--scene", choices=("shapes", "shelves"), default="shapes",
+        help="shapes scattered on a background (default), or standing on shelves (see above)",
+    )  # fmt: skip
     scene.add_argument("--min-objects", type=int, default=1, metavar="K", help="fewest objects per image (default: 1)")
     scene.add_argument(
         "--max-objects", type=int, default=6, metavar="K",
         help=f"most objects per image, at most {MAX_SYNTH_OBJECTS} (default: 6; fewer where no room is left)",
     )  # fmt: skip
     scene.add_argument(
-        "--max-extent", type=float, default=0.6, metavar="F",
-        help="largest object side as a share of the image side, 0.08 to 1 (default: 0.6; objects are 0.08 and up)",
+        "--max-extent", type=float, default=None, metavar="F",
+        help="largest object side as a share of the image side, 0.08 to 1 (default: 0.6; objects are 0.08 and up; "
+        "shapes only: on shelves, sizes follow the shelf)",
     )  # fmt: skip
     scene.add_argument(
-        "--min-visible", type=float, default=0.5, metavar="F",
-        help="share of each object that later ones may not cover, 0.05 to 1 (default: 0.5; lower: more overlap)",
+        "--min-visible", type=float, default=None, metavar="F",
+        help="share of each object that later ones may not cover, 0.05 to 1 (default: 0.5; lower: more overlap; "
+        "shapes only)",
     )  # fmt: skip
     synth.add_argument("--no-progress", action="store_true", help="no progress bar")
     synth.set_defaults(func=run_synth)
@@ -118,13 +133,21 @@ def run_synth(args: argparse.Namespace) -> int:
             f"--min-objects and --max-objects: need 1 <= min <= max <= {MAX_SYNTH_OBJECTS}, "
             f"got {args.min_objects} and {args.max_objects}"
         )
+    if args.scene == "shelves":
+        for name in ("max_extent", "min_visible"):
+            if getattr(args, name) is not None:
+                raise SpatialLockError(
+                    f"--{name.replace('_', '-')}: shapes scenes only (on shelves, the rules decide)"
+                )
+    args.max_extent = 0.6 if args.max_extent is None else args.max_extent
+    args.min_visible = 0.5 if args.min_visible is None else args.min_visible
     if not 0.08 <= args.max_extent <= 1:  # also refuses nan
         raise SpatialLockError(f"--max-extent must be 0.08 to 1, got {args.max_extent}")
     if not 0.05 <= args.min_visible <= 1:
         raise SpatialLockError(f"--min-visible must be 0.05 to 1, got {args.min_visible}")
     scene = {
         "min_objects": args.min_objects, "max_objects": args.max_objects, "max_extent": args.max_extent,
-        "min_visible": args.min_visible,
+        "min_visible": args.min_visible, "scene": args.scene,
     }  # fmt: skip
     out = Path(args.out)
     if out.exists() and not out.is_dir():

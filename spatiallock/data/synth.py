@@ -53,6 +53,7 @@ class SynthConfig:
     same_colour_overlap: bool = False
     captions_per_image: int = 5
     placement_tries: int = 30
+    scene: str = "shapes"  # or "shelves" (spatiallock.data.shelves: objects stand on boards, placement has rules)
 
 
 @dataclass(frozen=True)
@@ -155,16 +156,29 @@ def render_record(seed: int, split: str, index: int, config: SynthConfig) -> tup
 
 
 def _render_and_save(task: tuple[int, str, int, SynthConfig, str]) -> dict:
-    seed, split, index, config, folder = task
-    png, record = render_record(seed, split, index, config)
-    with atomic_output(os.path.join(folder, record["image"]["file_name"]), "wb") as handle:
-        handle.write(png)
+    seed, split, index, config, out_dir = task
+    if config.scene == "shelves":
+        from spatiallock.data.shelves import render_shelf_record
+
+        name = f"{index + 1:012d}.png"
+        files, record = render_shelf_record(
+            image_rng(seed, split, index), index + 1, config.size, config.min_objects, config.max_objects,
+            config.captions_per_image, f"{split}-removed/{name}",
+        )  # fmt: skip
+        files = {(f"{split}/{k}" if k == name else k): v for k, v in files.items()}
+    else:
+        png, record = render_record(seed, split, index, config)
+        files = {f"{split}/{record['image']['file_name']}": png}
+    for relative, data in files.items():
+        with atomic_output(os.path.join(out_dir, relative), "wb") as handle:
+            handle.write(data)
     return record
 
 
 def _info(split: str, seed: int, config: SynthConfig) -> dict:
+    what = "shapes standing on shelves" if config.scene == "shelves" else "shapes"
     return {
-        "description": f"SpatialLock synthetic shapes, {split} split: 16 categories, "
+        "description": f"SpatialLock synthetic {what}, {split} split: 16 categories, "
         f"{config.min_objects} to {config.max_objects} objects per image",
         "version": "1.0",
         "contributor": "spatiallock data synth",
@@ -172,8 +186,8 @@ def _info(split: str, seed: int, config: SynthConfig) -> dict:
         "seed": seed,
         "image_size": config.size,
         "scene": {
-            "min_objects": config.min_objects, "max_objects": config.max_objects, "min_extent": config.min_extent,
-            "max_extent": config.max_extent, "min_visible": config.min_visible,
+            "kind": config.scene, "min_objects": config.min_objects, "max_objects": config.max_objects,
+            "min_extent": config.min_extent, "max_extent": config.max_extent, "min_visible": config.min_visible,
         },
     }  # fmt: skip
 
@@ -187,14 +201,16 @@ def write_split(
     workers: int = 1,
     progress: bool = True,
 ) -> tuple[int, int]:
-    """Draw `count` images into out_dir/split and write instances_<split>.json and captions_<split>.json.
+    """Draw `count` images into out_dir/split and write instances_<split>.json and captions_<split>.json (and for
+    the shelves scene, the copies with one object removed into out_dir/<split>-removed and placements_<split>.json).
 
     Returns the number of images and of objects written.
     """
     out_dir = Path(out_dir)
-    folder = out_dir / split
-    folder.mkdir(parents=True, exist_ok=True)
-    tasks = [(seed, split, i, config, str(folder)) for i in range(count)]
+    (out_dir / split).mkdir(parents=True, exist_ok=True)
+    if config.scene == "shelves":
+        (out_dir / f"{split}-removed").mkdir(parents=True, exist_ok=True)
+    tasks = [(seed, split, i, config, str(out_dir)) for i in range(count)]
     bar = tqdm(total=count, desc=f"synth {split}", unit="img", disable=not progress)
     records: list[dict] = []
     if workers > 1 and count >= 64:
@@ -219,6 +235,14 @@ def write_split(
         out_dir / f"instances_{split}.json", {**head, "annotations": annotations, "categories": synth_categories()}
     )
     write_json_atomic(out_dir / f"captions_{split}.json", {**head, "annotations": captions})
+    if config.scene == "shelves":
+        from spatiallock.data.shelves import rules_info
+
+        placements = [record["placement"] for record in records if record.get("placement")]
+        write_json_atomic(
+            out_dir / f"placements_{split}.json",
+            {"info": head["info"], "rules": rules_info(), "boxes": "normalised xyxy", "placements": placements},
+        )
     return len(images), len(annotations)
 
 
