@@ -1,0 +1,391 @@
+"""Where should it go: a generative location model for new objects in an existing image.
+
+`Locator` is an autoregressive transformer over a box's four quantised coordinates (x0, y0, x1, y1, each one of
+`bins` tokens), conditioned on the background image (a small residual encoder, torchvision's `BasicBlock`, read
+by cross-attention) and on the object's class (its label embedded by the project's text encoder, stored with
+the model). It is trained on positive boxes first (`spatiallock train locator`), then refined with Direct
+Preference Optimization on positive against negative boxes (`--dpo`, `dpo_loss`) against a frozen copy of
+itself.
+
+Coordinates are normalised to [0, 1]. A box's tokens are the bins its edges fall into: x0 and y0 the bin holding
+the edge, x1 and y1 the bin holding the last covered point, so the tokens of any box satisfy x1 >= x0 and
+y1 >= y0, and sampling keeps those (and an optional region) by masking the logits. Log-probabilities are those
+of the masked distributions, the same ones sampling draws from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+from spatiallock.errors import SpatialLockError, first_line
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+KIND = "spatiallock-locator"
+
+
+class BoxTokenizer:
+    """Normalised xyxy boxes <-> four tokens in [0, bins). `encode(decode(t)) == t` for any valid tokens, and
+    `decode(encode(b))` is the smallest bin-aligned box containing `b`."""
+
+    def __init__(self, bins: int):
+        if bins < 2:
+            raise ValueError(f"bins: at least 2, got {bins}")
+        self.bins = bins
+
+    def encode(self, boxes: torch.Tensor) -> torch.Tensor:
+        boxes = torch.as_tensor(boxes, dtype=torch.float64).clamp(0.0, 1.0)
+        low = torch.floor(boxes[..., :2] * self.bins + 1e-6)
+        high = torch.ceil(boxes[..., 2:] * self.bins - 1e-6) - 1
+        tokens = torch.cat([low, torch.maximum(high, low)], dim=-1)
+        return tokens.clamp(0, self.bins - 1).long()
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = torch.as_tensor(tokens).long()
+        return torch.cat([tokens[..., :2] / self.bins, (tokens[..., 2:] + 1) / self.bins], dim=-1).float()
+
+
+@dataclass
+class LocatorConfig:
+    """The architecture. `labels`: the classes it places, in the order of its label table (their text-encoder
+    embeddings are stored with the weights); `bins`: tokens per coordinate."""
+
+    labels: list[str]
+    label_dim: int = 384
+    bins: int = 64
+    image_size: int = 64
+    channels: tuple[int, ...] = (32, 64, 96, 128)
+    dim: int = 128
+    layers: int = 3
+    heads: int = 4
+    dropout: float = 0.1
+    kind: str = KIND
+
+    @classmethod
+    def from_dict(cls, values: dict) -> LocatorConfig:
+        if values.get("kind") != KIND:
+            raise ValueError(f"kind is {values.get('kind')!r}, not {KIND!r}")
+        values = dict(values)
+        values["channels"] = tuple(values.get("channels", cls.channels))
+        return cls(**values)
+
+
+def _norm(channels: int) -> nn.Module:
+    return nn.GroupNorm(min(8, channels), channels)
+
+
+class ImageEncoder(nn.Module):
+    """A residual conv encoder (torchvision `BasicBlock`s, group norm): (B, 3, S, S) in [-1, 1] -> (B, T, dim)
+    tokens of its last, stride-8 grid, with learned position embeddings."""
+
+    def __init__(self, config: LocatorConfig):
+        super().__init__()
+        c = config.channels
+        layers: list[nn.Module] = [nn.Conv2d(3, c[0], 3, padding=1, bias=False), _norm(c[0]), nn.ReLU(inplace=True)]
+        for before, after in zip(c[:-1], c[1:]):
+            down = nn.Sequential(nn.Conv2d(before, after, 1, stride=2, bias=False), _norm(after))
+            layers.append(BasicBlock(before, after, stride=2, downsample=down, norm_layer=_norm))
+        self.body = nn.Sequential(*layers)
+        side = config.image_size // 2 ** (len(c) - 1)
+        self.project = nn.Linear(c[-1], config.dim)
+        self.position = nn.Parameter(torch.randn(side * side, config.dim) * 0.02)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        grid = self.body(images)
+        tokens = self.project(grid.flatten(2).transpose(1, 2))
+        return tokens + self.position[: tokens.shape[1]]
+
+
+class Locator(nn.Module):
+    """p(box | image, label) = prod over x0, y0, x1, y1 of p(token | image, label, earlier tokens)."""
+
+    def __init__(self, config: LocatorConfig, label_embeddings: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        self.tokenizer = BoxTokenizer(config.bins)
+        table = torch.zeros(len(config.labels), config.label_dim)
+        if label_embeddings is not None:
+            table = torch.as_tensor(label_embeddings, dtype=torch.float32).reshape(len(config.labels), -1)
+        self.register_buffer("label_embeddings", table)
+        self.encoder = ImageEncoder(config)
+        self.label = nn.Linear(config.label_dim, config.dim)
+        self.tokens = nn.Embedding(4 * config.bins, config.dim)  # slot k's token t is row k * bins + t
+        self.slots = nn.Parameter(torch.randn(4, config.dim) * 0.02)
+        layer = nn.TransformerDecoderLayer(
+            config.dim, config.heads, 4 * config.dim, config.dropout, batch_first=True, norm_first=True
+        )
+        self.decoder = nn.TransformerDecoder(layer, config.layers)
+        self.norm = nn.LayerNorm(config.dim)
+        self.head = nn.Linear(config.dim, 4 * config.bins)
+        self.register_buffer("_causal", torch.triu(torch.full((4, 4), float("-inf")), diagonal=1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def label_index(self, labels: Sequence[str]) -> torch.Tensor:
+        """Indices of `labels` in the label table; `SpatialLockError` naming the first it does not know."""
+        known = {name: i for i, name in enumerate(self.config.labels)}
+        for label in labels:
+            if label not in known:
+                raise SpatialLockError(
+                    f"label {label!r}: this locator knows {', '.join(self.config.labels[:8])}"
+                    f"{' ...' if len(known) > 8 else ''}"
+                )
+        return torch.tensor([known[label] for label in labels], dtype=torch.long, device=self.device)
+
+    def logits(self, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, n, bins) logits of the first n = tokens.shape[1] + 1 (at most 4) coordinates, given the first
+        tokens.shape[1] of them (teacher forcing)."""
+        memory = self.encoder(images)
+        start = self.label(self.label_embeddings[labels]).unsqueeze(1)
+        if tokens.shape[1] > 3:
+            raise ValueError(f"tokens: at most 3 given coordinates, got {tokens.shape[1]}")
+        offsets = torch.arange(tokens.shape[1], device=tokens.device) * self.config.bins
+        inputs = torch.cat([start, self.tokens(tokens + offsets)], dim=1)
+        length = inputs.shape[1]
+        inputs = inputs + self.slots[:length]
+        hidden = self.norm(self.decoder(inputs, memory, tgt_mask=self._causal[:length, :length], tgt_is_causal=True))
+        out = self.head(hidden).view(hidden.shape[0], length, 4, self.config.bins)
+        return out[:, torch.arange(length), torch.arange(length)]  # slot k's own bins
+
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor, region: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`log_prob`: what training calls (through the accelerator's wrapper)."""
+        return self.log_prob(images, labels, boxes, region)
+
+    def _masks(self, tokens: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+        """(B, 4, bins) bool: the tokens allowed at each slot given the others (x1 >= x0, y1 >= y0, inside
+        `region`, (B, 4) tokens of the region's box)."""
+        batch, bins = tokens.shape[0], self.config.bins
+        index = torch.arange(bins, device=tokens.device).expand(batch, bins)
+        low = torch.zeros(batch, 4, dtype=torch.long, device=tokens.device)
+        high = torch.full((batch, 4), bins - 1, dtype=torch.long, device=tokens.device)
+        if region is not None:
+            low[:, :2], high[:, :2] = region[:, :2], region[:, 2:]
+            low[:, 2:], high[:, 2:] = region[:, :2], region[:, 2:]
+        low[:, 2:] = torch.maximum(low[:, 2:], tokens[:, :2])
+        return (index.unsqueeze(1) >= low.unsqueeze(2)) & (index.unsqueeze(1) <= high.unsqueeze(2))
+
+    def log_prob(
+        self, images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor, region: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B,) log-probability of each box (normalised xyxy, (B, 4)) under the masked distributions."""
+        tokens = self.tokenizer.encode(boxes).to(self.device)
+        logits = self.logits(images, labels, tokens[:, :3])
+        logits = logits.masked_fill(~self._masks(tokens, region), float("-inf"))
+        picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return picked.sum(dim=1)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator | None = None,
+        region: Sequence[float] | None = None,
+        temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One box per row of `images`: (B, 4) normalised xyxy and their (B,) log-probabilities (at temperature
+        1). `region`: normalised xyxy the boxes must lie in."""
+        batch = images.shape[0]
+        bins = self.config.bins
+        tokens = torch.zeros(batch, 4, dtype=torch.long, device=self.device)
+        area = None
+        if region is not None:
+            area = self.tokenizer.encode(torch.tensor(region, dtype=torch.float64)).to(self.device).expand(batch, 4)
+        total = torch.zeros(batch, device=self.device)
+        for slot in range(4):
+            logits = self.logits(images, labels, tokens[:, :slot])[:, slot]
+            allowed = self._masks(tokens, area)[:, slot]
+            logits = logits.float().masked_fill(~allowed, float("-inf"))
+            probabilities = torch.softmax(logits / max(temperature, 1e-6), dim=-1)
+            chosen = torch.multinomial(probabilities.cpu(), 1, generator=generator).squeeze(1).to(self.device)
+            tokens[:, slot] = chosen.clamp(0, bins - 1)
+            total += torch.log_softmax(logits, dim=-1).gather(1, chosen.unsqueeze(1)).squeeze(1)
+        return self.tokenizer.decode(tokens), total
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write `config.json` and `model.safetensors` (weights and the label table) to `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(weights, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+        (folder / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> Locator:
+        """The locator saved in `folder`, in eval mode."""
+        folder = Path(folder)
+        config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        if not config_file.is_file() or not weights_file.is_file():
+            raise SpatialLockError(f"locator: {folder} lacks {CONFIG_NAME} or {WEIGHTS_NAME}")
+        try:
+            values = json.loads(config_file.read_text(encoding="utf-8"))
+            if not isinstance(values, dict):
+                raise TypeError(f"a JSON {type(values).__name__}, not an object")
+            model = cls(LocatorConfig.from_dict(values))
+        except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, RecursionError) as err:
+            raise SpatialLockError(f"locator: {config_file} is not a locator config ({first_line(err)})") from None
+        try:
+            model.load_state_dict(load_file(weights_file))
+        except SafetensorError as err:
+            raise SpatialLockError(f"locator: {weights_file} is not readable ({first_line(err)})") from None
+        except RuntimeError as err:
+            raise SpatialLockError(
+                f"locator: {weights_file} does not fit its {CONFIG_NAME} ({first_line(err)})"
+            ) from None
+        return model.to(device).eval()
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> torch.Tensor:
+    """Direct Preference Optimization: mean of -log sigmoid(beta * margin), margin = how much more the policy
+    than the reference prefers the chosen (positive) box to the rejected (negative) one, in log-probability.
+    Measured from its value at the reference (log 2), so it is zero when the policy is the reference and falls
+    below zero as the policy comes to prefer the positives; the gradient is DPO's."""
+    margin = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    return (F.softplus(-beta * margin) - math.log(2.0)).mean()
+
+
+@dataclass
+class Placements:
+    """A shelves data set's placement examples (`placements_<split>.json`): per example the image with the
+    object removed, its label, and positive and negative boxes (normalised xyxy)."""
+
+    folder: Path
+    entries: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike, split: str) -> Placements:
+        folder = Path(folder)
+        path = folder / f"placements_{split}.json"
+        if not path.is_file():
+            raise SpatialLockError(
+                f"data: {path} not found (write a shelves data set with `spatiallock data synth --scene shelves`)"
+            )
+        try:
+            entries = json.loads(path.read_text())["placements"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise SpatialLockError(f"data: {path} is not a placements file ({first_line(err)})") from None
+        return cls(folder, [e for e in entries if e.get("positives") and e.get("negatives")])
+
+
+class PlacementDataset(torch.utils.data.Dataset):
+    """Training examples of a locator: pixels (3, S, S) in [-1, 1], label index, positives and negatives padded
+    to `slots` with counts."""
+
+    def __init__(self, placements: Placements, labels: Sequence[str], image_size: int, slots: int = 8):
+        self.placements, self.image_size, self.slots = placements, image_size, slots
+        self.index = {name: i for i, name in enumerate(labels)}
+
+    def __len__(self) -> int:
+        return len(self.placements.entries)
+
+    def __getitem__(self, i: int) -> dict:
+        from PIL import Image
+
+        entry = self.placements.entries[i]
+        image = Image.open(self.placements.folder / entry["file_name"]).convert("RGB")
+        if image.size != (self.image_size, self.image_size):
+            image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+        def padded(boxes: list) -> tuple[torch.Tensor, int]:
+            boxes = boxes[: self.slots]
+            out = torch.zeros(self.slots, 4)
+            out[: len(boxes)] = torch.tensor(boxes, dtype=torch.float32)
+            return out, len(boxes)
+
+        positives, n_pos = padded(entry["positives"])
+        negatives, n_neg = padded(entry["negatives"])
+        return {
+            "pixel_values": pixels, "label": self.index[entry["label"]], "positives": positives,
+            "negatives": negatives, "n_positives": n_pos, "n_negatives": n_neg,
+        }  # fmt: skip
+
+
+def collate_placements(items: list[dict]) -> dict:
+    return {key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in items[0]}
+
+
+def pick(boxes: torch.Tensor, counts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One of the first `counts[i]` boxes of each row of `boxes` (B, slots, 4), drawn with `generator`."""
+    draw = torch.rand(counts.shape[0], generator=generator, device=generator.device).to(counts.device)
+    index = (draw * counts).long().clamp(max=counts - 1)
+    return boxes[torch.arange(boxes.shape[0]), index]
+
+
+def load_background(path: str | os.PathLike, image_size: int) -> torch.Tensor:
+    """An image file as (3, S, S) in [-1, 1] at the locator's size; `SpatialLockError` naming it when it is
+    missing or not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except FileNotFoundError:
+        raise SpatialLockError(f"image: {path} not found") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise SpatialLockError(f"image: {path} is not a readable image ({first_line(err)})") from None
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+@torch.no_grad()
+def plausibility(
+    locator: Locator, data: str | os.PathLike, split: str = "val", samples: int = 10, seed: int = 0,
+    limit: int | None = None, batch_size: int = 64,
+) -> dict:  # fmt: skip
+    """How often the locator's boxes keep the shelves rules on a split's held-out scenes (the object removed):
+    `top1_plausible`, the share of scenes whose most likely of `samples` sampled boxes is plausible;
+    `plausible_rate`, the share of all sampled boxes that are; `scenes`."""
+    from spatiallock.data.shelves import plausible, scene_from_coco
+
+    folder = Path(data)
+    placements = Placements.read(folder, split).entries[:limit]
+    instances = json.loads((folder / f"instances_{split}.json").read_text())
+    names = {c["id"]: c["name"] for c in instances["categories"]}
+    images = {image["id"]: image for image in instances["images"]}
+    per_image: dict[int, list[dict]] = {}
+    for ann in instances["annotations"]:
+        per_image.setdefault(ann["image_id"], []).append(ann)
+    generator = torch.Generator().manual_seed(seed)
+    top, good, total = 0, 0, 0
+    for start in range(0, len(placements), batch_size):
+        chunk = placements[start : start + batch_size]
+        pixels = torch.stack([load_background(folder / e["file_name"], locator.config.image_size) for e in chunk])
+        pixels = pixels.to(locator.device)
+        labels = locator.label_index([e["label"] for e in chunk])
+        drawn = [locator.sample(pixels, labels, generator) for _ in range(samples)]
+        boxes = torch.stack([b for b, _ in drawn], dim=1)  # (B, samples, 4)
+        scores = torch.stack([s for _, s in drawn], dim=1)
+        for i, entry in enumerate(chunk):
+            scene = scene_from_coco(images[entry["image_id"]], per_image[entry["image_id"]], names)
+            scene = scene.without(entry["removed"])
+            ok = [plausible(scene, box.tolist(), entry["label"]) for box in boxes[i]]
+            good += sum(ok)
+            total += len(ok)
+            top += ok[int(scores[i].argmax())]
+    scenes = len(placements)
+    return {"top1_plausible": top / max(scenes, 1), "plausible_rate": good / max(total, 1), "scenes": scenes}
