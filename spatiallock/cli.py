@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     from spatiallock.commands import demo as demo_cmd
     from spatiallock.commands import evaluate as evaluate_cmd
     from spatiallock.commands import generate as generate_cmd
+    from spatiallock.commands import locate as locate_cmd
     from spatiallock.commands import params as params_cmd
     from spatiallock.commands import train as train_cmd
     from spatiallock.data import commands as data_cmd
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.register(sub)
     generate_cmd.register(sub)
     evaluate_cmd.register(sub)
+    locate_cmd.register(sub)
     demo_cmd.register(sub)
     app_cmd.register(sub)
     return parser

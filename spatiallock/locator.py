@@ -136,13 +136,13 @@ class Locator(nn.Module):
     def device(self) -> torch.device:
         return self.head.weight.device
 
-    def label_index(self, labels: Sequence[str]) -> torch.Tensor:
+    def label_index(self, labels: Sequence[str], what: str = "label") -> torch.Tensor:
         """Indices of `labels` in the label table; `SpatialLockError` naming the first it does not know."""
         known = {name: i for i, name in enumerate(self.config.labels)}
         for label in labels:
             if label not in known:
                 raise SpatialLockError(
-                    f"label {label!r}: this locator knows {', '.join(self.config.labels[:8])}"
+                    f"{what} {label!r}: not a class of this locator; it knows {', '.join(self.config.labels[:8])}"
                     f"{' ...' if len(known) > 8 else ''}"
                 )
         return torch.tensor([known[label] for label in labels], dtype=torch.long, device=self.device)
@@ -335,7 +335,7 @@ def pick(boxes: torch.Tensor, counts: torch.Tensor, generator: torch.Generator) 
     return boxes[torch.arange(boxes.shape[0]), index]
 
 
-def load_background(path: str | os.PathLike, image_size: int) -> torch.Tensor:
+def load_background(path: str | os.PathLike, image_size: int, name: str = "image") -> torch.Tensor:
     """An image file as (3, S, S) in [-1, 1] at the locator's size; `SpatialLockError` naming it when it is
     missing or not an image."""
     from PIL import Image, UnidentifiedImageError
@@ -344,9 +344,9 @@ def load_background(path: str | os.PathLike, image_size: int) -> torch.Tensor:
         with Image.open(path) as opened:
             image = opened.convert("RGB")
     except FileNotFoundError:
-        raise SpatialLockError(f"image: {path} not found") from None
+        raise SpatialLockError(f"{name}: {path} not found") from None
     except (UnidentifiedImageError, OSError) as err:
-        raise SpatialLockError(f"image: {path} is not a readable image ({first_line(err)})") from None
+        raise SpatialLockError(f"{name}: {path} is not a readable image ({first_line(err)})") from None
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1

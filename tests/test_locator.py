@@ -43,7 +43,7 @@ def test_sampled_boxes_have_the_log_probability_the_model_gives_them() -> None:
     inside, _ = model.sample(images, labels, torch.Generator().manual_seed(2), region=region)
     assert (inside[:, 0] >= 0.5).all() and (inside[:, 1] >= 0.25).all()
     assert (inside[:, 2] <= 1.0).all() and (inside[:, 3] <= 0.75).all()
-    with pytest.raises(SpatialLockError, match="label 'green circle'"):
+    with pytest.raises(SpatialLockError, match="label 'green circle': not a class"):
         model.label_index(["red circle", "green circle"])
 
 
@@ -101,3 +101,34 @@ def test_train_locator_both_stages(tmp_path: Path, capsys) -> None:
         assert Locator.from_pretrained(folder).config.labels[0] == "red circle"
     log = [json.loads(line) for line in (second / "train" / "log.jsonl").read_text().splitlines()]
     assert "margin" in log[-1] and "dpo" in log[-1]
+
+
+def test_locate_prints_boxes_and_refuses_bad_input(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    _tiny().save_pretrained(tmp_path / "loc")
+    Image.new("RGB", (32, 32), (120, 120, 120)).save(tmp_path / "scene.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    base = ["locate", "--model", str(tmp_path / "loc"), "--image", str(tmp_path / "scene.png")]
+    out = tmp_path / "drawn.png"
+    assert main([*base, "--label", "red circle", "--n", "4", "--region", "0.5,0,1,1", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert len(found["boxes"]) == 4 and all(b["box"][0] >= 0.5 for b in found["boxes"])
+    scores = [b["log_prob"] for b in found["boxes"]]
+    assert scores == sorted(scores, reverse=True)
+    bad = {
+        "--image": ["locate", "--model", str(tmp_path / "loc"), "--image", str(tmp_path / "missing.png"),
+                    "--label", "red circle"],
+        "--image ": ["locate", "--model", str(tmp_path / "loc"), "--image", str(tmp_path / "notes.txt"),
+                     "--label", "red circle"],
+        "--label": [*base, "--label", "green hexagon"],
+        "--region": [*base, "--label", "red circle", "--region", "0.5,0.5,1.2,1"],
+        "--region ": [*base, "--label", "red circle", "--region", "0.5,0.5,0.52,1"],
+    }  # fmt: skip
+    for field, argv in bad.items():
+        assert main([*argv, "--out", str(out)]) == 2, field
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"spatiallock: error: {field.strip()}"), err
+        assert not out.exists()
+    assert main([*base, "--label", "blue square", "--n", "3", "--out", str(out)]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3 and out.is_file()
