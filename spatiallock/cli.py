@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     from spatiallock.commands import demo as demo_cmd
     from spatiallock.commands import evaluate as evaluate_cmd
     from spatiallock.commands import generate as generate_cmd
+    from spatiallock.commands import insert as insert_cmd
     from spatiallock.commands import locate as locate_cmd
     from spatiallock.commands import params as params_cmd
     from spatiallock.commands import train as train_cmd
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.register(sub)
     evaluate_cmd.register(sub)
     locate_cmd.register(sub)
+    insert_cmd.register(sub)
     demo_cmd.register(sub)
     app_cmd.register(sub)
     return parser

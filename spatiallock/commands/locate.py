@@ -38,13 +38,13 @@ def parse_box(text: str, name: str) -> tuple[float, float, float, float]:
     return x0, y0, x1, y1
 
 
-def load_locator(model: str):
+def load_locator(model: str, option: str = "--model"):
     from spatiallock.locator import Locator
 
     folder = ASSET if model == "default" else Path(model)
     if not folder.is_dir():
         what = "no locator is shipped yet; train one" if model == "default" else "not a folder"
-        raise SpatialLockError(f"--model: {model}: {what} (spatiallock train locator --data DIR --out LOC)")
+        raise SpatialLockError(f"{option}: {model}: {what} (spatiallock train locator --data DIR --out LOC)")
     return Locator.from_pretrained(folder)
 
 
