@@ -67,7 +67,8 @@ class LocatorConfig:
     label_dim: int = 384
     bins: int = 64
     image_size: int = 64
-    channels: tuple[int, ...] = (32, 64, 96, 128)
+    channels: tuple[int, ...] = (32, 64, 128)
+    stem_stride: int = 2
     dim: int = 128
     layers: int = 3
     heads: int = 4
@@ -88,18 +89,20 @@ def _norm(channels: int) -> nn.Module:
 
 
 class ImageEncoder(nn.Module):
-    """A residual conv encoder (torchvision `BasicBlock`s, group norm): (B, 3, S, S) in [-1, 1] -> (B, T, dim)
-    tokens of its last, stride-8 grid, with learned position embeddings."""
+    """A residual conv encoder (a strided stem, then torchvision `BasicBlock`s that halve the grid, group norm):
+    (B, 3, S, S) in [-1, 1] -> (B, T, dim) tokens of its last grid (8x8 at 64 px), with learned position
+    embeddings."""
 
     def __init__(self, config: LocatorConfig):
         super().__init__()
         c = config.channels
-        layers: list[nn.Module] = [nn.Conv2d(3, c[0], 3, padding=1, bias=False), _norm(c[0]), nn.ReLU(inplace=True)]
+        stem = nn.Conv2d(3, c[0], 3, stride=config.stem_stride, padding=1, bias=False)
+        layers: list[nn.Module] = [stem, _norm(c[0]), nn.ReLU(inplace=True)]
         for before, after in zip(c[:-1], c[1:]):
             down = nn.Sequential(nn.Conv2d(before, after, 1, stride=2, bias=False), _norm(after))
             layers.append(BasicBlock(before, after, stride=2, downsample=down, norm_layer=_norm))
         self.body = nn.Sequential(*layers)
-        side = config.image_size // 2 ** (len(c) - 1)
+        side = config.image_size // (config.stem_stride * 2 ** (len(c) - 1))
         self.project = nn.Linear(c[-1], config.dim)
         self.position = nn.Parameter(torch.randn(side * side, config.dim) * 0.02)
 
