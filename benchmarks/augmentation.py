@@ -95,32 +95,20 @@ def merge(rows: list[dict], path: Path, meta: dict) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from charts import grouped_bars
 
     archs = [a for a in ARCHS if any(r["arch"] == a for r in result["rows"])]
     colors = {"real": "#999999", "real+spatiallock": "#d62728", "real+base": "#1f77b4", "real-all": "#2ca02c"}
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(archs), 3.6))
-    width = 0.2
-    for k, kind in enumerate(DATA_KINDS):
-        for i, arch in enumerate(archs):
+    series = []
+    for kind in DATA_KINDS:
+        values = []
+        for arch in archs:
             row = next((r for r in result["rows"] if r["arch"] == arch and r["data"] == kind), None)
-            if row is None:
-                continue
-            x = i + (k - 1.5) * width
-            ax.bar(x, row["ap"], width, color=colors[kind], label=kind if i == 0 else None)
-            ax.text(x, row["ap"] + 0.01, f"{row['ap']:.2f}", ha="center", fontsize=7)
-    ax.set_xticks(range(len(archs)), archs)
-    ax.set_ylabel("AP on the real validation images")
+            values.append(None if row is None else row["ap"])
+        series.append((kind, colors[kind], values))
     real, generated = result.get("real_images"), result.get("generated_images")
-    ax.set_title(f"Detectors trained on {real} real images, + {generated} generated", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.set_ylim(0, 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    title = f"AP on the real validation images: detectors trained on {real} real images, + {generated} generated"
+    grouped_bars(archs, series, title, "AP", path)
 
 
 def samples(generated: dict[str, Path], path: Path, count: int = 8) -> None:
