@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {
         "device": device_name(), "data": args.data, "model": args.model, "real_images": args.real,
-        "generated_images": args.generated, "extra_share": args.extra_share, "generated_layouts": f"training images {args.real + 1}..."
+        "generated_images": args.generated, "extra_share": args.extra_share,
+        "generated_layouts": f"training images {args.real + 1}..."
         f"{args.real + args.generated} (generate-dataset --skip {args.real} --limit {args.generated})",
         "generation": {k: shlex.join(["spatiallock", *generation_command(args, k, v)[3:]])
                        for k, v in generated.items()},
