@@ -12,6 +12,7 @@ from spatiallock.errors import SpatialLockError
 MAX_SYNTH_SIZE = 1024  # `data synth --size`: the synthetic domain is drawn at 32 to 1024 pixels
 MAX_SYNTH_OBJECTS = 30  # `data synth --max-objects`: the most object slots a layout may have
 MAX_CELL = 1024  # `data show --cell`
+SCENE_KINDS = ("shapes", "shelves")  # `data synth --scene` (spatiallock.data.synth.SCENES)
 
 SYNTH_HELP = """\
 Draw the synthetic layout domain: 16 categories ("red circle" ... "yellow diamond"), 1 to 6 objects
@@ -73,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     scene = synth.add_argument_group("scene (defaults: the training domain)")
     scene.add_argument(
-        "--scene", choices=("shapes", "shelves"), default="shapes",
+        "--scene", choices=SCENE_KINDS, default="shapes",
         help="shapes scattered on a background (default), or standing on shelves (see above)",
     )  # fmt: skip
     scene.add_argument("--min-objects", type=int, default=1, metavar="K", help="fewest objects per image (default: 1)")

@@ -34,6 +34,7 @@ from spatiallock.data.shapes import (
 )
 
 SPLITS: tuple[str, ...] = ("train", "val")
+SCENES: tuple[str, ...] = ("shapes", "shelves")
 LICENSE = {"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}
 
 
@@ -259,6 +260,8 @@ def synthesize(
     """Write the synthetic data set (both splits) to `out_dir`; returns (images, objects) per split. `scene`: other
     `SynthConfig` fields (objects per image, object sizes, how much overlap may hide)."""
     config = SynthConfig(size=size, **scene)
+    if config.scene not in SCENES:
+        raise ValueError(f"scene: one of {', '.join(SCENES)}, got {config.scene!r}")
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     return {
         split: write_split(out_dir, split, count, seed, config, workers, progress)
