@@ -35,26 +35,11 @@ from PIL import Image
 from torchvision.ops import box_iou
 from tqdm.auto import tqdm
 
-from spatiallock.data.shelves import plausible, scene_from_coco
-from spatiallock.locator import Locator, Placements, load_background
+from spatiallock.data.shelves import plausible
+from spatiallock.locator import Locator, held_out, load_background
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COUNTS = (1, 2, 5, 10, 20, 50)
-
-
-def held_out(data: Path, split: str, limit: int | None):
-    """The split's placement entries and each one's checker scene (the object removed)."""
-    entries = Placements.read(data, split).entries[:limit]
-    instances = json.loads((data / f"instances_{split}.json").read_text())
-    names = {c["id"]: c["name"] for c in instances["categories"]}
-    images = {image["id"]: image for image in instances["images"]}
-    per_image: dict[int, list[dict]] = {}
-    for ann in instances["annotations"]:
-        per_image.setdefault(ann["image_id"], []).append(ann)
-    scenes = [
-        scene_from_coco(images[e["image_id"]], per_image[e["image_id"]], names).without(e["removed"]) for e in entries
-    ]
-    return entries, scenes
 
 
 def random_boxes(count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

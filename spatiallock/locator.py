@@ -355,6 +355,24 @@ def load_background(path: str | os.PathLike, image_size: int, name: str = "image
     return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
 
 
+def held_out(data: str | os.PathLike, split: str = "val", limit: int | None = None) -> tuple[list[dict], list]:
+    """A shelves split's placement entries (the first `limit`) and each one's checker scene, the object removed."""
+    from spatiallock.data.shelves import scene_from_coco
+
+    folder = Path(data)
+    entries = Placements.read(folder, split).entries[:limit]
+    instances = json.loads((folder / f"instances_{split}.json").read_text())
+    names = {c["id"]: c["name"] for c in instances["categories"]}
+    images = {image["id"]: image for image in instances["images"]}
+    per_image: dict[int, list[dict]] = {}
+    for ann in instances["annotations"]:
+        per_image.setdefault(ann["image_id"], []).append(ann)
+    scenes = [
+        scene_from_coco(images[e["image_id"]], per_image[e["image_id"]], names).without(e["removed"]) for e in entries
+    ]
+    return entries, scenes
+
+
 @torch.no_grad()
 def plausibility(
     locator: Locator, data: str | os.PathLike, split: str = "val", samples: int = 10, seed: int = 0,
@@ -363,16 +381,10 @@ def plausibility(
     """How often the locator's boxes keep the shelves rules on a split's held-out scenes (the object removed):
     `top1_plausible`, the share of scenes whose most likely of `samples` sampled boxes is plausible;
     `plausible_rate`, the share of all sampled boxes that are; `scenes`."""
-    from spatiallock.data.shelves import plausible, scene_from_coco
+    from spatiallock.data.shelves import plausible
 
     folder = Path(data)
-    placements = Placements.read(folder, split).entries[:limit]
-    instances = json.loads((folder / f"instances_{split}.json").read_text())
-    names = {c["id"]: c["name"] for c in instances["categories"]}
-    images = {image["id"]: image for image in instances["images"]}
-    per_image: dict[int, list[dict]] = {}
-    for ann in instances["annotations"]:
-        per_image.setdefault(ann["image_id"], []).append(ann)
+    placements, scenes = held_out(folder, split, limit)
     generator = torch.Generator().manual_seed(seed)
     top, good, total = 0, 0, 0
     for start in range(0, len(placements), batch_size):
@@ -383,9 +395,7 @@ def plausibility(
         drawn = [locator.sample(pixels, labels, generator) for _ in range(samples)]
         boxes = torch.stack([b for b, _ in drawn], dim=1)  # (B, samples, 4)
         scores = torch.stack([s for _, s in drawn], dim=1)
-        for i, entry in enumerate(chunk):
-            scene = scene_from_coco(images[entry["image_id"]], per_image[entry["image_id"]], names)
-            scene = scene.without(entry["removed"])
+        for i, (entry, scene) in enumerate(zip(chunk, scenes[start : start + batch_size])):
             ok = [plausible(scene, box.tolist(), entry["label"]) for box in boxes[i]]
             good += sum(ok)
             total += len(ok)
