@@ -6,7 +6,9 @@ caption only), and one row per adapter given with --row NAME=ADAPTER_FOLDER. Row
 after the folder, e.g. `--row base+guidance=none:layout_guidance_steps=10`. Each run updates the rows it
 computes in benchmarks/results/synthetic.json (others are kept), so the table can be filled over several
 sessions, and redraws benchmarks/results/synthetic.png. A report of `spatiallock evaluate` on the same layouts
-and detector becomes a row with --report NAME=REPORT.json (the training-free rows are scored that way).
+and detector becomes a row with --report NAME=REPORT.json (the training-free rows are scored that way). A
+folder written by `train lama` in --row is the LAMA baseline (seed 003), scored the same way, with the mean
+per-pixel entropy of its semantic masks (`mask_entropy`; `mask_entropy_raw` before the adaption).
 
     python benchmarks/synthetic.py --data data/shapes --base models/base --detector models/detector \\
         --row gligen=runs/gligen --row spatiallock=runs/spatiallock --limit 300 --train-steps 2000
@@ -28,6 +30,7 @@ from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageDraw, ImageFont
 
+from spatiallock.baselines.lama import LamaPipeline, is_lama_folder
 from spatiallock.data.cocofile import write_text_atomic
 from spatiallock.detector import Detector
 from spatiallock.draw import draw_boxes, grid
@@ -227,6 +230,9 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     todo = ([] if args.no_base else [("base", None, {})]) + [parse_row(text) for text in args.row]
     for name, folder, options in todo:
+        if folder is not None and is_lama_folder(folder):
+            lama_row(name, folder, options, layouts, detector, real, common, args)
+            continue
         pipe.set_adapter(None if folder is None else load_adapter(folder))
         sampling = SamplingOptions(seed=args.seed, steps=args.steps, guidance=args.guidance, **options)
         start = time.perf_counter()
@@ -251,6 +257,27 @@ def main() -> None:
     for row in result["rows"]:
         values = " ".join(f"{row[m]:7.3f}" if row.get(m) is not None else "    n/a" for m in METRICS)
         print(f"{row['variant']:28s} {values}  {row.get('seconds_per_image', float('nan')):.3f}")
+
+
+def lama_row(name, folder, options, layouts, detector, real, common: dict, args) -> None:
+    """Score the LAMA model in `folder` as row `name`: the same layouts, seed and detector as every row."""
+    pipe = LamaPipeline.from_pretrained(folder)
+    sampling = SamplingOptions(seed=args.seed, **options)
+    start = time.perf_counter()
+    report, images, *_ = evaluate_pipeline(pipe, detector, layouts, sampling, 1, real)
+    save_strip(images[: args.samples], layouts[: args.samples], name)
+    row = {"variant": name, **{k: report[k] for k in METRICS}, "seconds_per_image": report["seconds_per_image"]}
+    row.update(common, sampling_steps=None, guidance=None, model=folder, options=options)
+    row.update(mask_entropy=report["mask_entropy"], mask_entropy_raw=report["mask_entropy_raw"])
+    row["adaption_strength"] = (
+        round(float(pipe.generator.adaption.alpha.detach()), 4) if pipe.generator.adaption is not None else None
+    )
+    saved = Path(folder) / "train" / "config.json"
+    config = json.loads(saved.read_text()) if saved.is_file() else {}
+    row["train_steps"] = config.get("loop", {}).get("max_steps")
+    row["recipe"] = {"model": "lama", "adaption": pipe.generator.config.adaption}
+    write_row(Path(args.out), row, args)
+    print(f"{name}: {row}  ({time.perf_counter() - start:.0f} s)")
 
 
 def report_row(name: str, path: Path, layouts: int) -> dict:

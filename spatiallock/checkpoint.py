@@ -210,3 +210,42 @@ def from_pretrained_safetensors(cls, path: str | os.PathLike, what: str, **optio
         raise SpatialLockError(f"{what}: cannot load {path}: {first_line(err)}") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
+
+
+MODEL_CONFIG = "config.json"
+MODEL_WEIGHTS = "model.safetensors"
+
+
+def write_model_folder(folder: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict) -> None:
+    """A model folder of the project's own models (detector, locator, LAMA): `config.json` and `model.safetensors`.
+    Use `atomic_save_pretrained` to write it atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    save_file(weights, folder / MODEL_WEIGHTS, metadata={"format": "pt"})
+    (folder / MODEL_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_model_folder(folder: str | os.PathLike, what: str, build) -> nn.Module:
+    """The model `write_model_folder` wrote to `folder`, in eval mode: `build(config dict)` makes it, the weights
+    are loaded from safetensors. Every way the folder can be wrong is one `SpatialLockError` naming `what`."""
+    folder = Path(folder)
+    config_file, weights_file = folder / MODEL_CONFIG, folder / MODEL_WEIGHTS
+    if not config_file.is_file() or not weights_file.is_file():
+        raise SpatialLockError(f"{what}: {folder} lacks {MODEL_CONFIG} or {MODEL_WEIGHTS}")
+    try:
+        values = json.loads(config_file.read_text(encoding="utf-8"))
+        if not isinstance(values, dict):
+            raise TypeError(f"a JSON {type(values).__name__}, not an object")
+        model = build(values)
+    except SpatialLockError as err:
+        raise SpatialLockError(f"{config_file}: {err}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, RecursionError) as err:
+        raise SpatialLockError(f"{what}: {config_file} is not a {what} config ({first_line(err)})") from None
+    try:
+        model.load_state_dict(load_file(weights_file))
+    except SafetensorError as err:  # truncated or not a safetensors file
+        raise SpatialLockError(f"{what}: {weights_file} is not readable ({first_line(err)})") from None
+    except RuntimeError as err:  # other tensors than the config's architecture has
+        raise SpatialLockError(f"{what}: {weights_file} does not fit its {MODEL_CONFIG} ({first_line(err)})") from None
+    return model.eval()

@@ -20,20 +20,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import json
 import math
 import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
@@ -43,10 +39,9 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.ssd import SSD, SSDHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 
-from spatiallock.errors import SpatialLockError, first_line
+from spatiallock.checkpoint import read_model_folder, write_model_folder
+from spatiallock.errors import SpatialLockError
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 ImageInput = Sequence[Image.Image] | Sequence[torch.Tensor] | torch.Tensor
 ARCHS = ("fcos", "retinanet", "fasterrcnn", "ssd")
 BACKGROUND_CLASS = frozenset({"fasterrcnn", "ssd"})  # models whose label 0 is the background
@@ -308,37 +303,12 @@ class Detector(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write `config.json` and `model.safetensors` to `folder` (`atomic_save_pretrained` does it atomically)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(weights, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-        (folder / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        write_model_folder(folder, self.state_dict(), asdict(self.config))
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> Detector:
         """The detector saved in `folder`, in eval mode."""
-        folder = Path(folder)
-        config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        if not config_file.is_file() or not weights_file.is_file():
-            raise SpatialLockError(f"detector: {folder} lacks {CONFIG_NAME} or {WEIGHTS_NAME}")
-        try:
-            values = json.loads(config_file.read_text(encoding="utf-8"))
-            if not isinstance(values, dict):
-                raise TypeError(f"a JSON {type(values).__name__}, not an object")
-            detector = cls(DetectorConfig.from_dict(values))
-        except SpatialLockError as err:
-            raise SpatialLockError(f"{config_file}: {err}") from None
-        except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, RecursionError) as err:
-            raise SpatialLockError(f"detector: {config_file} is not a detector config ({first_line(err)})") from None
-        try:
-            detector.load_state_dict(load_file(weights_file))
-        except SafetensorError as err:  # truncated or not a safetensors file
-            raise SpatialLockError(f"detector: {weights_file} is not readable ({first_line(err)})") from None
-        except RuntimeError as err:  # other tensors than the config's architecture has
-            raise SpatialLockError(
-                f"detector: {weights_file} does not fit its {CONFIG_NAME} ({first_line(err)})"
-            ) from None
-        return detector.to(device).eval()
+        return read_model_folder(folder, "detector", lambda values: cls(DetectorConfig.from_dict(values))).to(device)
 
 
 # ---- COCO scoring ------------------------------------------------------------------------------------------------

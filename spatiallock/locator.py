@@ -25,15 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from spatiallock.checkpoint import read_model_folder, write_model_folder
 from spatiallock.errors import SpatialLockError, first_line
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 KIND = "spatiallock-locator"
 
 
@@ -224,35 +221,12 @@ class Locator(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write `config.json` and `model.safetensors` (weights and the label table) to `folder`."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(weights, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-        (folder / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        write_model_folder(folder, self.state_dict(), asdict(self.config))
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> Locator:
         """The locator saved in `folder`, in eval mode."""
-        folder = Path(folder)
-        config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        if not config_file.is_file() or not weights_file.is_file():
-            raise SpatialLockError(f"locator: {folder} lacks {CONFIG_NAME} or {WEIGHTS_NAME}")
-        try:
-            values = json.loads(config_file.read_text(encoding="utf-8"))
-            if not isinstance(values, dict):
-                raise TypeError(f"a JSON {type(values).__name__}, not an object")
-            model = cls(LocatorConfig.from_dict(values))
-        except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, RecursionError) as err:
-            raise SpatialLockError(f"locator: {config_file} is not a locator config ({first_line(err)})") from None
-        try:
-            model.load_state_dict(load_file(weights_file))
-        except SafetensorError as err:
-            raise SpatialLockError(f"locator: {weights_file} is not readable ({first_line(err)})") from None
-        except RuntimeError as err:
-            raise SpatialLockError(
-                f"locator: {weights_file} does not fit its {CONFIG_NAME} ({first_line(err)})"
-            ) from None
-        return model.to(device).eval()
+        return read_model_folder(folder, "locator", lambda values: cls(LocatorConfig.from_dict(values))).to(device)
 
 
 def dpo_loss(

@@ -222,7 +222,9 @@ class SamplingOptions:
     def record(self, pipe=None) -> dict:
         """Every option under its name, for a report; with `pipe`, the scheduler and size it actually uses."""
         record = asdict(self)
-        if pipe is not None:
+        if getattr(pipe, "is_layout_gan", False):  # no scheduler, steps or guidance: one forward pass
+            record.update(scheduler=None, size=self.size or pipe.native_size, steps=None, guidance=None)
+        elif pipe is not None:
             record["scheduler"] = self.scheduler or type(pipe.scheduler).__name__
             record["size"] = self.size or pipe.native_size
             if self.grounding_steps is None:
@@ -235,9 +237,13 @@ class SamplingOptions:
         """Refuse, before anything is generated or written, guidance layers the U-Net lacks, a caption without one
         of its labels (with missing_labels "error"), a size the autoencoder cannot take and more steps than the
         noise schedule has; warn once when captions or labels are longer than the text encoder reads (they are
-        cut); candidate selection the adapter cannot do."""
+        cut); candidate selection the adapter cannot do. A LAMA model checks its own (`LamaPipeline.check_options`)."""
         from spatiallock.guidance import caption_targets, guidance_layers
         from spatiallock.text import PHRASE_TOKENS, warn_cut_texts
+
+        if getattr(pipe, "is_layout_gan", False):
+            pipe.check_options(self, layouts)
+            return
 
         if self.size is not None and self.size % pipe.vae_scale_factor:
             raise SpatialLockError(f"--size: must be a multiple of {pipe.vae_scale_factor}, got {self.size}")
@@ -270,11 +276,20 @@ def load_pipeline(
     device: str | torch.device | None = None,
 ):
     """The pipeline for a model name (`default`, a folder or a hub id), with `adapter` (a folder, `none` for the
-    base alone, None for the folder's own), on `device` (default: CUDA when there is one), progress bars off."""
+    base alone, None for the folder's own), on `device` (default: CUDA when there is one), progress bars off.
+    A folder written by `train lama` gives the LAMA baseline behind the same interface (`LamaPipeline`)."""
+    from spatiallock.baselines.lama import LamaPipeline, is_lama_folder
     from spatiallock.pipeline import SpatialLockPipeline
 
     if dtype not in DTYPES:
         raise SpatialLockError(f"--dtype: one of {', '.join(DTYPES)}, got {dtype!r}")
+    if is_lama_folder(model):
+        if adapter is not None:
+            raise SpatialLockError(f"--adapter: {model} is a LAMA model, which takes no adapter")
+        if dtype != "fp32" or scheduler is not None:
+            option = "--dtype" if dtype != "fp32" else "--scheduler"
+            raise SpatialLockError(f"{option}: {model} is a LAMA model, which samples in fp32 without a scheduler")
+        return LamaPipeline.from_pretrained(model).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if adapter is not None and adapter != NO_ADAPTER and not Path(adapter).exists():
         raise SpatialLockError(f"adapter: {adapter} not found")
     pipe = SpatialLockPipeline.from_pretrained(

@@ -83,11 +83,15 @@ def run_generate(args: argparse.Namespace) -> int:
     sample_names = [f"{k:0{len(str(args.n - 1))}d}" for k in range(args.n)]  # padded too: _08, _09, _10
     targets = [out / f"{name}_{k}{end}.png" for name in names for k in sample_names for end in ("", "_boxes")]
     targets += [out / f"{name}_grid.png" for name in names] if args.n > 1 else []
+    if args.save_masks:
+        targets += [out / f"{name}_{k}_mask.png" for name in names for k in sample_names]
     for target in targets:
         if target.exists() and not target.is_file():
             raise SpatialLockError(f"--out: {target} exists and is not a file")
     pipe = sampling.load_pipeline(args.model, args.adapter, options.dtype, options.scheduler)
     options.check_for(pipe, layouts)
+    if args.save_masks and not hasattr(pipe, "masks"):
+        raise SpatialLockError(f"--save-masks: only a LAMA model draws semantic masks; {args.model} is not one")
     jobs = sampling.jobs_of(layouts, args.n)
     drawn: dict[int, list] = {}
     written = []
@@ -102,11 +106,34 @@ def run_generate(args: argparse.Namespace) -> int:
                 written.append(save_image_atomic(boxed, out / f"{name}_boxes.png"))
                 drawn.setdefault(i, []).append(boxed)
                 bar.update(1)
+            if args.save_masks:
+                written += _save_masks(
+                    pipe,
+                    layouts,
+                    batch,
+                    options.seed,
+                    [out / f"{names[i]}_{sample_names[k]}_mask.png" for i, k in batch],
+                )
     if args.n > 1:
         for i, images in drawn.items():
             written.append(save_image_atomic(grid(images), out / f"{names[i]}_grid.png"))
     print(f"wrote {len(written)} files to {out} ({len(jobs)} images for {len(layouts)} layouts)")
     return 0
+
+
+def _save_masks(pipe, layouts: list, batch: list, seed: int, paths: list[Path]) -> list[Path]:
+    """The semantic masks a LAMA pipeline drew for `batch` (the same generators as its images), as pictures."""
+    from spatiallock import sampling
+    from spatiallock.baselines.lama import mask_picture
+    from spatiallock.draw import save_image_atomic
+
+    generators = [sampling.image_generator(seed, i, k) for i, k in batch]
+    masks, _ = pipe.masks([layouts[i] for i, _ in batch], generators)
+    categories = pipe.generator.config.categories
+    return [
+        save_image_atomic(mask_picture(mask, categories, layouts[i].labels), path)
+        for mask, (i, _), path in zip(masks, batch, paths)
+    ]
 
 
 def output_names(stem: str, count: int) -> list[str]:
@@ -297,6 +324,10 @@ def register(subparsers) -> None:
     gen.add_argument("--layout", required=True, metavar="FILE", help="layout JSON (one layout or a list)")
     gen.add_argument("--out", required=True, metavar="PATH", help="output folder")
     gen.add_argument("--n", type=int, default=1, metavar="K", help="images per layout (default: 1)")
+    gen.add_argument(
+        "--save-masks", action="store_true",
+        help="a LAMA model: also write each image's semantic mask (OUT/<name>_<k>_mask.png, objects' colours mixed)",
+    )  # fmt: skip
     add_sampling_options(gen)
     gen.set_defaults(func=run_generate)
 

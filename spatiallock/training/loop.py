@@ -80,6 +80,9 @@ class LoopConfig:
     progress: bool = True
     # parameters whose names end with one of these suffixes learn at `learning_rate * factor`
     lr_scales: tuple[tuple[str, float], ...] = ()
+    # the parameters of these models (by their names in `train_loop`'s `models`) learn at `learning_rate * factor`
+    model_lr_scales: tuple[tuple[str, float], ...] = ()
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's; GANs use (0, 0.999)
 
 
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
@@ -209,10 +212,12 @@ class _StopRequest:
 
 
 def param_groups(named: list[tuple[str, nn.Parameter]], config: LoopConfig) -> list[dict]:
-    """One optimiser group at the base learning rate, one per `lr_scales` entry that names any parameter."""
+    """One optimiser group at the base learning rate, one per factor of `lr_scales` (by parameter name suffix)
+    and `model_lr_scales` (by model: names are "<model>.<parameter>") that applies to any parameter."""
     groups = {1.0: []}
     for name, param in named:
         factor = next((f for suffix, f in config.lr_scales if name.endswith(suffix)), 1.0)
+        factor *= next((f for model, f in config.model_lr_scales if name.startswith(f"{model}.")), 1.0)
         groups.setdefault(factor, []).append(param)
     return [{"params": ps, "lr": config.learning_rate * f} for f, ps in groups.items() if ps]
 
@@ -262,10 +267,12 @@ def train_loop(
     Checkpoints go to `folder/checkpoints/<stage>/`, the log to `folder/log.jsonl`.
     """
     checkpoints = folder / "checkpoints" / stage
-    named = [(n, p) for m in models.values() for n, p in m.named_parameters() if p.requires_grad]
+    named = [(f"{k}.{n}", p) for k, m in models.items() for n, p in m.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     groups = param_groups(named, config)
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        groups, lr=config.learning_rate, weight_decay=config.weight_decay, betas=tuple(map(float, config.betas))
+    )
     lr_scheduler = constant_with_warmup(optimizer, config.warmup_steps)
     start, files = (
         resume(checkpoints, models, optimizer, lr_scheduler, accelerator.is_main_process) if config.resume else (0, {})
