@@ -30,7 +30,7 @@ from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageDraw, ImageFont
 
-from spatiallock.baselines.lama import LamaPipeline, is_lama_folder
+from spatiallock.baselines.lama import LamaPipeline, is_lama_folder, mask_picture, normalise
 from spatiallock.data.cocofile import write_text_atomic
 from spatiallock.detector import Detector
 from spatiallock.draw import draw_boxes, grid
@@ -38,7 +38,7 @@ from spatiallock.evaluate import DetectorFeatures, evaluate_pipeline, frechet_di
 from spatiallock.layout import read_layouts
 from spatiallock.models.adapter import RECIPE
 from spatiallock.pipeline import SpatialLockPipeline, load_adapter
-from spatiallock.sampling import SamplingOptions
+from spatiallock.sampling import SamplingOptions, image_generator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLES = RESULTS / "synthetic_samples"
@@ -266,6 +266,8 @@ def lama_row(name, folder, options, layouts, detector, real, common: dict, args)
     start = time.perf_counter()
     report, images, *_ = evaluate_pipeline(pipe, detector, layouts, sampling, 1, real)
     save_strip(images[: args.samples], layouts[: args.samples], name)
+    save_mask_strips(pipe, layouts[: args.samples], args.seed, name)
+    lama_figure()
     row = {"variant": name, **{k: report[k] for k in METRICS}, "seconds_per_image": report["seconds_per_image"]}
     row.update(common, sampling_steps=None, guidance=None, model=folder, options=options)
     row.update(mask_entropy=report["mask_entropy"], mask_entropy_raw=report["mask_entropy_raw"])
@@ -278,6 +280,45 @@ def lama_row(name, folder, options, layouts, detector, real, common: dict, args)
     row["recipe"] = {"model": "lama", "adaption": pipe.generator.config.adaption}
     write_row(Path(args.out), row, args)
     print(f"{name}: {row}  ({time.perf_counter() - start:.0f} s)")
+
+
+def save_mask_strips(pipe: LamaPipeline, layouts: list, seed: int, name: str) -> None:
+    """The semantic masks behind the first images of a LAMA row (those `save_strip` shows): the final ones and,
+    with the adaption, the raw ones before it; and the requested layouts on grey."""
+    generators = [image_generator(seed, i, 0) for i in range(len(layouts))]
+    final, raw = pipe.masks(layouts, generators)
+    categories = pipe.generator.config.categories
+    kinds = [("masks", final)] + ([("raw_masks", normalise(raw))] if pipe.generator.adaption is not None else [])
+    SAMPLES.mkdir(parents=True, exist_ok=True)
+    for kind, masks in kinds:
+        cells = [
+            draw_boxes(mask_picture(mask, categories, layout.labels), [], [], min_side=128)
+            for mask, layout in zip(masks, layouts)
+        ]
+        grid(cells, columns=len(cells), gap=2).save(SAMPLES / f"{name}_{kind}.png")
+    cells = [
+        draw_boxes(Image.new("RGB", (64, 64), (200, 200, 200)), layout.labels, layout.boxes, min_side=128, dashed=True)
+        for layout in layouts
+    ]
+    grid(cells, columns=len(cells), gap=2).save(SAMPLES / "layouts.png")
+
+
+def lama_figure(path: Path = RESULTS / "lama.png") -> None:
+    """Layouts, then for each LAMA row its raw masks (with the adaption), final masks and images, one row each."""
+    rows = [("layouts", "layouts")]
+    for name in ("lama", "lama-no-adaption"):
+        rows += [(f"{name}: raw masks", f"{name}_raw_masks"), (f"{name}: masks", f"{name}_masks"), (name, name)]
+    strips = [(label, SAMPLES / f"{stem}.png") for label, stem in rows if (SAMPLES / f"{stem}.png").is_file()]
+    left = 230
+    images = [(label, Image.open(p)) for label, p in strips]
+    width = max(strip.size[0] for _, strip in images)
+    sheet = Image.new("RGB", (left + width, sum(s.size[1] + 4 for _, s in images)), (255, 255, 255))
+    draw, font, y = ImageDraw.Draw(sheet), ImageFont.load_default(size=15), 0
+    for label, strip in images:
+        sheet.paste(strip, (left, y))
+        draw.text((8, y + strip.size[1] // 2 - 8), label, fill=(0, 0, 0), font=font)
+        y += strip.size[1] + 4
+    sheet.save(path)
 
 
 def report_row(name: str, path: Path, layouts: int) -> dict:
