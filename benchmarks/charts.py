@@ -7,7 +7,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-PALETTE = ("#999999", "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd")
+PALETTE = (
+    "#999999", "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+)  # fmt: skip
 
 
 def _font(size: int = 13):

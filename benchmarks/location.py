@@ -19,6 +19,9 @@ back (what masked latent blending alone keeps through the autoencoder).
 
     python benchmarks/location.py --data data/shelves --model positive-only=runs/locator \\
         --model dpo=runs/locator-dpo
+
+A run with the same settings as the results file keeps the file's rows of the models it does not compute (and
+its insertion row with --insert-cases 0), so a new model is added without sampling the others again.
 """
 
 from __future__ import annotations
@@ -133,6 +136,9 @@ def insertion(args, entries: list[dict], data: Path) -> dict:
     }  # fmt: skip
 
 
+SETTINGS = ("data", "split", "scenes", "iou", "top_of", "samples", "seed")
+
+
 def plot(result: dict, path: Path) -> None:
     from charts import PALETTE, lines
 
@@ -182,10 +188,17 @@ def main(argv: list[str] | None = None) -> int:
         "data": str(data), "split": args.split, "scenes": len(entries), "iou": args.iou, "top_of": args.top_of,
         "samples": args.samples, "seed": args.seed, "models": rows,
     }  # fmt: skip
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    if all(previous.get(key) == result[key] for key in SETTINGS):  # the same measurement: keep its other rows
+        computed = {row["name"]: row for row in rows}
+        kept = [computed.pop(row["name"], row) for row in previous.get("models", [])]
+        result["models"] = kept + list(computed.values())
+        if "insertion" in previous:
+            result["insertion"] = previous["insertion"]
     if args.insert_cases > 0:
         result["insertion"] = insertion(args, entries, data)
         print(f"insertion: {result['insertion']}")
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
