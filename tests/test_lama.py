@@ -178,6 +178,10 @@ def test_train_lama_then_generate_with_masks_and_evaluate(tiny_shapes: Path, tmp
                  "--no-progress"]) == 0  # fmt: skip
     scores = json.loads(report.read_text())
     assert 0.0 <= scores["mask_entropy"] <= math.log(9) and scores["steps"] is None
+    dataset = tmp_path / "dataset"
+    assert main(["generate-dataset", "--model", str(out), "--layouts", str(val), "--out", str(dataset),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert len(json.loads((dataset / "instances.json").read_text())["images"]) == 4
     capsys.readouterr()
     refused = tmp_path / "refused"
     assert main(["generate", "--model", str(out), "--layout", str(layout), "--out", str(refused),
