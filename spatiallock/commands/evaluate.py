@@ -18,12 +18,15 @@ images of the domain; not FID) and, with --fid-weights, FID through torchmetrics
 LAYOUTS is a layout JSON (one or a list) or a COCO instances file. Real images for fd are taken from the
 split folder beside a COCO file (data/shapes/instances_val.json -> data/shapes/val/) or from --real DIR.
 Writes REPORT.json and a picture REPORT.png: each requested layout beside the generated image with its
-detections drawn.
+detections drawn. MODEL may be a LAMA folder (`train lama`); its report adds mask_entropy, the mean per-pixel
+entropy of its semantic masks (mask_entropy_raw: before the adaption).
 
 examples:
   spatiallock evaluate --model default --detector default --layouts examples/two_shapes.json --out r.json
   spatiallock evaluate --model models/base --adapter models/spatiallock --detector models/detector \\
       --layouts data/shapes/instances_val.json --limit 200 --out reports/spatiallock.json
+  spatiallock evaluate --model runs/lama --detector default --layouts data/shapes/instances_val.json \\
+      --limit 300 --out reports/lama.json
 """
 
 

@@ -25,7 +25,9 @@ and, when K > 1, a grid OUT/<name>_grid.png.
 
 MODEL is a pipeline folder written by `save_pretrained` (base + adapter), a base alone (the small base,
 or a Stable Diffusion v1.x folder or hub id) with --adapter ADAPTER, or `default` for the shipped model.
---adapter none samples MODEL's base alone, without the adapter its folder holds. A hub id is read from the
+--adapter none samples MODEL's base alone, without the adapter its folder holds. MODEL may also be a
+folder written by `train lama`: the LAMA baseline, a GAN that draws in one pass (no steps, guidance or
+scheduler); --save-masks writes its semantic mask beside each image. A hub id is read from the
 Hugging Face cache, fetched there once (configs and safetensors) when it is not; offline, fetch it first
 with `huggingface-cli download ID`.
 
