@@ -315,15 +315,11 @@ def pick(boxes: torch.Tensor, counts: torch.Tensor, generator: torch.Generator) 
 def load_background(path: str | os.PathLike, image_size: int, name: str = "image") -> torch.Tensor:
     """An image file as (3, S, S) in [-1, 1] at the locator's size; `SpatialLockError` naming it when it is
     missing or not an image."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except FileNotFoundError:
-        raise SpatialLockError(f"{name}: {path} not found") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise SpatialLockError(f"{name}: {path} is not a readable image ({first_line(err)})") from None
+    from spatiallock.data.coco import read_image_option
+
+    image = read_image_option(path, name)
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1

@@ -22,9 +22,9 @@ examples:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from PIL import Image
 
     from spatiallock.commands.locate import load_locator, parse_box
+    from spatiallock.data.coco import read_image_option
     from spatiallock.data.cocofile import atomic_output, writable_folder
     from spatiallock.insert import insert_object
     from spatiallock.locator import load_background
@@ -38,13 +38,7 @@ def run(args: argparse.Namespace) -> int:
         if value < low:
             raise SpatialLockError(f"{name}: must be at least {low}, got {value}")
     box = parse_box(args.box, "--box") if args.box else None
-    if not Path(args.image).is_file():
-        raise SpatialLockError(f"--image: {args.image} not found")
-    try:
-        with Image.open(args.image) as opened:
-            image = opened.convert("RGB")
-    except OSError as err:
-        raise SpatialLockError(f"--image: {args.image} is not a readable image ({err})") from None
+    image = read_image_option(args.image, "--image")
     if box is None:
         locator = load_locator(args.locator, "--locator")
         labels = locator.label_index([args.label] * args.n, what="--label")

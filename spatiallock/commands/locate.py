@@ -71,13 +71,11 @@ def run(args: argparse.Namespace) -> int:
     order = scores.argsort(descending=True)
     found = [(boxes[i].tolist(), float(scores[i])) for i in order.tolist()]
     if out is not None:
-        from PIL import Image
-
+        from spatiallock.data.coco import read_image_option
         from spatiallock.data.cocofile import atomic_output
         from spatiallock.draw import draw_boxes
 
-        with Image.open(args.image) as image:
-            drawn = draw_boxes(image.convert("RGB"), [args.label] * len(found), [b for b, _ in found])
+        drawn = draw_boxes(read_image_option(args.image, "--image"), [args.label] * len(found), [b for b, _ in found])
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(out, "wb") as handle:
             drawn.save(handle, format="PNG")

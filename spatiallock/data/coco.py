@@ -45,6 +45,19 @@ def read_rgb(path: str | os.PathLike) -> Image.Image:
         raise ValueError(f"more than {MAX_IMAGE_PIXELS} pixels: too large to read") from None
 
 
+def read_image_option(path: str | os.PathLike, name: str) -> Image.Image:
+    """`read_rgb` for a command's input: one `SpatialLockError` naming option `name` when the file is missing or
+    not an image."""
+    from spatiallock.errors import first_line
+
+    if not os.path.isfile(path):
+        raise SpatialLockError(f"{name}: {path} not found")
+    try:
+        return read_rgb(path)
+    except (OSError, ValueError) as err:
+        raise SpatialLockError(f"{name}: {path} is not a readable image ({first_line(err)})") from None
+
+
 def split_files(root: str | Path, split: str) -> tuple[Path, Path, Path]:
     """Instances file, captions file and image folder of a split, in either layout this package reads.
 
