@@ -188,3 +188,21 @@ def test_train_lama_then_generate_with_masks_and_evaluate(tiny_shapes: Path, tmp
                  "--init-from-layout"]) == 2  # fmt: skip
     assert "--init-from-layout: a diffusion sampling option" in capsys.readouterr().err
     assert not refused.exists()
+
+
+def test_learning_rates_per_player_and_for_the_adaption_strength() -> None:
+    from spatiallock.training.loop import LoopConfig, param_groups
+
+    generator, discriminator = LamaGenerator(tiny_config()), LamaDiscriminator(tiny_config())
+    named = [(f"generator.{n}", p) for n, p in generator.named_parameters()]
+    named += [(f"discriminator.{n}", p) for n, p in discriminator.named_parameters()]
+    config = LoopConfig(
+        max_steps=1,
+        learning_rate=1e-4,
+        lr_scales=(("adaption.alpha", 100.0),),
+        model_lr_scales=(("discriminator", 3.0),),
+    )
+    rates = {id(p): group["lr"] for group in param_groups(named, config) for p in group["params"]}
+    assert rates[id(generator.adaption.alpha)] == pytest.approx(1e-2)
+    assert rates[id(generator.fc.weight)] == pytest.approx(1e-4)
+    assert all(rates[id(p)] == pytest.approx(3e-4) for p in discriminator.parameters())

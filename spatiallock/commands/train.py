@@ -359,6 +359,9 @@ def run_lama(args: argparse.Namespace) -> int:
 
     _check_number("--flip-prob", args.flip_prob, 0.0, 1.0)
     _check_number("--d-lr-scale", args.d_lr_scale, 0.0, 1e3, open_low=True)
+    _check_number("--alpha-lr-scale", args.alpha_lr_scale, 0.0, 1e4, open_low=True)
+    if args.no_adaption and args.alpha_lr_scale != 1.0:
+        raise SpatialLockError("--alpha-lr-scale: there is no adaption strength with --no-adaption")
     for name, value in (("--max-objects", args.max_objects), ("--channels", args.channels)):
         if not 1 <= value <= 256:
             raise SpatialLockError(f"{name}: must be 1 to 256, got {value}")
@@ -369,7 +372,7 @@ def run_lama(args: argparse.Namespace) -> int:
     config = LamaTrainConfig(
         data=args.data, out=args.out, split=args.split, flip_prob=args.flip_prob, adaption=not args.no_adaption,
         resolution=args.resolution, max_objects=args.max_objects, channels=args.channels, d_channels=args.channels,
-        loop=loop,
+        alpha_lr_scale=args.alpha_lr_scale, loop=loop,
     )  # fmt: skip
     result = train_lama(config)
     message = f"LAMA model written to {args.out} ({result.step} steps, last losses {result.last_losses})"
@@ -582,5 +585,10 @@ def register(subparsers) -> None:
     lama.add_argument(
         "--d-lr-scale", type=float, default=3.0, help="discriminator learning rate / --lr (default: 3, the paper's)"
     )
+    lama.add_argument(
+        "--alpha-lr-scale", type=float, default=1.0, metavar="F",
+        help="the adaption strength alpha learns at F x --lr (default: 1; it starts at 0 and, at 1e-4, moves at "
+        "most 0.1 in 1,000 steps)",
+    )  # fmt: skip
     _add_loop_options(lama, steps=3000, batch=32, lr=1e-4)
     lama.set_defaults(func=run_lama)

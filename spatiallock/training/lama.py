@@ -8,7 +8,7 @@ discriminator's parameters out of its graph, so each loss moves only its own pla
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -41,6 +41,7 @@ class LamaTrainConfig:
     max_objects: int = 8
     channels: int = 16
     d_channels: int = 16
+    alpha_lr_scale: float = 1.0  # the adaption strength learns at this times the generator's learning rate
     loop: LoopConfig = field(
         default_factory=lambda: LoopConfig(
             max_steps=3000, batch_size=32, learning_rate=1e-4, betas=(0.0, 0.999), max_grad_norm=0.0,
@@ -83,9 +84,12 @@ def train_lama(config: LamaTrainConfig) -> LoopResult:
     def collate(samples: list[dict]) -> dict:
         return collate_layouts(samples, max_boxes=config.max_objects)
 
+    loop = config.loop
+    if config.alpha_lr_scale != 1.0:
+        loop = replace(loop, lr_scales=(*loop.lr_scales, ("adaption.alpha", config.alpha_lr_scale)))
     result = train_loop(
         accelerator=run.accelerator, stage=STAGE, folder=run.folder, models=models, dataset=dataset,
-        collate_fn=collate, compute_losses=losses, config=config.loop,
+        collate_fn=collate, compute_losses=losses, config=loop,
     )  # fmt: skip
     if not result.interrupted and run.accelerator.is_main_process:
         atomic_save_pretrained(result.models["generator"].eval(), run.out)
