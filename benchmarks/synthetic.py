@@ -306,7 +306,8 @@ def save_mask_strips(pipe: LamaPipeline, layouts: list, seed: int, name: str) ->
 def lama_figure(path: Path = RESULTS / "lama.png") -> None:
     """Layouts, then for each LAMA row its raw masks (with the adaption), final masks and images, one row each."""
     rows = [("layouts", "layouts")]
-    for name in ("lama", "lama-no-adaption"):
+    names = sorted(p.name[: -len("_masks.png")] for p in SAMPLES.glob("*_masks.png") if "_raw_masks" not in p.name)
+    for name in sorted(names, key=lambda n: ("no-adaption" in n, n)):
         rows += [(f"{name}: raw masks", f"{name}_raw_masks"), (f"{name}: masks", f"{name}_masks"), (name, name)]
     strips = [(label, SAMPLES / f"{stem}.png") for label, stem in rows if (SAMPLES / f"{stem}.png").is_file()]
     left = 230
