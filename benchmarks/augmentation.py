@@ -113,7 +113,8 @@ def plot(result: dict, path: Path) -> None:
 
 def samples(generated: dict[str, Path], path: Path, count: int = 8) -> None:
     """The first `count` images of each generated data set (one row each), with their requested boxes dashed."""
-    from PIL import Image, ImageDraw, ImageFont
+    from charts import labelled_strips
+    from PIL import Image
 
     from spatiallock.draw import draw_boxes, grid
     from spatiallock.layout import read_layouts
@@ -127,18 +128,8 @@ def samples(generated: dict[str, Path], path: Path, count: int = 8) -> None:
             for layout in layouts
         ]  # fmt: skip
         strips.append((kind, grid(cells, columns=len(cells), gap=2)))
-    if not strips:
-        return
-    left = 150
-    sheet = Image.new(
-        "RGB", (left + max(s.size[0] for _, s in strips), sum(s.size[1] + 4 for _, s in strips)), "white"
-    )
-    draw, font, y = ImageDraw.Draw(sheet), ImageFont.load_default(size=15), 0
-    for kind, strip in strips:
-        sheet.paste(strip, (left, y))
-        draw.text((8, y + strip.size[1] // 2 - 8), kind, fill=(0, 0, 0), font=font)
-        y += strip.size[1] + 4
-    sheet.save(path)
+    if strips:
+        labelled_strips(strips, path, left=150)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,3 +90,15 @@ def lines(
         draw.line((left + size + 15, y + 6, left + size + 35, y + 6), fill=colour, width=3)
         draw.text((left + size + 40, y), name, fill="black", font=_font(11))
     image.save(path)
+
+
+def labelled_strips(strips: Sequence[tuple[str, Image.Image]], path: Path, left: int) -> None:
+    """Image strips stacked one under another on white, each with its label in the `left` pixels beside it."""
+    width = left + max(strip.size[0] for _, strip in strips)
+    sheet = Image.new("RGB", (width, sum(strip.size[1] + 4 for _, strip in strips)), (255, 255, 255))
+    draw, font, y = ImageDraw.Draw(sheet), ImageFont.load_default(size=15), 0
+    for label, strip in strips:
+        sheet.paste(strip, (left, y))
+        draw.text((8, y + strip.size[1] // 2 - 8), label, fill=(0, 0, 0), font=font)
+        y += strip.size[1] + 4
+    sheet.save(path)

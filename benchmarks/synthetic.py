@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from charts import labelled_strips
 from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageDraw, ImageFont
@@ -156,19 +157,8 @@ def samples_figure(names: list[str], path: Path) -> None:
         for n in names
         if (SAMPLES / f"{n.replace('/', '_')}.png").is_file()
     ]
-    if not strips:
-        return
-    left, width = 190, max(strip.size[0] for _, strip in strips)
-    height = sum(strip.size[1] + 4 for _, strip in strips)
-    sheet = Image.new("RGB", (left + width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default(size=15)
-    y = 0
-    for name, strip in strips:
-        sheet.paste(strip, (left, y))
-        draw.text((8, y + strip.size[1] // 2 - 8), name, fill=(0, 0, 0), font=font)
-        y += strip.size[1] + 4
-    sheet.save(path)
+    if strips:
+        labelled_strips(strips, path, left=190)
 
 
 def main() -> None:
@@ -309,17 +299,10 @@ def lama_figure(path: Path = RESULTS / "lama.png") -> None:
     names = sorted(p.name[: -len("_masks.png")] for p in SAMPLES.glob("*_masks.png") if "_raw_masks" not in p.name)
     for name in sorted(names, key=lambda n: ("no-adaption" in n, n)):
         rows += [(f"{name}: raw masks", f"{name}_raw_masks"), (f"{name}: masks", f"{name}_masks"), (name, name)]
-    strips = [(label, SAMPLES / f"{stem}.png") for label, stem in rows if (SAMPLES / f"{stem}.png").is_file()]
-    left = 230
-    images = [(label, Image.open(p)) for label, p in strips]
-    width = max(strip.size[0] for _, strip in images)
-    sheet = Image.new("RGB", (left + width, sum(s.size[1] + 4 for _, s in images)), (255, 255, 255))
-    draw, font, y = ImageDraw.Draw(sheet), ImageFont.load_default(size=15), 0
-    for label, strip in images:
-        sheet.paste(strip, (left, y))
-        draw.text((8, y + strip.size[1] // 2 - 8), label, fill=(0, 0, 0), font=font)
-        y += strip.size[1] + 4
-    sheet.save(path)
+    strips = [
+        (label, Image.open(SAMPLES / f"{stem}.png")) for label, stem in rows if (SAMPLES / f"{stem}.png").is_file()
+    ]
+    labelled_strips(strips, path, left=230)
 
 
 def report_row(name: str, path: Path, layouts: int) -> dict:
