@@ -188,7 +188,7 @@ def evaluate_pipeline(
     images, asked, seconds = sample(pipe, layouts, options or SamplingOptions(), per_layout, progress)
     scores, objects, detections = score_images(detector, images, asked)
     report = {**{k: round(v, 4) for k, v in scores.items()}, "seconds_per_image": round(seconds, 4)}
-    if hasattr(pipe, "mask_entropy"):  # LAMA: how clear its semantic masks are (seed 003's Eq. 5)
+    if getattr(pipe, "is_layout_gan", False):  # LAMA: how clear its semantic masks are (seed 003's Eq. 5)
         report.update(pipe.mask_entropy(layouts, (options or SamplingOptions()).seed, per_layout))
     report["fd"] = None
     if real_images:

@@ -260,9 +260,8 @@ class LamaGenerator(nn.Module):
         self.mask_generator = MaskGenerator(config.object_dim, config.mask_size)
         self.adaption = MaskAdaption(config.object_dim) if config.adaption else None
         ups = int(math.log2(config.image_size // 4))
-        widths = [8 * c] + [max(8 * c // 2 ** max(k - 1, 0), c) for k in range(1, ups + 1)]
-        widths[-1] = c
-        self.widths = widths
+        # 8c at 4 px, then halving down to c: 8c, 8c, 4c, 2c, c at 64 px
+        widths = self.widths = [8 * c] + [max(8 * c // 2**k, c) for k in range(ups - 1)] + [c]
         self.fc = nn.Linear(config.image_z_dim, widths[0] * 16)
         self.blocks = nn.ModuleList(UpBlock(widths[k], widths[k + 1], config.style_dim) for k in range(ups))
         self.out = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, 3, 3, padding=1), nn.Tanh())
@@ -320,8 +319,8 @@ class LamaGenerator(nn.Module):
         """(adapted mask, raw mask, object features) of layouts whose background is already in front."""
         objects = self.object_features(labels, boxes, noise["objects"])
         keep = valid.bool()
-        small = torch.zeros(*labels.shape, self.config.mask_size, self.config.mask_size, device=labels.device)
-        small = small.to(objects.dtype)
+        side = self.config.mask_size
+        small = torch.zeros(*labels.shape, side, side, device=labels.device, dtype=objects.dtype)
         small[keep] = self.mask_generator(objects[keep]).to(small.dtype)
         raw = place_masks(small, boxes, self.config.image_size) * valid[..., None, None]
         adapted = self.adaption(raw, objects) if self.adaption is not None else normalise(raw)

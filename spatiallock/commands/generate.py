@@ -92,7 +92,7 @@ def run_generate(args: argparse.Namespace) -> int:
             raise SpatialLockError(f"--out: {target} exists and is not a file")
     pipe = sampling.load_pipeline(args.model, args.adapter, options.dtype, options.scheduler)
     options.check_for(pipe, layouts)
-    if args.save_masks and not hasattr(pipe, "masks"):
+    if args.save_masks and not getattr(pipe, "is_layout_gan", False):
         raise SpatialLockError(f"--save-masks: only a LAMA model draws semantic masks; {args.model} is not one")
     jobs = sampling.jobs_of(layouts, args.n)
     drawn: dict[int, list] = {}
