@@ -267,6 +267,8 @@ def build_app(studio: Studio, examples: str | Path | None = "examples"):
         """Canvas, caption and status after reading a layout file."""
         if path is None:
             return gr.skip(), gr.skip(), gr.skip()
+        if path not in examples and not uploaded(path):  # a second guard behind Gradio's own (`web_app`)
+            return gr.skip(), gr.skip(), message(f"{Path(path).name}: not an uploaded file", error=True)
         try:
             layout, note = read_layout_file(path)
         except SpatialLockError as err:
@@ -366,9 +368,31 @@ def build_app(studio: Studio, examples: str | Path | None = "examples"):
         new.click(lambda: (empty_canvas(), ""), None, [canvas, caption], queue=False)
         upload.upload(load, [upload, canvas], [canvas, caption, status], queue=False)
         for path, button in buttons.items() if examples else ():
-            button.click(lambda canvas, path=path: load(str(path), canvas), canvas, [canvas, caption, status])
+            button.click(lambda canvas, path=path: load(path, canvas), canvas, [canvas, caption, status])
         page.load(describe, [canvas, caption], [view, download, check], queue=False)
     return page.queue(default_concurrency_limit=None)
+
+
+def web_app(page):
+    """The ASGI app that serves `page` (a `gr.Blocks`) at /.
+
+    Served by uvicorn directly: `launch` refuses to serve when its own first request is slow (a busy machine).
+    Gradio checks that every file a client names (a `FileData` path: the canvas picture, the layout to load) lies
+    in its upload folder, and refuses any other before opening or copying it, only for a page it has launched;
+    this page is mounted instead, so it is marked as launched, and that check runs on every request."""
+    import gradio as gr
+    from fastapi import FastAPI
+
+    app = gr.mount_gradio_app(FastAPI(), page, path="/")
+    page.has_launched = True
+    return app
+
+
+def uploaded(path: str | Path) -> bool:
+    """Whether `path` lies in Gradio's upload folder (where every file a client sends is put)."""
+    from gradio.utils import get_upload_folder, is_in_or_equal
+
+    return is_in_or_equal(Path(path).resolve(), Path(get_upload_folder()).resolve())
 
 
 def serve(
@@ -385,12 +409,9 @@ def serve(
         import gradio_image_annotation  # noqa: F401
     except ImportError as err:
         raise SpatialLockError(f"app: needs {err.name}; install it with `pip install -e '.[app]'`") from None
-    import gradio as gr
     import uvicorn
-    from fastapi import FastAPI
 
     studio = Studio(model, adapter, detector)
-    # served by uvicorn directly: `launch` refuses to serve when its own first request is slow (a busy machine)
-    app = gr.mount_gradio_app(FastAPI(), build_app(studio, examples), path="/")
+    app = web_app(build_app(studio, examples))
     print(f"spatiallock app: model {model} loaded; open http://{host}:{port} (Ctrl+C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -29,12 +29,23 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def app_url(tmp_path_factory):
+def app_files(tmp_path_factory) -> Path:
+    """The server's upload folder and file cache (GRADIO_TEMP_DIR), a folder of this test session's own."""
+    return tmp_path_factory.mktemp("gradio")
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory, app_files):
     """`spatiallock app` with the shipped model and detector, served on a free localhost port for the session."""
     port = _free_port()
     log = tmp_path_factory.mktemp("app") / "server.log"
     command = [sys.executable, "-m", "spatiallock.cli", "app", "--port", str(port), "--examples", "examples"]
-    env = {"OMP_NUM_THREADS": "1", **os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {
+        "OMP_NUM_THREADS": "1",
+        **os.environ,
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_TEMP_DIR": str(app_files),
+    }
     with open(log, "wb") as stream:
         server = subprocess.Popen(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
