@@ -34,6 +34,7 @@ app: $(APP_STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check spatiallock tests benchmarks scripts
 	$(BIN)/ruff format --check spatiallock tests benchmarks scripts
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest

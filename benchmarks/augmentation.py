@@ -116,7 +116,7 @@ def samples(generated: dict[str, Path], path: Path, count: int = 8) -> None:
     from charts import labelled_strips
     from PIL import Image
 
-    from spatiallock.draw import draw_boxes, grid
+    from spatiallock.data.draw import draw_boxes, grid
     from spatiallock.layout import read_layouts
 
     strips = []

@@ -12,7 +12,7 @@ Models: `random` (uniform boxes: two sorted uniform x and two sorted uniform y),
 (e.g. positive-only=runs/locator, dpo=runs/locator-dpo).
 
 Insertion: on the first --insert-cases scenes, the removed object is drawn back into its own box by the SpatialLock
-model (--sampler, `spatiallock.insert`); the shipped detector looks for it (found: a detection of its class with
+model (--sampler, `location.insert`); the shipped detector looks for it (found: a detection of its class with
 IoU >= 0.5 in the box, score >= 0.3), and PSNR and SSIM compare the result with the input outside the box (the box
 itself replaced by the input's pixels in both). `psnr_outside_raw` is the same before the input's pixels are put
 back (what masked latent blending alone keeps through the autoencoder).
@@ -39,7 +39,7 @@ from torchvision.ops import box_iou
 from tqdm.auto import tqdm
 
 from spatiallock.data.shelves import plausible
-from spatiallock.locator import Locator, held_out, load_background
+from spatiallock.location.locator import Locator, held_out, load_background
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COUNTS = (1, 2, 5, 10, 20, 50)
@@ -95,9 +95,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def insertion(args, entries: list[dict], data: Path) -> dict:
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
-    from spatiallock.detector import Detector
-    from spatiallock.insert import insert_object
-    from spatiallock.sampling import load_pipeline
+    from spatiallock.evaluation.detector import Detector
+    from spatiallock.location.insert import insert_object
+    from spatiallock.sampling.run import load_pipeline
 
     pipe = load_pipeline(args.sampler)
     detector = Detector.from_pretrained(args.detector)

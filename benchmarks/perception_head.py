@@ -27,10 +27,11 @@ from diffusers import DDPMScheduler
 from diffusers.image_processor import VaeImageProcessor
 
 from spatiallock.data.cocofile import write_text_atomic
-from spatiallock.detector import Detector, coco_ap, to_coco_results
-from spatiallock.evaluate import load_real_images, real_image_paths
+from spatiallock.evaluation.detector import Detector, coco_ap, to_coco_results
+from spatiallock.evaluation.scoring import load_real_images, real_image_paths
 from spatiallock.layout import read_layouts
-from spatiallock.sampling import load_pipeline, resolve_detector
+from spatiallock.sampling.run import load_pipeline
+from spatiallock.shipped import resolve_detector
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

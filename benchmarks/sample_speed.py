@@ -30,14 +30,14 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-from spatiallock.base import CAPTION_TOKENS, small_scheduler, small_unet_config, small_vae_config
-from spatiallock.configs import SD_V1_UNET
+from spatiallock.base.configs import SD_V1_UNET
+from spatiallock.base.folders import CAPTION_TOKENS, small_scheduler, small_unet_config, small_vae_config
+from spatiallock.base.text import phrase_dim
 from spatiallock.layout import Layout
 from spatiallock.models.adapter import RECIPE, SpatialLockAdapter
 from spatiallock.models.grounding import GATES
-from spatiallock.pipeline import SpatialLockPipeline
-from spatiallock.sampling import adapter_like
-from spatiallock.text import phrase_dim
+from spatiallock.pipelines.diffusion import SpatialLockPipeline
+from spatiallock.sampling.run import adapter_like
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYOUTS = [
@@ -71,7 +71,7 @@ def device_name(device: torch.device) -> str:
 
 def small_base_parts():
     """The small base's architecture with random weights, and the real all-MiniLM-L6-v2 text encoder."""
-    from spatiallock.text import load_minilm
+    from spatiallock.base.text import load_minilm
 
     text_encoder, tokenizer = load_minilm()
     torch.manual_seed(0)

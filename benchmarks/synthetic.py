@@ -33,13 +33,19 @@ from PIL import Image, ImageDraw, ImageFont
 
 from spatiallock.baselines.lama import LamaPipeline, is_lama_folder, mask_picture, normalise
 from spatiallock.data.cocofile import write_text_atomic
-from spatiallock.detector import Detector
-from spatiallock.draw import draw_boxes, grid
-from spatiallock.evaluate import DetectorFeatures, evaluate_pipeline, frechet_distance, load_real_images, score_images
+from spatiallock.data.draw import draw_boxes, grid
+from spatiallock.evaluation.detector import Detector
+from spatiallock.evaluation.scoring import (
+    DetectorFeatures,
+    evaluate_pipeline,
+    frechet_distance,
+    load_real_images,
+    score_images,
+)
 from spatiallock.layout import read_layouts
 from spatiallock.models.adapter import RECIPE
-from spatiallock.pipeline import SpatialLockPipeline, load_adapter
-from spatiallock.sampling import SamplingOptions, image_generator
+from spatiallock.pipelines.diffusion import SpatialLockPipeline, load_adapter
+from spatiallock.sampling.run import SamplingOptions, image_generator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLES = RESULTS / "synthetic_samples"
@@ -97,7 +103,7 @@ def adapter_recipe_of(adapter, training: dict) -> dict:
 
 def sd_ratio(recipe: dict) -> float:
     """Trainable parameters of `recipe` on Stable Diffusion v1.4 as a share of GLIGEN's there (meta device)."""
-    from spatiallock.configs import COCO_CLASSES, SD_V1_PHRASE_DIM, build_unet, unet_config
+    from spatiallock.base.configs import COCO_CLASSES, SD_V1_PHRASE_DIM, build_unet, unet_config
     from spatiallock.models.adapter import SpatialLockAdapter
 
     options = {k: v for k, v in recipe.items() if k not in ("variant", "positions")}

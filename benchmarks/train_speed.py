@@ -8,9 +8,9 @@ on them. Each variant runs in a fresh process of its own, so that one's memory h
 state never count for the other.
 
 Settings per device (each can be overridden):
-  CPU: the project's small base U-Net (`spatiallock.base.small_unet_config()`), 64 px -> 16x16 latents,
+  CPU: the project's small base U-Net (`spatiallock.base.folders.small_unet_config()`), 64 px -> 16x16 latents,
        batch 16, float32, caption states 32 x 384 (all-MiniLM-L6-v2 sized, with a token mask), 16 classes.
-  GPU: the Stable Diffusion v1.4 U-Net (`spatiallock.configs.SD_V1_UNET`), 512 px -> 64x64 latents,
+  GPU: the Stable Diffusion v1.4 U-Net (`spatiallock.base.configs.SD_V1_UNET`), 512 px -> 64x64 latents,
        batch 8, bf16 autocast with the base in bf16 (as `train adapter --mixed-precision bf16`),
        caption states 77 x 768 (CLIP ViT-L/14 sized), 80 classes.
 Every sample has 1 to 6 objects in 30 object slots (what `train adapter` collates).
@@ -96,7 +96,7 @@ def make_batch(batch: int, latent: int, arch: dict, generator):
     `train adapter` pads layouts to)."""
     import torch
 
-    from spatiallock.models.grounding import MAX_OBJECTS
+    from spatiallock.layout import MAX_OBJECTS
 
     g = generator
     counts = torch.randint(1, MAX_OBJECTS_PER_IMAGE + 1, (batch,), generator=g)
@@ -125,8 +125,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     import torch
 
     baseline_rss = rss_bytes()
-    from spatiallock.base import small_unet_config
-    from spatiallock.configs import SD_V1_UNET, build_unet
+    from spatiallock.base.configs import SD_V1_UNET, build_unet
+    from spatiallock.base.folders import small_unet_config
     from spatiallock.models.adapter import SpatialLockAdapter
     from spatiallock.models.injection import count_parameters, freeze
 
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    from spatiallock.models.grounding import MAX_OBJECTS
+    from spatiallock.layout import MAX_OBJECTS
 
     device_type = "cuda" if args.device.startswith("cuda") else "cpu"
     arch = ARCHITECTURES[args.arch]

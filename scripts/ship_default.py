@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from spatiallock.detector import Detector
-from spatiallock.pipeline import SpatialLockPipeline
+from spatiallock.evaluation.detector import Detector
+from spatiallock.pipelines.diffusion import SpatialLockPipeline
 
 ASSETS = Path(__file__).resolve().parent.parent / "spatiallock" / "assets"
 LIMIT_MB = 30.0

@@ -24,8 +24,7 @@ import numpy as np
 from PIL import Image
 
 from spatiallock.errors import SpatialLockError, first_line
-from spatiallock.layout import Layout, check_box, check_label, parse_layout, read_layouts
-from spatiallock.models.grounding import MAX_OBJECTS
+from spatiallock.layout import MAX_OBJECTS, Layout, check_box, check_label, parse_layout, read_layouts
 
 CANVAS_SIDE = 512  # the empty canvas, in pixels; boxes are stored normalised by the canvas (or picture) size
 CANVAS_GREY = 236
@@ -73,7 +72,7 @@ def layout_from_canvas(caption: str | None, canvas: dict | None) -> Layout:
 
 def canvas_from_layout(layout: Layout, canvas: dict | None = None) -> dict:
     """The annotator's value showing `layout` on the canvas's picture (a new empty canvas when there is none)."""
-    from spatiallock.draw import label_colour
+    from spatiallock.data.draw import label_colour
 
     if canvas is None or canvas.get("image") is None:
         canvas = empty_canvas()
@@ -122,7 +121,7 @@ class Request:
 
     def options(self):
         """The `SamplingOptions` of this request, checked; messages name the page's fields."""
-        from spatiallock.sampling import SamplingOptions
+        from spatiallock.sampling.run import SamplingOptions
 
         for name in ("images", "seed", "steps", "layout_guidance_steps"):
             value = getattr(self, name)
@@ -149,20 +148,21 @@ class Studio:
     request at a time (the pipeline's scheduler keeps state between steps)."""
 
     def __init__(self, model: str = "default", adapter: str | None = None, detector: str | None = "default"):
-        from spatiallock import sampling
-        from spatiallock.detector import Detector
+        from spatiallock.evaluation.detector import Detector
+        from spatiallock.sampling import run as sampling
+        from spatiallock.shipped import resolve_detector, resolve_model
 
-        self.model_path = sampling.resolve_model(model)
+        self.model_path = resolve_model(model)
         self.pipe = sampling.load_pipeline(model, adapter)
         self.own_scheduler = self.pipe.scheduler
         self.schedulers: dict[str, object] = {}
         self.detector = None
         if detector not in (None, "none"):
-            self.detector = Detector.from_pretrained(sampling.resolve_detector(detector)).to(self.pipe.device)
+            self.detector = Detector.from_pretrained(resolve_detector(detector)).to(self.pipe.device)
         self.lock = threading.Lock()
 
     def _use_scheduler(self, name: str | None) -> None:
-        from spatiallock.pipeline import sampling_scheduler
+        from spatiallock.pipelines.diffusion import sampling_scheduler
 
         if name is None:
             scheduler = self.own_scheduler
@@ -177,7 +177,7 @@ class Studio:
         Image k is the one `spatiallock generate --n K` writes as sample k with the same options.
 
         `on_step(done, total)` is told after every denoising step."""
-        from spatiallock import sampling
+        from spatiallock.sampling import run as sampling
 
         options = request.options()
         with self.lock:
@@ -202,8 +202,8 @@ class Studio:
     def annotate(self, image: Image.Image, layout: Layout, request: Request) -> tuple[Image.Image, list[dict]]:
         """The picture the page shows (requested boxes, and the detector's dashed when asked for) and one record
         per requested object (its IoU with the best detection of its class when the detector knows the label)."""
-        from spatiallock.draw import draw_boxes
-        from spatiallock.evaluate import SCORE_THRESHOLD, score_images
+        from spatiallock.data.draw import draw_boxes
+        from spatiallock.evaluation.scoring import SCORE_THRESHOLD, score_images
 
         shown = draw_boxes(image, layout.labels, layout.boxes) if request.draw_layout else image
         records = [
@@ -246,7 +246,7 @@ def build_app(studio: Studio, examples: str | Path | None = "examples"):
     import gradio as gr
     from gradio_image_annotation import image_annotator
 
-    from spatiallock.pipeline import SCHEDULERS
+    from spatiallock.pipelines.diffusion import SCHEDULERS
 
     examples = sorted(Path(examples).glob("*.json")) if examples and Path(examples).is_dir() else []
     downloads = Path(tempfile.mkdtemp(prefix="spatiallock-app-"))

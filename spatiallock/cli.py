@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     from spatiallock.commands import locate as locate_cmd
     from spatiallock.commands import params as params_cmd
     from spatiallock.commands import train as train_cmd
-    from spatiallock.data import commands as data_cmd
+    from spatiallock.commands import data as data_cmd
 
     parser = ArgumentParser(
         prog="spatiallock",

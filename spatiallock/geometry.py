@@ -1,7 +1,7 @@
 """Boxes on the grids of a U-Net: which cells of a latent level a normalised xyxy box covers, and by how much.
 
 Used wherever a layout meets a feature map: box attention (`spatiallock.models.grounding`) and cross-attention
-layout guidance (`spatiallock.guidance`).
+layout guidance (`spatiallock.pipelines.extensions.layout_guidance`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spatiallock.errors import SpatialLockError
-from spatiallock.models.grounding import MAX_OBJECTS
+
+MAX_OBJECTS = 30  # objects in one layout (the grounding tokens of one image)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spatiallock.configs import build_unet, tiny_unet_config
+from spatiallock.base.configs import build_unet, tiny_unet_config
 from spatiallock.models.injection import freeze
 
 PHRASE_DIM = 24

@@ -9,8 +9,8 @@ import torch
 from conftest import NUM_CLASSES, PHRASE_DIM, make_inputs
 from test_grounding import grounded, new_adapter, open_gates
 
+from spatiallock.base.configs import SD_V1_UNET, build_unet, tiny_unet_config
 from spatiallock.cli import main
-from spatiallock.configs import SD_V1_UNET, build_unet, tiny_unet_config
 from spatiallock.errors import SpatialLockError
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.models.injection import resolve_positions

@@ -12,13 +12,13 @@ from test_grounding_once import box_adapter
 from test_pipeline import LAYOUTS
 from test_train_adapter import error_line
 
-from spatiallock.base import load_base
+from spatiallock.base.folders import load_base
+from spatiallock.base.text import phrase_dim
 from spatiallock.cli import main
 from spatiallock.errors import SpatialLockError
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.models.perception import DownBlockTap, rendered_features
-from spatiallock.pipeline import SpatialLockPipeline
-from spatiallock.text import phrase_dim
+from spatiallock.pipelines.diffusion import SpatialLockPipeline
 
 NAMES = ["red circle", "blue square", "green triangle"] + [f"class {k}" for k in range(13)]  # the 16 classes
 STEPS, K = 4, 3

@@ -13,7 +13,8 @@ from PIL import Image
 from spatiallock.checkpoint import atomic_save_pretrained
 from spatiallock.cli import main
 from spatiallock.data.shapes import synth_categories
-from spatiallock.detector import (
+from spatiallock.errors import SpatialLockError
+from spatiallock.evaluation.detector import (
     Detector,
     DetectorConfig,
     coco_ap,
@@ -21,7 +22,6 @@ from spatiallock.detector import (
     to_coco_results,
     to_image_tensors,
 )
-from spatiallock.errors import SpatialLockError
 from spatiallock.training.detector import evaluate_and_record
 
 CATEGORY_IDS = {c["id"] for c in synth_categories()}

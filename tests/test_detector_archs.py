@@ -13,8 +13,8 @@ from torch import nn
 from spatiallock.cli import main
 from spatiallock.data.coco import LayoutDataset, MixedLayouts
 from spatiallock.data.shapes import synth_categories
-from spatiallock.detector import ARCHS, Detector, DetectorConfig
 from spatiallock.errors import SpatialLockError
+from spatiallock.evaluation.detector import ARCHS, Detector, DetectorConfig
 from spatiallock.training.detector import DetectorTrainConfig, training_data
 
 CATEGORY_IDS = {c["id"] for c in synth_categories()}

@@ -11,9 +11,9 @@ from PIL import Image
 from test_pipeline import make_adapter
 
 from spatiallock.cli import main
-from spatiallock.detector import Detector, DetectorConfig
 from spatiallock.errors import SpatialLockError
-from spatiallock.evaluate import DetectorFeatures, frechet_distance, score_images
+from spatiallock.evaluation.detector import Detector, DetectorConfig
+from spatiallock.evaluation.scoring import DetectorFeatures, frechet_distance, score_images
 from spatiallock.layout import Layout
 
 CATEGORIES = [{"id": 1, "name": "red circle"}, {"id": 2, "name": "blue square"}, {"id": 7, "name": "green triangle"}]
@@ -133,7 +133,7 @@ def test_evaluate_command_writes_a_report_and_a_picture(tiny_small_base, tiny_sh
 def test_evaluate_passes_every_sampling_option_to_the_pipeline_and_records_it(
     tiny_small_base, tiny_shapes, tmp_path, monkeypatch
 ):
-    import spatiallock.evaluate as evaluate_module
+    import spatiallock.evaluation.scoring as evaluate_module
 
     adapter, detector_folder = adapter_and_detector(tiny_small_base, tiny_shapes, tmp_path)
     scored = []

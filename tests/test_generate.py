@@ -10,7 +10,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from test_pipeline import make_adapter
 
-import spatiallock.sampling as sampling
+import spatiallock.sampling.run as sampling
 from spatiallock.cli import main
 from spatiallock.layout import read_layouts
 
@@ -158,7 +158,7 @@ def test_generate_dataset_killed_and_resumed_equals_one_run(tiny_small_base, ada
         images = real_save(*args, **kwargs)
         calls.append(len(images))
         if len(calls) == 2:
-            from spatiallock.draw import save_image_atomic
+            from spatiallock.data.draw import save_image_atomic
 
             save_image_atomic(images[0], resumed / "images" / "000000000004.png")  # part of the batch got out
             raise KeyboardInterrupt

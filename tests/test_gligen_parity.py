@@ -19,11 +19,11 @@ import torch
 from diffusers import StableDiffusionGLIGENPipeline, UNet2DConditionModel
 from tiny_models import TEXT_DIM, sd_scheduler, tiny_clip_text_model, tiny_clip_tokenizer, tiny_unet, tiny_vae
 
+from spatiallock.base.text import encode_phrases
 from spatiallock.data.shapes import COLOURS, SHAPES
 from spatiallock.layout import Layout
 from spatiallock.models.adapter import SpatialLockAdapter
-from spatiallock.pipeline import SpatialLockPipeline
-from spatiallock.text import encode_phrases
+from spatiallock.pipelines.diffusion import SpatialLockPipeline
 
 SLOTS = 30  # diffusers' GLIGEN pipeline always pads to 30 object slots
 

@@ -9,11 +9,11 @@ import torch
 from test_pipeline import sample
 
 import spatiallock.models.grounding as grounding_module
-from spatiallock.base import load_base
+from spatiallock.base.folders import load_base
+from spatiallock.base.text import phrase_dim
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.models.grounding import GATES
-from spatiallock.pipeline import SpatialLockPipeline
-from spatiallock.text import phrase_dim
+from spatiallock.pipelines.diffusion import SpatialLockPipeline
 
 
 def box_adapter(folder, seed: int = 0, **options) -> SpatialLockAdapter:

@@ -18,8 +18,8 @@ from test_train_adapter import train
 from spatiallock.cli import main
 from spatiallock.errors import SpatialLockError
 from spatiallock.models.adapter import SpatialLockAdapter
-from spatiallock.pipeline import SpatialLockPipeline, load_adapter
-from spatiallock.sampling import SamplingOptions
+from spatiallock.pipelines.diffusion import SpatialLockPipeline, load_adapter
+from spatiallock.sampling.run import SamplingOptions
 
 STEPS = 4
 

@@ -12,13 +12,18 @@ from PIL import Image
 from test_pipeline import make_adapter
 
 from spatiallock.cli import main
-from spatiallock.draw import NAMED_COLOURS, label_colour
+from spatiallock.data.draw import NAMED_COLOURS, label_colour
 from spatiallock.errors import SpatialLockError
 from spatiallock.geometry import box_coverage
-from spatiallock.guidance import caption_targets, guidance_layers, layout_loss, make_layout_guidance
-from spatiallock.init import BACKGROUND, encode_images, render_layout
 from spatiallock.layout import Layout
-from spatiallock.pipeline import SpatialLockPipeline
+from spatiallock.pipelines.diffusion import SpatialLockPipeline
+from spatiallock.pipelines.extensions.layout_guidance import (
+    caption_targets,
+    guidance_layers,
+    layout_loss,
+    make_layout_guidance,
+)
+from spatiallock.pipelines.extensions.layout_init import BACKGROUND, encode_images, render_layout
 
 TWO = ((0.05, 0.3, 0.45, 0.7), (0.55, 0.3, 0.95, 0.7))
 LAYOUTS = [
@@ -103,7 +108,7 @@ def test_label_tokens_are_found_and_missing_labels_are_added_or_refused(tokenize
     assert positions[0][0] != positions[0][2]  # the second red circle takes the caption's second one
 
     missing = Layout("a red circle", ("red circle", "green triangle"), TWO)
-    with caplog.at_level(logging.WARNING, logger="spatiallock.guidance"):
+    with caplog.at_level(logging.WARNING, logger="spatiallock.pipelines.extensions.layout_guidance"):
         (added,), positions = caption_targets([missing], tokenizer, 32)
     assert added.caption == "a red circle, a green triangle"
     assert "'green triangle' is not in the caption" in caplog.text
@@ -113,7 +118,7 @@ def test_label_tokens_are_found_and_missing_labels_are_added_or_refused(tokenize
         caption_targets([missing], tokenizer, 32, missing="error")
     # no room left in the caption's tokens: reported, and that object is not guided (the others still are)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="spatiallock.guidance"):
+    with caplog.at_level(logging.WARNING, logger="spatiallock.pipelines.extensions.layout_guidance"):
         (kept,), positions = caption_targets([missing], tokenizer, 5)
     assert kept.caption == "a red circle" and positions[0][1] == [] and positions[0][0]
     assert "'green triangle' is not in layouts[0]'s caption and cannot be added within its 5 tokens" in caplog.text

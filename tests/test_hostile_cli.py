@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from test_generate import error_line, generate
 
-import spatiallock.sampling as sampling
+import spatiallock.sampling.run as sampling
 from spatiallock.cli import main
 from spatiallock.errors import SpatialLockError
 
@@ -51,7 +51,7 @@ def no_model(monkeypatch):
 
 
 def test_1_a_box_thinner_than_a_pixel_is_drawn(tiny_small_base, tmp_path, capsys):
-    from spatiallock.draw import draw_boxes
+    from spatiallock.data.draw import draw_boxes
 
     image = Image.new("RGB", (32, 32))
     thin = [(0.3, 0.3, 0.302, 0.6), (0.1, 0.5, 0.9, 0.5001)]
@@ -332,7 +332,7 @@ def test_11_float_options_must_be_finite_and_in_range(tmp_path, capsys, no_model
 
 
 def test_11_guidance_that_makes_the_latents_infinite_is_refused_not_a_black_image(tiny_small_base, tmp_path, capsys):
-    from spatiallock.pipeline import SpatialLockPipeline
+    from spatiallock.pipelines.diffusion import SpatialLockPipeline
 
     layout = write_json(tmp_path / "one.json", GOOD)
     out = tmp_path / "out"

@@ -22,8 +22,8 @@ from spatiallock.checkpoint import atomic_save_pretrained, list_checkpoints, sav
 from spatiallock.cli import main
 from spatiallock.data.cocofile import build_index, read_coco_json, write_json_atomic
 from spatiallock.data.shapes import synth_categories
-from spatiallock.detector import Detector, DetectorConfig, evaluate_detector
 from spatiallock.errors import SpatialLockError
+from spatiallock.evaluation.detector import Detector, DetectorConfig, evaluate_detector
 from spatiallock.training.loop import LoopConfig, make_accelerator, train_loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,7 +121,7 @@ def test_train_decoder_on_a_pickled_autoencoder_is_refused(tiny_small_base, tiny
 
 
 def test_load_base_on_a_pickled_unet_is_refused(tiny_small_base, tmp_path, no_pickle):
-    from spatiallock.base import load_base
+    from spatiallock.base.folders import load_base
 
     base = copy_of(tiny_small_base, tmp_path, "base")
     pickled(base, "unet", UNet2DConditionModel)
@@ -131,7 +131,7 @@ def test_load_base_on_a_pickled_unet_is_refused(tiny_small_base, tmp_path, no_pi
 
 def test_load_adapter_on_pickled_weights_is_refused(started, tmp_path, monkeypatch):
     from spatiallock.models.adapter import SpatialLockAdapter
-    from spatiallock.pipeline import load_adapter
+    from spatiallock.pipelines.diffusion import load_adapter
 
     out = copy_of(started[0], tmp_path, "adapter")
     adapter = SpatialLockAdapter.from_pretrained(out)

@@ -8,7 +8,7 @@ from PIL import Image
 from test_candidates import NAMES, pipeline
 
 from spatiallock.cli import main
-from spatiallock.insert import box_mask, feathered, insert_object
+from spatiallock.location.insert import box_mask, feathered, insert_object
 
 
 def _scene(size: int = 32, seed: int = 0) -> Image.Image:

@@ -11,13 +11,13 @@ from conftest import NUM_CLASSES, PHRASE_DIM, make_inputs
 from test_grounding import grounded, new_adapter, open_gates, plain
 from test_train_adapter import error_line, train
 
+from spatiallock.base.configs import build_unet, unet_config
 from spatiallock.cli import main
-from spatiallock.configs import build_unet, unet_config
 from spatiallock.errors import SpatialLockError
 from spatiallock.models.adapter import SpatialLockAdapter, placement_of
 from spatiallock.models.grounding import GroundingAttention, GroundingTokens
-from spatiallock.pipeline import load_adapter
-from spatiallock.sampling import default_model_path
+from spatiallock.pipelines.diffusion import load_adapter
+from spatiallock.shipped import default_model_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,7 @@ import torch
 from spatiallock.cli import main
 from spatiallock.data.synth import synthesize
 from spatiallock.errors import SpatialLockError
-from spatiallock.locator import BoxTokenizer, Locator, LocatorConfig, dpo_loss
+from spatiallock.location.locator import BoxTokenizer, Locator, LocatorConfig, dpo_loss
 
 
 def _tiny(bins: int = 16) -> Locator:

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from spatiallock.base import load_base
+from spatiallock.base.folders import load_base
+from spatiallock.base.text import phrase_dim
 from spatiallock.errors import SpatialLockError
 from spatiallock.layout import Layout
 from spatiallock.models.adapter import SpatialLockAdapter
-from spatiallock.pipeline import SpatialLockPipeline
-from spatiallock.text import phrase_dim
+from spatiallock.pipelines.diffusion import SpatialLockPipeline
 
 TWO = ((0.05, 0.3, 0.45, 0.7), (0.55, 0.3, 0.95, 0.7))
 LAYOUTS = [

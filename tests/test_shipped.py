@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from spatiallock.detector import Detector
-from spatiallock.evaluate import score_images
+from spatiallock.evaluation.detector import Detector
+from spatiallock.evaluation.scoring import score_images
 from spatiallock.layout import Layout
-from spatiallock.pipeline import SpatialLockPipeline
-from spatiallock.sampling import default_detector_path, default_model_path, image_generator
+from spatiallock.pipelines.diffusion import SpatialLockPipeline
+from spatiallock.sampling.run import image_generator
+from spatiallock.shipped import default_detector_path, default_model_path
 
 LAYOUTS = [
     Layout(
@@ -65,9 +66,9 @@ def test_every_requested_object_lands_in_its_box(shipped):
 def test_the_shipped_provenance_describes_the_shipped_adapter():
     """The recorded recipe is the one the weights were built with: a paper-configuration adapter shipped under a
     box-attention record (or the other way round) fails here."""
-    from spatiallock.base import load_base
+    from spatiallock.base.folders import load_base
     from spatiallock.models.injection import resolve_positions, transformer_blocks
-    from spatiallock.pipeline import load_adapter
+    from spatiallock.pipelines.diffusion import load_adapter
 
     recipe = json.loads((default_model_path() / "provenance.json").read_text())["adapter_training"]
     adapter = load_adapter(default_model_path() / "adapter")
@@ -104,7 +105,7 @@ def test_the_shipped_recipe_stays_inside_the_parameter_budget_on_sd(capsys):
     """Counted on Stable Diffusion v1.4, the shipped recipe trains at most 0.35 of GLIGEN's parameters, and its
     recorded feed-forward setting is the one its weights have."""
     from spatiallock.cli import main
-    from spatiallock.pipeline import load_adapter
+    from spatiallock.pipelines.diffusion import load_adapter
 
     assert main(["params", "--base", "sd-v1-4", "--config-from", "default", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ratio"] <= 0.35

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from spatiallock.base.text import encode_captions, encode_layout_phrases, encode_phrases, load_minilm
 from spatiallock.errors import SpatialLockError
-from spatiallock.text import encode_captions, encode_layout_phrases, encode_phrases, load_minilm
 
 
 @pytest.fixture(scope="module")

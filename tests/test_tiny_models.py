@@ -6,9 +6,9 @@ import re
 
 from tiny_models import LATENT_SIZE, TEXT_DIM
 
-from spatiallock.base import load_base
+from spatiallock.base.folders import load_base
+from spatiallock.base.text import encode_captions, encode_phrases
 from spatiallock.data.synth import SynthConfig, render_record
-from spatiallock.text import encode_captions, encode_phrases
 
 
 def test_tiny_sd_loads_as_stable_diffusion_and_reads_every_caption_word_as_one_token(tiny_sd):

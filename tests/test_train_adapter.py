@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 import spatiallock.training.adapter as adapter_training
-from spatiallock.base import load_base
+from spatiallock.base.folders import load_base
+from spatiallock.base.text import phrase_dim
 from spatiallock.cli import main
 from spatiallock.models.adapter import SpatialLockAdapter
-from spatiallock.text import phrase_dim
 from spatiallock.training.common import noisy_inputs
 
 SYNTH_CLASSES = 16

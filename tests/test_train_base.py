@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from spatiallock.base import load_base, small_unet_config
+from spatiallock.base.folders import load_base, small_unet_config
 from spatiallock.cli import main
 from spatiallock.training.base import min_snr_weights
 

@@ -11,11 +11,11 @@ import torch
 from test_train_adapter import train
 
 import spatiallock.training.adapter as adapter_training
-from spatiallock.base import load_base
+from spatiallock.base.folders import load_base
 from spatiallock.errors import SpatialLockError
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.models.injection import resolve_positions, transformer_blocks
-from spatiallock.pipeline import load_adapter
+from spatiallock.pipelines.diffusion import load_adapter
 from spatiallock.training.adapter import AdapterTrainConfig, drop_conditions, train_adapter
 from spatiallock.training.base import BaseTrainConfig
 from spatiallock.training.common import drop, start_training

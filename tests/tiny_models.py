@@ -3,7 +3,7 @@
 - `make_tiny_sd(folder)`: a Stable-Diffusion-format folder (`StableDiffusionPipeline.save_pretrained`): a tiny
   `CLIPTextModel` with a hand-made BPE vocabulary that covers the synthetic domain's captions, a tiny
   `AutoencoderKL` (32 px <-> 16x16x4, factor 2), a tiny `UNet2DConditionModel` and SD v1's PNDM scheduler.
-- `make_tiny_small_base(folder)`: the project's small-base format (`spatiallock.base.save_small_base`) with a tiny
+- `make_tiny_small_base(folder)`: the project's small-base format (`base.folders.save_small_base`) with a tiny
   U-Net and autoencoder; its text encoder is the real all-MiniLM-L6-v2, loaded offline from its package.
 
 All weights are random but seeded: the same call writes the same tensors.
@@ -159,8 +159,8 @@ def make_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
 def make_tiny_small_base(folder: str | Path, seed: int = 0) -> Path:
     """Write the project's small-base format with a tiny U-Net (cross-attention 384, for all-MiniLM-L6-v2) and a
     tiny autoencoder; native resolution 32 px."""
-    from spatiallock.base import save_small_base, small_scheduler
-    from spatiallock.text import load_minilm
+    from spatiallock.base.folders import save_small_base, small_scheduler
+    from spatiallock.base.text import load_minilm
 
     torch.manual_seed(seed)
     _, tokenizer = load_minilm()

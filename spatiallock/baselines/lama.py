@@ -462,7 +462,7 @@ class LamaOutput:
 
 @dataclass
 class LamaPipeline:
-    """A LAMA generator behind the interface `spatiallock.sampling` calls: `pipe(layouts=..., generator=[...])`.
+    """A LAMA generator behind the interface `spatiallock.sampling.run` calls: `pipe(layouts=..., generator=[...])`.
 
     A GAN has no sampling steps, guidance or scheduler: those options do not apply (`check_options` refuses the
     diffusion-only ones that would change an image)."""
@@ -545,7 +545,7 @@ class LamaPipeline:
     def mask_entropy(self, layouts: Sequence, seed: int, per_layout: int = 1, batch: int = 64) -> dict[str, float]:
         """Mean per-pixel mask entropy of the images `sampling.sample` draws for `layouts` with `seed`: of the
         final (adapted, or only normalised) masks and of the raw masks normalised."""
-        from spatiallock.sampling import image_generator, jobs_of
+        from spatiallock.pipelines.seeding import image_generator, jobs_of
 
         jobs = jobs_of(layouts, per_layout)
         adapted, raw = [], []

@@ -20,13 +20,14 @@ example:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from spatiallock import sampling
     from spatiallock.commands.generate import output_names
     from spatiallock.commands.options import check_out_folder, make_out_folder
-    from spatiallock.detector import Detector
-    from spatiallock.draw import draw_boxes, grid, save_image_atomic
-    from spatiallock.evaluate import score_images
+    from spatiallock.data.draw import draw_boxes, grid, save_image_atomic
+    from spatiallock.evaluation.detector import Detector
+    from spatiallock.evaluation.scoring import score_images
     from spatiallock.layout import read_layouts
+    from spatiallock.sampling import run as sampling
+    from spatiallock.shipped import resolve_detector
 
     start = time.perf_counter()
     examples = Path(args.examples)
@@ -41,7 +42,7 @@ def run_demo(args: argparse.Namespace) -> int:
     options.check()
     out = check_out_folder(args.out)
     pipe = sampling.load_pipeline(args.model, args.adapter)
-    detector = Detector.from_pretrained(sampling.resolve_detector(args.detector)).to(pipe.device)
+    detector = Detector.from_pretrained(resolve_detector(args.detector)).to(pipe.device)
     layouts = [layout for _, layout in requests]
     options.check_for(pipe, layouts)
     images, _, _ = sampling.sample(pipe, layouts, options)

@@ -31,7 +31,7 @@ examples:
 
 
 def _real_images(args: argparse.Namespace, layouts: list):
-    from spatiallock.evaluate import load_real_images, real_image_paths
+    from spatiallock.evaluation.scoring import load_real_images, real_image_paths
 
     if args.real:
         folder = Path(args.real)
@@ -49,13 +49,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from spatiallock import sampling
     from spatiallock.commands.options import check_out_folder, make_out_folder
     from spatiallock.data.cocofile import write_json_atomic
-    from spatiallock.detector import Detector
-    from spatiallock.draw import save_image_atomic
-    from spatiallock.evaluate import category_ids, evaluate_pipeline, layout_picture
+    from spatiallock.data.draw import save_image_atomic
+    from spatiallock.evaluation.detector import Detector
+    from spatiallock.evaluation.scoring import category_ids, evaluate_pipeline, layout_picture
     from spatiallock.layout import read_layouts
+    from spatiallock.sampling import run as sampling
+    from spatiallock.shipped import resolve_detector
 
     options = sampling.SamplingOptions.from_args(args)
     options.check()
@@ -71,7 +72,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if os.path.lexists(target) and not target.is_file():
             raise SpatialLockError(f"--out: {target} exists and is not a file")
     layouts = read_layouts(args.layouts)[: args.limit]
-    detector = Detector.from_pretrained(sampling.resolve_detector(args.detector))
+    detector = Detector.from_pretrained(resolve_detector(args.detector))
     category_ids(detector, layouts)
     real = _real_images(args, layouts)
     if args.fid_weights is not None:  # found before sampling, not after it

@@ -70,10 +70,10 @@ examples:
 def run_generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from spatiallock import sampling
     from spatiallock.commands.options import check_out_folder, make_out_folder
-    from spatiallock.draw import draw_boxes, grid, save_image_atomic
+    from spatiallock.data.draw import draw_boxes, grid, save_image_atomic
     from spatiallock.layout import read_layouts
+    from spatiallock.sampling import run as sampling
 
     options = sampling.SamplingOptions.from_args(args)
     options.check()
@@ -125,9 +125,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def _save_masks(pipe, layouts: list, batch: list, seed: int, paths: list[Path]) -> list[Path]:
     """The semantic masks a LAMA pipeline drew for `batch` (the same generators as its images), as pictures."""
-    from spatiallock import sampling
     from spatiallock.baselines.lama import mask_picture
-    from spatiallock.draw import save_image_atomic
+    from spatiallock.data.draw import save_image_atomic
+    from spatiallock.sampling import run as sampling
 
     generators = [sampling.image_generator(seed, i, k) for i, k in batch]
     masks, _ = pipe.masks([layouts[i] for i, _ in batch], generators)
@@ -243,11 +243,11 @@ def run_generate_dataset(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from spatiallock import sampling
     from spatiallock.commands.options import check_out_folder
     from spatiallock.data.cocofile import write_json_atomic
-    from spatiallock.draw import save_image_atomic
+    from spatiallock.data.draw import save_image_atomic
     from spatiallock.layout import is_coco_instances, read_json, read_layouts
+    from spatiallock.sampling import run as sampling
 
     options = sampling.SamplingOptions.from_args(args)
     options.check()

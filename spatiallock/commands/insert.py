@@ -26,9 +26,9 @@ def run(args: argparse.Namespace) -> int:
     from spatiallock.commands.locate import load_locator, parse_box
     from spatiallock.data.coco import read_image_option
     from spatiallock.data.cocofile import atomic_output, writable_folder
-    from spatiallock.insert import insert_object
-    from spatiallock.locator import load_background
-    from spatiallock.sampling import load_pipeline
+    from spatiallock.location.insert import insert_object
+    from spatiallock.location.locator import load_background
+    from spatiallock.sampling.run import load_pipeline
 
     out = Path(args.out)
     if out.is_dir():

@@ -9,8 +9,6 @@ from pathlib import Path
 
 from spatiallock.errors import SpatialLockError
 
-ASSET = Path(__file__).resolve().parent.parent / "assets" / "locator"
-
 HELP = """\
 Sample boxes for a new object in an image from a location model (`spatiallock train locator`): where an
 object labelled --label could go. Prints one box per line (normalised x0 y0 x1 y1, most likely first) with its
@@ -39,9 +37,10 @@ def parse_box(text: str, name: str) -> tuple[float, float, float, float]:
 
 
 def load_locator(model: str, option: str = "--model"):
-    from spatiallock.locator import Locator
+    from spatiallock.location.locator import Locator
+    from spatiallock.shipped import default_locator_path
 
-    folder = ASSET if model == "default" else Path(model)
+    folder = default_locator_path() if model == "default" else Path(model)
     if not folder.is_dir():
         what = "no locator is shipped yet; train one" if model == "default" else "not a folder"
         raise SpatialLockError(f"{option}: {model}: {what} (spatiallock train locator --data DIR --out LOC)")
@@ -51,7 +50,7 @@ def load_locator(model: str, option: str = "--model"):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from spatiallock.locator import load_background
+    from spatiallock.location.locator import load_background
 
     if not 1 <= args.n <= 1000:
         raise SpatialLockError(f"--n: must be 1 to 1000, got {args.n}")
@@ -73,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if out is not None:
         from spatiallock.data.coco import read_image_option
         from spatiallock.data.cocofile import atomic_output
-        from spatiallock.draw import draw_boxes
+        from spatiallock.data.draw import draw_boxes
 
         drawn = draw_boxes(read_image_option(args.image, "--image"), [args.label] * len(found), [b for b, _ in found])
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from spatiallock.errors import SpatialLockError
 
-DTYPES = ("fp32", "fp16", "bf16")  # the keys of spatiallock.sampling.DTYPES, without importing torch for --help
+DTYPES = ("fp32", "fp16", "bf16")  # the keys of spatiallock.sampling.run.DTYPES, without importing torch for --help
 
 
 def check_out_folder(out: str | os.PathLike, option: str = "--out") -> Path:
@@ -36,7 +36,7 @@ def _yes_no(text: str) -> bool:
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that samples."""
-    from spatiallock.pipeline import SCHEDULERS
+    from spatiallock.pipelines.diffusion import SCHEDULERS
 
     parser.add_argument(
         "--model",
@@ -99,7 +99,7 @@ def add_layout_control_options(parser: argparse.ArgumentParser) -> None:
     """Training-free layout control: cross-attention guidance and spatial-aware initialisation."""
     group = parser.add_argument_group(
         "training-free layout control",
-        "with or without an adapter; see the modules spatiallock.guidance and spatiallock.init",
+        "with or without an adapter; see spatiallock/pipelines/extensions/ (layout_guidance, layout_init)",
     )
     group.add_argument(
         "--layout-guidance-steps", "--guidance-steps", type=int, default=0, metavar="N",

@@ -7,11 +7,11 @@ import json
 
 import torch
 
-from spatiallock.configs import COCO_CLASSES, SD_V1_PHRASE_DIM, build_unet, unet_config
+from spatiallock.base.configs import COCO_CLASSES, SD_V1_PHRASE_DIM, build_unet, unet_config
 from spatiallock.errors import SpatialLockError
 from spatiallock.models.adapter import RECIPE, SpatialLockAdapter
 from spatiallock.models.injection import count_parameters
-from spatiallock.sampling import adapter_like
+from spatiallock.sampling.run import adapter_like
 
 
 def count(

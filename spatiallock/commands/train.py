@@ -321,7 +321,7 @@ def run_locator(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from spatiallock.data.cocofile import write_text_atomic
-    from spatiallock.locator import Locator, plausibility
+    from spatiallock.location.locator import Locator, plausibility
     from spatiallock.training.locator import LocatorTrainConfig, train_locator
 
     _check_number("--beta", args.beta, 0.0, 1e3, open_low=True)

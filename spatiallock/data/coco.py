@@ -21,7 +21,7 @@ from PIL import Image
 from spatiallock.data.cocofile import CocoIndex, ImageRecord, LayoutFilters, build_index, read_coco_json
 from spatiallock.data.transforms import apply_to_boxes, apply_to_image, plan_crop, swap_left_right
 from spatiallock.errors import SpatialLockError
-from spatiallock.models.grounding import MAX_OBJECTS
+from spatiallock.layout import MAX_OBJECTS
 
 logger = logging.getLogger(__name__)
 

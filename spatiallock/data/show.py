@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from spatiallock.data.coco import LayoutDataset
-from spatiallock.draw import label_colour
+from spatiallock.data.draw import label_colour
 from spatiallock.errors import SpatialLockError
 
 

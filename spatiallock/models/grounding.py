@@ -21,8 +21,8 @@ from torch import nn
 
 from spatiallock.errors import SpatialLockError
 from spatiallock.geometry import box_coverage, level_grid
+from spatiallock.layout import MAX_OBJECTS
 
-MAX_OBJECTS = 30
 # names of the zero-initialised gate parameters (Grounding-Attention and the GLIGEN baseline)
 GATES = ("gate_attn", "gate_ff", "alpha_attn", "alpha_dense")
 

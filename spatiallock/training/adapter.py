@@ -11,14 +11,15 @@ from pathlib import Path
 
 import torch
 
-from spatiallock.base import BaseModel, load_base
+from spatiallock.base.folders import BaseModel, load_base
+from spatiallock.base.text import PhraseCache, encode_captions, phrase_dim
 from spatiallock.checkpoint import atomic_save_pretrained
 from spatiallock.data.coco import collate_layouts
 from spatiallock.errors import SpatialLockError, first_line
+from spatiallock.layout import MAX_OBJECTS
 from spatiallock.models.adapter import SpatialLockAdapter
-from spatiallock.models.grounding import GATES, MAX_OBJECTS
+from spatiallock.models.grounding import GATES
 from spatiallock.models.perception import PERCEPTION_INPUTS
-from spatiallock.text import PhraseCache, encode_captions, phrase_dim
 from spatiallock.training.common import TIMESTEP_SAMPLING, drop, latents_of, noisy_inputs, start_training
 from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
 
@@ -75,7 +76,7 @@ def drop_conditions(
 
 def adapter_weights_file(source: str) -> Path:
     """The weights of `source`'s adapter (`default`, a model folder with adapter/, or an adapter folder)."""
-    from spatiallock.sampling import resolve_model
+    from spatiallock.shipped import resolve_model
 
     folder = Path(resolve_model(source) if source == "default" else source)
     files = [

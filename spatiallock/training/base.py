@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
 from torch import nn
 
-from spatiallock.base import (
+from spatiallock.base.folders import (
     CAPTION_TOKENS,
     BaseModel,
     save_small_base,
@@ -24,10 +24,10 @@ from spatiallock.base import (
     small_unet_config,
     small_vae_config,
 )
+from spatiallock.base.text import encode_captions, load_minilm
 from spatiallock.checkpoint import atomic_save_pretrained, from_pretrained_safetensors
 from spatiallock.data.coco import collate_layouts
 from spatiallock.errors import SpatialLockError
-from spatiallock.text import encode_captions, load_minilm
 from spatiallock.training.common import drop, latents_of, noisy_inputs, start_training
 from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
 

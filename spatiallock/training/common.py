@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from spatiallock.base import BaseModel
+from spatiallock.base.folders import BaseModel
 from spatiallock.checkpoint import list_checkpoints
 from spatiallock.data.coco import LayoutDataset
 from spatiallock.data.cocofile import writable_folder, write_text_atomic

@@ -2,7 +2,7 @@
 generated data sets added when asked (`extra_data`).
 
 The shipped FCOS's AP on the real validation images is the ceiling beside which the generated images' AP is
-reported, and its pooled features give the Frechet distance of the synthetic domain (see `spatiallock.detector`).
+reported, and its pooled features give the Frechet distance of the synthetic domain (see `evaluation.detector`).
 `benchmarks/augmentation.py` trains the other architectures with and without generated data.
 """
 
@@ -25,8 +25,8 @@ from spatiallock.data.coco import (
     split_files,
 )
 from spatiallock.data.cocofile import write_text_atomic
-from spatiallock.detector import ARCHS, Detector, DetectorConfig, evaluate_detector
 from spatiallock.errors import SpatialLockError
+from spatiallock.evaluation.detector import ARCHS, Detector, DetectorConfig, evaluate_detector
 from spatiallock.training.common import start_training
 from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
 

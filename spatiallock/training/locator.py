@@ -1,4 +1,4 @@
-"""`spatiallock train locator`: the location model (`spatiallock.locator`) on a shelves data set.
+"""`spatiallock train locator`: the location model (`spatiallock.location.locator`) on a shelves data set.
 
 Two stages, one command each. Without `dpo`: maximum likelihood of the positive boxes (one drawn per example
 and step), the removed-object images as the background. With `dpo` and `init_from` a locator of the first
@@ -18,7 +18,7 @@ import torch
 
 from spatiallock.checkpoint import atomic_save_pretrained
 from spatiallock.errors import SpatialLockError
-from spatiallock.locator import (
+from spatiallock.location.locator import (
     Locator,
     LocatorConfig,
     PlacementDataset,
@@ -56,7 +56,7 @@ class LocatorTrainConfig:
 
 def label_table(labels: list[str]) -> torch.Tensor:
     """The project's text encoder's embeddings of `labels` (n, 384)."""
-    from spatiallock.text import encode_phrases, load_minilm
+    from spatiallock.base.text import encode_phrases, load_minilm
 
     encoder, tokenizer = load_minilm()
     return encode_phrases(encoder, tokenizer, labels).float()

@@ -21,7 +21,7 @@ import PIL.ImageDraw
 import torch
 from diffusers import DDIMInverseScheduler
 
-from spatiallock.draw import label_colour
+from spatiallock.data.draw import label_colour
 from spatiallock.errors import SpatialLockError
 from spatiallock.layout import Layout
 

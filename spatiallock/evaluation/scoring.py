@@ -21,11 +21,11 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import box_iou
 
-from spatiallock.detector import Detector, coco_ap, to_coco_results, to_image_tensors
-from spatiallock.draw import draw_boxes, grid
+from spatiallock.data.draw import draw_boxes, grid
 from spatiallock.errors import SpatialLockError
+from spatiallock.evaluation.detector import Detector, coco_ap, to_coco_results, to_image_tensors
 from spatiallock.layout import Layout
-from spatiallock.sampling import SamplingOptions, sample
+from spatiallock.sampling.run import SamplingOptions, sample
 
 SCORE_THRESHOLD = 0.3  # detections below it do not count for miou (AP uses them all, ranked by score)
 

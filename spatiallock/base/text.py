@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from spatiallock.errors import SpatialLockError
-from spatiallock.models.grounding import MAX_OBJECTS
+from spatiallock.layout import MAX_OBJECTS
 
 PHRASE_TOKENS = 32  # tokens of a label (phrase) the text encoder reads; labels are short
 
