@@ -45,6 +45,7 @@ def _one_line_warnings(show=warnings.showwarning):
 
 def build_parser() -> argparse.ArgumentParser:
     from spatiallock.commands import app as app_cmd
+    from spatiallock.commands import data as data_cmd
     from spatiallock.commands import demo as demo_cmd
     from spatiallock.commands import evaluate as evaluate_cmd
     from spatiallock.commands import generate as generate_cmd
@@ -52,7 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     from spatiallock.commands import locate as locate_cmd
     from spatiallock.commands import params as params_cmd
     from spatiallock.commands import train as train_cmd
-    from spatiallock.commands import data as data_cmd
 
     parser = ArgumentParser(
         prog="spatiallock",

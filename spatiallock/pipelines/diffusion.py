@@ -5,7 +5,7 @@ classifier-free guidance, the same scheduler calls. With an adapter attached, th
 grounding tokens for the first `grounding_steps` share of the steps; the unconditional branch gets the
 empty caption and null grounding (every object slot masked). Without an adapter, or with all gates at zero,
 the output is the plain base pipeline's. Training-free layout control, with or without an adapter, is off
-unless asked for: cross-attention guidance of the latents (`spatiallock.pipelines.extensions.layout_guidance`) and sampling from a
+unless asked for: cross-attention guidance of the latents (`pipelines.extensions.layout_guidance`) and sampling from a
 DDIM-inverted reference image (`spatiallock.pipelines.extensions.layout_init`).
 
 Folders: `save_pretrained` writes diffusers layout (`model_index.json`, `unet/`, `vae/`, `scheduler/`,
@@ -460,14 +460,14 @@ class SpatialLockPipeline(DiffusionPipeline):
                 the adapter's own (`default_ground_unconditional`).
             guidance_scale: classifier-free guidance; <= 1 turns it off.
             generator, latents, output_type ("pil", "np", "pt", "latent"), return_dict: as in diffusers.
-            layout_guidance_steps: training-free cross-attention guidance (`spatiallock.pipelines.extensions.layout_guidance`) for this many
+            layout_guidance_steps: training-free cross-attention guidance (`extensions.layout_guidance`) for this many
                 steps from the first; 0 (default) turns it off. Works with or without an adapter.
             layout_guidance_scale: its step size at the first step, decaying linearly over the guided steps.
             layout_guidance_iterations: gradient updates of the latents per guided step.
             layout_guidance_layers: cross-attention layers it reads (default: mid block and first up stage).
             missing_labels: a label absent from its caption is "add"ed to it (with a warning) or an "error".
                 The returned layouts hold the captions used.
-            init_image / init_from_layout: spatial-aware initialisation (`spatiallock.pipelines.extensions.layout_init`): start from a
+            init_image / init_from_layout: spatial-aware initialisation (`extensions.layout_init`): start from a
                 DDIM-inverted reference image (one for all, or one per image), or from each layout rendered
                 as coloured boxes on grey, instead of random noise.
             init_strength: share of the schedule to invert through; sampling runs that share of the steps.

@@ -15,7 +15,7 @@ def image_generator(seed: int, layout_index: int, sample: int, device="cpu") -> 
     return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + layout_index) * 1009 + sample) % 2**64)
 
 
-def jobs_of(layouts: Sequence[Layout], per_layout: int = 1) -> list[tuple[int, int]]:
+def jobs_of(layouts: Sequence, per_layout: int = 1) -> list[tuple[int, int]]:
     """(layout index, sample index) of every image, layout by layout."""
     return [(i, k) for i in range(len(layouts)) for k in range(per_layout)]
 
