@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 APP_STAMP := $(VENV)/.installed-app
 
-.PHONY: demo app test test-browser install lint clean
+.PHONY: demo app test test-browser screenshots install lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	# torch and torchvision first, pinned to the pair this machine installs from local files;
 	# a GPU user installs the build for their CUDA version before `make` (see README).
 	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,bench]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -44,6 +44,14 @@ test-browser: $(APP_STAMP)
 	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 		(apt-get update -qq && apt-get install -y -qq chromium)
 	$(BIN)/python -m pytest tests/browser --confcutdir=tests/browser -p no:cacheprovider -s
+
+# docs/app.png, the README's picture of the page: the browser test that draws a layout and generates, writing its
+# screenshot into docs/ (`make test-browser` writes it to a temporary folder and leaves the tracked files alone).
+screenshots: $(APP_STAMP)
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq chromium)
+	SPATIALLOCK_SCREENSHOTS=docs $(BIN)/python -m pytest \
+		tests/browser/test_app.py::test_draw_label_generate_and_round_trip --confcutdir=tests/browser -p no:cacheprovider -s
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

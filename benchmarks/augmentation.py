@@ -19,6 +19,7 @@ each data set, with the boxes they were asked for, are in benchmarks/results/aug
 
     python benchmarks/augmentation.py --data data/shapes --real 1000 --generated 2000 --steps 3000 \\
         --arch fcos --arch retinanet --arch ssd
+    python benchmarks/augmentation.py --plot-only   # redraw the chart from the results file alone
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def merge(rows: list[dict], path: Path, meta: dict) -> dict:
     order = {arch: i for i, arch in enumerate(ARCHS)}
     merged = sorted(keep.values(), key=lambda r: (order.get(r["arch"], 99), DATA_KINDS.index(r["data"])))
     result = {**old, **meta, "rows": merged}
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(path)
@@ -113,21 +115,16 @@ def plot(result: dict, path: Path) -> None:
 
 def samples(generated: dict[str, Path], path: Path, count: int = 8) -> None:
     """The first `count` images of each generated data set (one row each), with their requested boxes dashed."""
-    from charts import labelled_strips
+    from charts import labelled_strips, sample_strip
     from PIL import Image
 
-    from spatiallock.data.draw import draw_boxes, grid
     from spatiallock.layout import read_layouts
 
     strips = []
     for kind, folder in generated.items():
         layouts = read_layouts(folder / "instances.json")[:count]
-        cells = [
-            draw_boxes(Image.open(folder / layout.meta["file_name"]), layout.labels, layout.boxes, min_side=128,
-                       dashed=True)
-            for layout in layouts
-        ]  # fmt: skip
-        strips.append((kind, grid(cells, columns=len(cells), gap=2)))
+        images = [Image.open(folder / layout.meta["file_name"]) for layout in layouts]
+        strips.append((kind, sample_strip(images, layouts)))
     if strips:
         labelled_strips(strips, path, left=150)
 
@@ -156,7 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "augmentation.json"), help="results file")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars in the commands")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the chart from the results file alone")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        out = Path(args.out)
+        if not out.is_file():
+            parser.error(f"--plot-only: no results file {out}")
+        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.png')}")
+        return 0
     archs = args.arch or ["fcos", "retinanet", "ssd"]
     kinds = args.only or list(DATA_KINDS)
     work = Path(args.work)

@@ -1,4 +1,8 @@
-"""Small charts drawn with PIL alone (the benchmarks need no plotting library): grouped bars and line plots."""
+"""The benchmarks' figures: charts (grouped bars, line plots, labelled points) drawn with matplotlib's Agg backend,
+and sheets of sample images (stacked labelled strips) drawn with PIL.
+
+The charts need the `bench` extra (`pip install -e ".[bench]"`); the sample sheets need PIL alone.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,26 @@ from PIL import Image, ImageDraw, ImageFont
 PALETTE = (
     "#999999", "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
 )  # fmt: skip
+DPI = 100
 
 
-def _font(size: int = 13):
-    return ImageFont.load_default(size=size)
+def figure(width: float, height: float):
+    """A matplotlib figure of `width` x `height` inches on the Agg canvas (no pyplot, no display), and its axes."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise SystemExit('the benchmark charts need matplotlib: pip install -e ".[bench]"') from None
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def save(fig, path: Path) -> None:
+    """Write `fig` as a PNG at `path` (its folder made if need be)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
 
 
 def grouped_bars(
@@ -23,35 +43,47 @@ def grouped_bars(
     ylabel: str,
     path: Path,
     top: float = 1.0,
+    horizontal: bool = False,
+    references: Sequence[tuple[float, str, str]] = (),
 ) -> None:
-    """One group of bars per entry of `groups`; `series` holds (name, colour, one value per group or None)."""
-    width, height, left, bottom, head = 150 + 170 * len(groups), 380, 60, 50, 40
-    image = Image.new("RGB", (width, height), "white")
-    draw, font = ImageDraw.Draw(image), _font()
-    plot_h = height - bottom - head
-    draw.text((10, 10), title, fill="black", font=font)
-    for tick in range(0, 11, 2):
-        y = head + plot_h * (1 - tick / 10)
-        draw.line((left, y, width - 120, y), fill="#e5e5e5")
-        draw.text((left - 30, y - 7), f"{top * tick / 10:.1f}", fill="black", font=_font(11))
-    draw.text((6, head - 18), ylabel, fill="black", font=_font(11))
-    bar = 150 // max(len(series), 1) - 4
-    for g, group in enumerate(groups):
-        x0 = left + 10 + 170 * g
-        for s, (_, colour, values) in enumerate(series):
-            value = values[g]
-            if value is None:
-                continue
-            x = x0 + s * (bar + 4)
-            y = head + plot_h * (1 - min(value, top) / top)
-            draw.rectangle((x, y, x + bar, head + plot_h), fill=colour)
-            draw.text((x, y - 14), f"{value:.3f}", fill="black", font=_font(10))
-        draw.text((x0 + 40, head + plot_h + 8), group, fill="black", font=font)
-    for s, (name, colour, _) in enumerate(series):
-        y = head + 10 + 20 * s
-        draw.rectangle((width - 112, y, width - 100, y + 12), fill=colour)
-        draw.text((width - 95, y - 1), name, fill="black", font=_font(11))
-    image.save(path)
+    """One group of bars per entry of `groups`; `series` holds (name, colour, one value per group or None), each
+    bar labelled with its value. `references`: (value, colour, label) drawn as dashed lines across the bars.
+    `horizontal`: groups top to bottom, values along x (for many groups)."""
+    import numpy as np
+
+    count = max(len(series), 1)
+    width = 0.8 / count
+    if horizontal:
+        fig, ax = figure(9.0, 1.0 + 0.25 * count * max(len(groups), 1))
+    else:
+        fig, ax = figure(max(4.0, 1.0 + 0.55 * count * len(groups)), 4.2)
+    at = np.arange(len(groups))
+    for s, (name, colour, values) in enumerate(series):
+        offsets = at - 0.4 + width * (s + 0.5)
+        shown = [(o, v) for o, v in zip(offsets, values) if v is not None]
+        if not shown:
+            continue
+        where, heights = zip(*shown)
+        draw = ax.barh if horizontal else ax.bar
+        bars = draw(where, heights, width * 0.92, color=colour, label=name)
+        ax.bar_label(bars, fmt="%.3f", padding=2, fontsize=7)
+    for value, colour, label in references:
+        line = ax.axvline if horizontal else ax.axhline
+        line(value, color=colour, linestyle="--", linewidth=1.2, label=label)
+    value_axis, group_axis = (ax.xaxis, ax.yaxis) if horizontal else (ax.yaxis, ax.xaxis)
+    group_axis.set_ticks(at, list(groups))
+    value_axis.grid(True, color="#e5e5e5")
+    ax.set_axisbelow(True)
+    if horizontal:
+        ax.set_xlim(0, top * 1.1)
+        ax.set_ylim(len(groups) - 0.5, -0.5)  # the first group on top
+        ax.set_xlabel(ylabel)
+    else:
+        ax.set_ylim(0, top * 1.1)
+        ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)  # beside the bars
+    save(fig, path)
 
 
 def lines(
@@ -61,35 +93,87 @@ def lines(
     ylabel: str,
     path: Path,
 ) -> None:
-    """Line plots on [0, 1] x [0, 1]: `curves` holds (name, colour, points (x, y, point label))."""
-    size, left, bottom, head, legend = 360, 55, 45, 52, 230
-    image = Image.new("RGB", (left + size + legend, head + size + bottom), "white")
-    draw, font = ImageDraw.Draw(image), _font()
-    draw.text((10, 8), title, fill="black", font=font)
+    """Line plots of shares (values in [0, 1], the axes from 0 to the next tenth above the largest value):
+    `curves` holds (name, colour, points (x, y, point label))."""
+    import math
 
-    def at(x: float, y: float) -> tuple[float, float]:
-        return left + size * x, head + size * (1 - y)
+    fig, ax = figure(8.0, 5.5)
+    for name, colour, points in curves:
+        xs, ys = [x for x, _, _ in points], [y for _, y, _ in points]
+        ax.plot(xs, ys, color=colour, marker="o", markersize=4, linewidth=1.6, label=name)
+        for x, y, label in points:
+            ax.annotate(label, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7, color=colour)
+    every = [point for _, _, points in curves for point in points]
+    for axis, limit in ((0, ax.set_xlim), (1, ax.set_ylim)):
+        largest = max((point[axis] for point in every), default=1.0)
+        limit(0, min(1.0, max(0.1, math.ceil(largest * 10 + 0.5) / 10)))
+    ax.grid(True, color="#e5e5e5")
+    ax.set_axisbelow(True)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    save(fig, path)
 
-    for tick in range(0, 11, 2):
-        v = tick / 10
-        draw.line((*at(0, v), *at(1, v)), fill="#e5e5e5")
-        draw.line((*at(v, 0), *at(v, 1)), fill="#e5e5e5")
-        draw.text((left - 28, at(0, v)[1] - 7), f"{v:.1f}", fill="black", font=_font(10))
-        draw.text((at(v, 0)[0] - 8, head + size + 4), f"{v:.1f}", fill="black", font=_font(10))
-    draw.rectangle((*at(0, 1), *at(1, 0)), outline="black")
-    draw.text((left + size // 2 - 60, head + size + 22), xlabel, fill="black", font=font)
-    draw.text((4, head - 20), ylabel, fill="black", font=_font(11))
-    for c, (name, colour, points) in enumerate(curves):
-        xy = [at(x, y) for x, y, _ in points]
-        if len(xy) > 1:
-            draw.line(xy, fill=colour, width=2)
-        for (px, py), (_, _, label) in zip(xy, points):
-            draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
-            draw.text((px + 4, py - 12), label, fill=colour, font=_font(9))
-        y = head + 10 + 20 * c
-        draw.line((left + size + 15, y + 6, left + size + 35, y + 6), fill=colour, width=3)
-        draw.text((left + size + 40, y), name, fill="black", font=_font(11))
-    image.save(path)
+
+def labelled_points(
+    points: Sequence[tuple[str, float, float, str]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    path: Path,
+    xlim: tuple[float, float] = (0.0, 1.0),
+    ylim: tuple[float, float] = (0.0, 1.0),
+    vertical: Sequence[tuple[float, str, str]] = (),
+    horizontal: Sequence[tuple[float, str, str]] = (),
+) -> None:
+    """A scatter of `points` (label, x, y, group; one colour and legend entry per group), each point labelled
+    beside it, labels that would overlap moved apart. `vertical` and `horizontal`: (value, colour, label)
+    reference lines, dashed and dotted, labelled at their ends."""
+    fig, ax = figure(9.0, 5.6)
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
+    for value, colour, label in vertical:
+        ax.axvline(value, color=colour, linestyle="--", linewidth=1.4)
+        ax.annotate(label, (value, ylim[1]), xytext=(4, -12), textcoords="offset points", color=colour, fontsize=9)
+    for value, colour, label in horizontal:
+        ax.axhline(value, color=colour, linestyle=":", linewidth=1.2)
+        ax.annotate(label, (xlim[1], value), xytext=(-4, 3), textcoords="offset points", color=colour, fontsize=8,
+                    ha="right")  # fmt: skip
+    groups = sorted({group for *_, group in points})
+    for k, group in enumerate(groups):
+        mine = [(x, y) for _, x, y, g in points if g == group]
+        ax.scatter(*zip(*mine), s=36, color=PALETTE[(k + 2) % len(PALETTE)], label=group, zorder=3)
+    placed: list[tuple[float, float]] = []  # label positions in pixels
+    for label, x, y, _ in sorted(points, key=lambda p: (p[1], -p[2])):
+        px, py = ax.transData.transform((x, y))
+        dy = 6.0
+        while any(abs(px - qx) < 150 and abs(py + dy - qy) < 11 for qx, qy in placed):
+            dy -= 11
+        placed.append((px, py + dy))
+        leader = {"arrowstyle": "-", "color": "#aaaaaa", "linewidth": 0.6, "relpos": (0, 0.5)}  # to a moved label
+        ax.annotate(label, (x, y), xytext=(8, dy), textcoords="offset pixels", fontsize=7, va="center",
+                    arrowprops=leader if dy < 0 else None)  # fmt: skip
+    ax.grid(True, color="#eeeeee")
+    ax.set_axisbelow(True)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.legend(loc="lower left", bbox_to_anchor=(0.5, 0.02), fontsize=8, framealpha=0.9)
+    save(fig, path)
+
+
+def sample_strip(images: Sequence[Image.Image], layouts: Sequence | None = None) -> Image.Image:
+    """Images side by side, each shown at least 128 px, with its layout's requested boxes drawn dashed when
+    `layouts` (one per image) are given."""
+    from spatiallock.data.draw import draw_boxes, grid
+
+    cells = [
+        draw_boxes(image, layout.labels, layout.boxes, min_side=128, dashed=True) if layout is not None else
+        draw_boxes(image, [], [], min_side=128)
+        for image, layout in zip(images, layouts or [None] * len(images))
+    ]  # fmt: skip
+    return grid(cells, columns=len(cells), gap=2)
 
 
 def labelled_strips(strips: Sequence[tuple[str, Image.Image]], path: Path, left: int) -> None:

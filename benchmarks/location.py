@@ -19,6 +19,7 @@ back (what masked latent blending alone keeps through the autoencoder).
 
     python benchmarks/location.py --data data/shelves --model positive-only=runs/locator \\
         --model dpo=runs/locator-dpo
+    python benchmarks/location.py --plot-only       # redraw the chart from the results file alone
 
 A run with the same settings as the results file keeps the file's rows of the models it does not compute (and
 its insertion row with --insert-cases 0), so a new model is added without sampling the others again.
@@ -97,7 +98,7 @@ def insertion(args, entries: list[dict], data: Path) -> dict:
 
     from spatiallock.evaluation.detector import Detector
     from spatiallock.location.insert import insert_object
-    from spatiallock.sampling.run import load_pipeline
+    from spatiallock.sampling import load_pipeline
 
     pipe = load_pipeline(args.sampler)
     detector = Detector.from_pretrained(args.detector)
@@ -165,8 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", default="default", help="SpatialLock model that inserts (default: shipped)")
     parser.add_argument("--detector", default="spatiallock/assets/detector", help="detector that looks for it")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps of insertion (default: 25)")
-    parser.add_argument("--out", default=str(RESULTS / "location.json"))
+    parser.add_argument("--out", default=str(RESULTS / "location.json"), help="results file; the chart beside it")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the chart from the results file alone")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        out = Path(args.out)
+        if not out.is_file():
+            parser.error(f"--plot-only: no results file {out}")
+        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.png')}")
+        return 0
     data = Path(args.data)
     entries, scenes = held_out(data, args.split, args.limit)
     if not entries:

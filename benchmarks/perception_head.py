@@ -3,8 +3,9 @@
 The head reads the U-Net's down-block features while sampling (`--candidates`, `--perception-guidance-steps`).
 This scores it as a detector: real validation images are encoded, noised to timestep t (of the 1,000 training
 steps), run through the U-Net's down path with the adapter grounding their own layout (as in training), and the
-head's detections are scored with COCO AP against the real boxes, beside the shipped detector's AP on the same
-real images. It tells at which point of sampling the head's judgement can be trusted.
+head's detections are scored with COCO AP against the real boxes, beside a detector's AP on the same real images
+(the shipped detector's unless --detector names another). It tells at which point of sampling the head's
+judgement can be trusted.
 
 The head reads features of a U-Net that is told the layout. `--grounding` says which layout: `own` (the
 image's, as in training), `none` (no objects: only the image to go by) or `other` (the next image's layout:
@@ -26,11 +27,12 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.image_processor import VaeImageProcessor
 
-from spatiallock.data.cocofile import write_text_atomic
 from spatiallock.evaluation.detector import Detector, coco_ap, to_coco_results
 from spatiallock.evaluation.scoring import load_real_images, real_image_paths
+from spatiallock.files import write_text_atomic
 from spatiallock.layout import read_layouts
-from spatiallock.sampling.run import load_pipeline
+from spatiallock.pipelines.extensions.perception import down_features
+from spatiallock.sampling import load_pipeline
 from spatiallock.shipped import resolve_detector
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -46,8 +48,10 @@ def head_detections(pipe, layouts, latents, t: int, seed: int, batch: int) -> li
         noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed + start))
         steps = torch.full((len(chunk),), t, dtype=torch.long)
         noisy = noising.add_noise(clean, noise, steps) if t > 0 else clean
-        states, mask, grounding, *_ = pipe._conditioning(chunk, False, False, tuple(clean.shape[-2:]), clean.device)
-        features = pipe.down_features(noisy, steps, states, mask, grounding)
+        made = pipe.condition(
+            chunk, guided=False, ground_unconditional=False, latent_size=tuple(clean.shape[-2:]), device=clean.device
+        )
+        features = down_features(pipe, noisy, steps, made.states, made.caption_mask, made.grounding)
         found += head.detect([f.float() for f in features], score_threshold=0.05)
     return found
 
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--grounding", nargs="+", default=["own"], choices=["own", "none", "other"])
+    parser.add_argument("--detector", default="default", help="detector scored on the real images (default: shipped)")
     parser.add_argument("--out", default=str(RESULTS / "perception_head.json"))
     args = parser.parse_args(argv)
 
@@ -91,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             pipe.vae.encode(pixels[i : i + 64]).latent_dist.mean for i in range(0, len(pixels), 64)
         ]) * pipe.vae.config.scaling_factor  # fmt: skip
 
-    detector = Detector.from_pretrained(resolve_detector("default"))
+    detector = Detector.from_pretrained(resolve_detector(args.detector))
     ceiling = coco_ap(instances, to_coco_results(detector.detect(images), image_ids, [sizes[i] for i in image_ids]))
-    print(f"shipped detector on the real images: AP {ceiling['ap']:.4f}")
+    print(f"detector on the real images: AP {ceiling['ap']:.4f}")
     # the annotations moved one image back: what `other` asks of each image
     asked = {"images": instances["images"], "categories": instances["categories"], "annotations": []}
     following = {image_ids[i]: image_ids[(i + 1) % len(image_ids)] for i in range(len(image_ids))}
@@ -126,9 +131,11 @@ def main(argv: list[str] | None = None) -> int:
             print(line, flush=True)
     result = {
         "model": args.model, "adapter": args.adapter or "the model's own", "layouts": args.layouts,
-        "images": len(layouts), "seed": args.seed, "detector_on_real_images": ceiling, "rows": rows,
+        "images": len(layouts), "seed": args.seed, "detector": args.detector,
+        "detector_on_real_images": ceiling, "rows": rows,
         "command": "python benchmarks/perception_head.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(Path(args.out), json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

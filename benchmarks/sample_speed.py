@@ -37,7 +37,7 @@ from spatiallock.layout import Layout
 from spatiallock.models.adapter import RECIPE, SpatialLockAdapter
 from spatiallock.models.grounding import GATES
 from spatiallock.pipelines.diffusion import SpatialLockPipeline
-from spatiallock.sampling.run import adapter_like
+from spatiallock.sampling import adapter_like
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYOUTS = [
@@ -111,7 +111,7 @@ def open_gates(adapter: SpatialLockAdapter) -> SpatialLockAdapter:
     return adapter
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: 25 on CPU, 50 on GPU)")
     parser.add_argument("--images", type=int, default=None, help="images per call (default: 8 on CPU, 4 on GPU)")
@@ -146,7 +146,7 @@ def main() -> None:
         help="compare each row's images with those a --save-images run kept (another version of the code): the "
         "largest difference per row goes into the results",
     )  # fmt: skip
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     gpu = device.type == "cuda"

@@ -12,6 +12,10 @@ per-pixel entropy of its semantic masks (`mask_entropy`; `mask_entropy_raw` befo
 
     python benchmarks/synthetic.py --data data/shapes --base models/base --detector models/detector \\
         --row gligen=runs/gligen --row spatiallock=runs/spatiallock --limit 300 --train-steps 2000
+    python benchmarks/synthetic.py --plot-only     # redraw the figures from the results file alone
+
+`--out` names the results file; the chart (`.png`), the samples figure (`_samples.png`), the strips of sample
+images behind it (`_samples/`) and the LAMA figure (`lama.png`) are written beside it.
 """
 
 from __future__ import annotations
@@ -26,14 +30,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from charts import labelled_strips
+from charts import labelled_strips, sample_strip
 from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from spatiallock.baselines.lama import LamaPipeline, is_lama_folder, mask_picture, normalise
-from spatiallock.data.cocofile import write_text_atomic
-from spatiallock.data.draw import draw_boxes, grid
 from spatiallock.evaluation.detector import Detector
 from spatiallock.evaluation.scoring import (
     DetectorFeatures,
@@ -42,13 +44,13 @@ from spatiallock.evaluation.scoring import (
     load_real_images,
     score_images,
 )
+from spatiallock.files import write_text_atomic
 from spatiallock.layout import read_layouts
 from spatiallock.models.adapter import RECIPE
 from spatiallock.pipelines.diffusion import SpatialLockPipeline, load_adapter
-from spatiallock.sampling.run import SamplingOptions, image_generator
+from spatiallock.sampling import SamplingOptions, image_generator
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SAMPLES = RESULTS / "synthetic_samples"
 METRICS = ("ap", "ap50", "ap75", "miou", "miou_any", "fd")
 
 
@@ -118,60 +120,50 @@ def sd_ratio(recipe: dict) -> float:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Bars of ap and miou per row (PIL only), with the issue's targets as dashed lines: AP 0.8 of the
-    `real-images` AP (blue) and mIoU 0.8 (orange)."""
-    width, bar_h, left = 720, 22, 230
-    height = 40 + len(rows) * (2 * bar_h + 10)
-    image = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=14)
-    title = "synthetic domain: AP (blue) and mIoU (orange), same detector and layouts; dashed: targets"
-    draw.text((10, 8), title, fill=(0, 0, 0), font=font)
-    y = 34
-    for row in rows:
-        draw.text((10, y + bar_h // 2), row["variant"], fill=(0, 0, 0), font=font)
-        for k, (metric, colour) in enumerate((("ap", (60, 110, 200)), ("miou", (230, 140, 40)))):
-            value = row.get(metric) or 0.0
-            top = y + k * bar_h
-            draw.rectangle((left, top, left + int((width - left - 70) * value), top + bar_h - 4), fill=colour)
-            end = left + int((width - left - 70) * value)
-            draw.text((end + 4, top + 2), f"{value:.3f}", fill=(0, 0, 0), font=font)
-        y += 2 * bar_h + 10
-    real = next((row for row in rows if row["variant"] == "real-images"), None)
-    targets = [(0.8, (230, 140, 40))] + ([(0.8 * real["ap"], (60, 110, 200))] if real else [])
-    for value, colour in targets:
-        x = left + int((width - left - 70) * value)
-        for top in range(30, height - 4, 10):
-            draw.line((x, top, x, top + 5), fill=colour, width=2)
-    image.save(path)
+    """Bars of ap and miou per row, with the issue's targets as dashed lines: AP 0.8 of the `real-images` AP
+    (blue) and mIoU 0.8 (orange)."""
+    from charts import grouped_bars
 
-
-def save_strip(images: list[Image.Image], layouts: list, name: str) -> None:
-    """The first generated images of a row, each at 2x with its requested boxes drawn (dashed)."""
-    cells = [
-        draw_boxes(image, layout.labels, layout.boxes, min_side=128, dashed=True)
-        for image, layout in zip(images, layouts)
+    blue, orange = "#3c6ec8", "#e68c28"
+    real = next((row for row in rows if row["variant"] == "real-images" and row.get("ap") is not None), None)
+    targets = ([(0.8 * real["ap"], blue, "AP target: 0.8 x real-images")] if real else []) + [
+        (0.8, orange, "mIoU target: 0.8")
     ]
-    SAMPLES.mkdir(parents=True, exist_ok=True)
-    grid(cells, columns=len(cells), gap=2).save(SAMPLES / f"{name.replace('/', '_')}.png")
+    series = [(title, colour, [row.get(metric) for row in rows]) for metric, title, colour in
+              (("ap", "AP", blue), ("miou", "mIoU", orange))]  # fmt: skip
+    title = "synthetic domain: AP and mIoU, same detector and layouts; dashed: targets"
+    grouped_bars([row["variant"] for row in rows], series, title, "AP, mIoU", path, horizontal=True,
+                 references=targets)  # fmt: skip
 
 
-def samples_figure(names: list[str], path: Path) -> None:
-    """One row per benchmark row (real images first), the same layouts in every column."""
+def samples_folder(out: Path) -> Path:
+    """Where the strips of sample images behind the results file `out` go (results/synthetic_samples/ for
+    results/synthetic.json)."""
+    return out.with_name(out.stem + "_samples")
+
+
+def save_strip(images: list[Image.Image], layouts: list, name: str, folder: Path) -> None:
+    """The first generated images of a row, each at 2x with its requested boxes drawn (dashed), into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sample_strip(images, layouts).save(folder / f"{name.replace('/', '_')}.png")
+
+
+def samples_figure(names: list[str], path: Path, folder: Path) -> None:
+    """One row per benchmark row (real images first), the same layouts in every column: the strips in `folder`."""
     strips = [
-        (n, Image.open(SAMPLES / f"{n.replace('/', '_')}.png"))
+        (n, Image.open(folder / f"{n.replace('/', '_')}.png"))
         for n in names
-        if (SAMPLES / f"{n.replace('/', '_')}.png").is_file()
+        if (folder / f"{n.replace('/', '_')}.png").is_file()
     ]
     if strips:
         labelled_strips(strips, path, left=190)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="synthetic data folder (instances_val.json, val/, train/)")
-    parser.add_argument("--base", required=True, help="the small base model folder")
-    parser.add_argument("--detector", required=True, help="detector folder")
+    parser.add_argument("--data", help="synthetic data folder (instances_val.json, val/, train/); required")
+    parser.add_argument("--base", help="the small base model folder; required")
+    parser.add_argument("--detector", help="detector folder; required")
     parser.add_argument("--row", action="append", default=[], help="NAME=ADAPTER[:option=value...]; repeatable")
     parser.add_argument(
         "--report", action="append", default=[], metavar="NAME=REPORT.json",
@@ -185,8 +177,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-steps", type=int, default=None, help="adapter training steps, recorded")
     parser.add_argument("--samples", type=int, default=6, help="layouts shown per row in the samples figure")
-    parser.add_argument("--out", default=str(RESULTS / "synthetic.json"))
-    args = parser.parse_args()
+    parser.add_argument("--out", default=str(RESULTS / "synthetic.json"), help="results file; the figures beside it")
+    parser.add_argument(
+        "--plot-only", action="store_true",
+        help="redraw the chart and the samples figure from the results file (and its saved sample strips) alone",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.plot_only:
+        out = Path(args.out)
+        if not out.is_file():
+            parser.error(f"--plot-only: no results file {out}")
+        draw_figures(json.loads(out.read_text()), out)
+        print(f"wrote {out.with_suffix('.png')} and {out.with_name(out.stem + '_samples.png')}")
+        return
+    missing = [f"--{name}" for name in ("data", "base", "detector") if getattr(args, name) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
 
     data = Path(args.data)
     layouts = read_layouts(data / "instances_val.json")[: args.limit]
@@ -203,7 +209,7 @@ def main() -> None:
         row = {"variant": name, **{k: round(v, 4) for k, v in scores.items()}, **common, "note": note}
         if name == "autoencoder":
             row["decoder"] = vae_fingerprint(Path(args.base))
-        save_strip(images[: args.samples], layouts[: args.samples], name)
+        save_strip(images[: args.samples], layouts[: args.samples], name, samples_folder(out))
         write_row(out, row, args)
         print(f"{name}: {row}  ({time.perf_counter() - start:.0f} s)")
 
@@ -233,7 +239,7 @@ def main() -> None:
         sampling = SamplingOptions(seed=args.seed, steps=args.steps, guidance=args.guidance, **options)
         start = time.perf_counter()
         report, images, *_ = evaluate_pipeline(pipe, detector, layouts, sampling, 1, real)
-        save_strip(images[: args.samples], layouts[: args.samples], name)
+        save_strip(images[: args.samples], layouts[: args.samples], name, samples_folder(out))
         row = {"variant": name, **{k: report[k] for k in METRICS}, "seconds_per_image": report["seconds_per_image"]}
         row.update(common, adapter=folder, options=options, decoder=decoder)
         if folder is not None:
@@ -261,9 +267,10 @@ def lama_row(name, folder, options, layouts, detector, real, common: dict, args)
     sampling = SamplingOptions(seed=args.seed, **options)
     start = time.perf_counter()
     report, images, *_ = evaluate_pipeline(pipe, detector, layouts, sampling, 1, real)
-    save_strip(images[: args.samples], layouts[: args.samples], name)
-    save_mask_strips(pipe, layouts[: args.samples], args.seed, name)
-    lama_figure()
+    out = Path(args.out)
+    save_strip(images[: args.samples], layouts[: args.samples], name, samples_folder(out))
+    save_mask_strips(pipe, layouts[: args.samples], args.seed, name, samples_folder(out))
+    lama_figure(samples_folder(out), out.with_name("lama.png"))
     row = {"variant": name, **{k: report[k] for k in METRICS}, "seconds_per_image": report["seconds_per_image"]}
     row.update(common, sampling_steps=None, guidance=None, model=folder, options=options)
     row.update(mask_entropy=report["mask_entropy"], mask_entropy_raw=report["mask_entropy_raw"])
@@ -274,39 +281,33 @@ def lama_row(name, folder, options, layouts, detector, real, common: dict, args)
     config = json.loads(saved.read_text()) if saved.is_file() else {}
     row["train_steps"] = config.get("loop", {}).get("max_steps")
     row["recipe"] = {"model": "lama", "adaption": pipe.generator.config.adaption}
-    write_row(Path(args.out), row, args)
+    write_row(out, row, args)
     print(f"{name}: {row}  ({time.perf_counter() - start:.0f} s)")
 
 
-def save_mask_strips(pipe: LamaPipeline, layouts: list, seed: int, name: str) -> None:
+def save_mask_strips(pipe: LamaPipeline, layouts: list, seed: int, name: str, folder: Path) -> None:
     """The semantic masks behind the first images of a LAMA row (those `save_strip` shows): the final ones and,
     with the adaption, the raw ones before it; and the requested layouts on grey."""
     generators = [image_generator(seed, i, 0) for i in range(len(layouts))]
     final, raw = pipe.masks(layouts, generators)
     categories = pipe.generator.config.categories
     kinds = [("masks", final)] + ([("raw_masks", normalise(raw))] if pipe.generator.adaption is not None else [])
-    SAMPLES.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     for kind, masks in kinds:
-        cells = [
-            draw_boxes(mask_picture(mask, categories, layout.labels), [], [], min_side=128)
-            for mask, layout in zip(masks, layouts)
-        ]
-        grid(cells, columns=len(cells), gap=2).save(SAMPLES / f"{name}_{kind}.png")
-    cells = [
-        draw_boxes(Image.new("RGB", (64, 64), (200, 200, 200)), layout.labels, layout.boxes, min_side=128, dashed=True)
-        for layout in layouts
-    ]
-    grid(cells, columns=len(cells), gap=2).save(SAMPLES / "layouts.png")
+        pictures = [mask_picture(mask, categories, layout.labels) for mask, layout in zip(masks, layouts)]
+        sample_strip(pictures).save(folder / f"{name}_{kind}.png")
+    grey = Image.new("RGB", (64, 64), (200, 200, 200))
+    sample_strip([grey] * len(layouts), layouts).save(folder / "layouts.png")
 
 
-def lama_figure(path: Path = RESULTS / "lama.png") -> None:
+def lama_figure(folder: Path, path: Path) -> None:
     """Layouts, then for each LAMA row its raw masks (with the adaption), final masks and images, one row each."""
     rows = [("layouts", "layouts")]
-    names = sorted(p.name[: -len("_masks.png")] for p in SAMPLES.glob("*_masks.png") if "_raw_masks" not in p.name)
+    names = sorted(p.name[: -len("_masks.png")] for p in folder.glob("*_masks.png") if "_raw_masks" not in p.name)
     for name in sorted(names, key=lambda n: ("no-adaption" in n, n)):
         rows += [(f"{name}: raw masks", f"{name}_raw_masks"), (f"{name}: masks", f"{name}_masks"), (name, name)]
     strips = [
-        (label, Image.open(SAMPLES / f"{stem}.png")) for label, stem in rows if (SAMPLES / f"{stem}.png").is_file()
+        (label, Image.open(folder / f"{stem}.png")) for label, stem in rows if (folder / f"{stem}.png").is_file()
     ]
     labelled_strips(strips, path, left=230)
 
@@ -352,8 +353,14 @@ def _write_row(out: Path, row: dict, args: argparse.Namespace) -> None:
         "rows": [rows[n] for n in order if n in rows],
     }
     write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+    draw_figures(result, out)
+
+
+def draw_figures(result: dict, out: Path) -> None:
+    """The chart of the results file `out` (`out` as .png) and its samples figure (`<out>_samples.png`)."""
     plot(result["rows"], out.with_suffix(".png"))
-    samples_figure([r["variant"] for r in result["rows"]], out.with_name(out.stem + "_samples.png"))
+    samples_figure([r["variant"] for r in result["rows"]], out.with_name(out.stem + "_samples.png"),
+                   samples_folder(out))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -38,12 +38,12 @@ def markdown(result: dict, labels: dict[str, str], only: list[str] | None = None
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="?", default=str(RESULTS / "synthetic.json"), help="results JSON file")
     parser.add_argument("--label", action="append", default=[], help="VARIANT=TEXT shown instead of the name")
     parser.add_argument("--rows", default=None, help="comma-separated variants to show, in order (default: all)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     path = Path(args.results)
     if not path.is_file():
         sys.exit(f"error: results: no file {path}")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import os
-import stat
 import unicodedata
 import warnings
 from collections.abc import Iterable, Sequence
@@ -19,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spatiallock.errors import SpatialLockError
+from spatiallock.files import read_json
 
 MAX_OBJECTS = 30  # objects in one layout (the grounding tokens of one image)
 
@@ -264,47 +263,6 @@ def layouts_from_coco(
     return layouts
 
 
-MAX_FILE_BYTES = 2**30  # a layout or COCO file larger than this is not read (COCO 2017's train file: 450 MB)
-
-
-def read_json(
-    path: str | Path, what: str = "JSON file", limit: int | None = None, bad_json: str = "malformed JSON"
-) -> object:
-    """The value of a JSON file, read only when it is a regular file of at most `limit` bytes (default
-    `MAX_FILE_BYTES`): never a device, a pipe that would block, or a file that fills memory. `SpatialLockError`
-    naming the file otherwise (`bad_json` begins the message of a file that is no JSON)."""
-    path = Path(path)
-    limit = MAX_FILE_BYTES if limit is None else limit
-    try:  # non-blocking: opening a FIFO must not wait for a writer
-        handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise SpatialLockError(f"{path}: file not found") from None
-    except OSError as err:
-        raise SpatialLockError(f"{path}: cannot read: {err.strerror}") from None
-    with os.fdopen(handle, "rb") as stream:
-        mode = os.fstat(handle).st_mode
-        if stat.S_ISDIR(mode):
-            raise SpatialLockError(f"{path}: is a folder, expected a {what}")
-        if not stat.S_ISREG(mode):
-            raise SpatialLockError(f"{path}: not a regular file")  # a device, a pipe or a socket
-        if os.fstat(handle).st_size > limit:
-            raise SpatialLockError(f"{path}: larger than {_size(limit)}, too large for a {what}")
-        try:
-            raw = stream.read(limit + 1)
-        except OSError as err:
-            raise SpatialLockError(f"{path}: cannot read: {err.strerror}") from None
-    if len(raw) > limit:  # grew while read
-        raise SpatialLockError(f"{path}: larger than {_size(limit)}, too large for a {what}")
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SpatialLockError(f"{path}: {bad_json}: {err}") from None
-    except RecursionError:
-        raise SpatialLockError(f"{path}: {bad_json}: nested too deeply") from None
-    except ValueError as err:  # an integer of more digits than Python converts
-        raise SpatialLockError(f"{path}: {bad_json}: {str(err).split(';')[0]}") from None
-
-
 def read_layouts(path: str | Path, max_objects: int = MAX_OBJECTS) -> list[Layout]:
     """Layouts from a layout JSON file (one or a list) or a COCO instances file.
 
@@ -359,10 +317,6 @@ def as_layouts(
         objects = [{"label": label, "box": list(box)} for label, box in zip(labels, bxs)]
         layouts.append(parse_layout({"caption": caption, "objects": objects}, f"layouts[{i}]"))
     return layouts
-
-
-def _size(count: int) -> str:
-    return f"{count / 2**30:g} GiB" if count >= 2**30 else f"{count / 2**20:g} MiB"
 
 
 def excerpt(value: object, limit: int = 60) -> str:

@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import NUM_CLASSES, PHRASE_DIM, make_inputs
-from test_grounding import grounded, new_adapter, open_gates
+from helpers import NUM_CLASSES, PHRASE_DIM, adapter_for, grounded, make_inputs, open_gates
 
 from spatiallock.base.configs import SD_V1_UNET, build_unet, tiny_unet_config
 from spatiallock.cli import main
@@ -20,7 +19,7 @@ from spatiallock.models.injection import resolve_positions
     "variant, options", [("spatiallock", {}), ("gligen", {}), ("spatiallock", {"box_attention": True})]
 )
 def test_save_load_round_trip_reproduces_output_exactly(unet, tmp_path, variant, options):
-    adapter = new_adapter(unet, variant, loss_weighting="fixed", loss_weights=(0.3, 0.7), **options).attach(unet)
+    adapter = adapter_for(unet, variant, loss_weighting="fixed", loss_weights=(0.3, 0.7), **options).attach(unet)
     open_gates(adapter, 0.7)
     with torch.no_grad():
         for p in adapter.parameters():
@@ -37,7 +36,7 @@ def test_save_load_round_trip_reproduces_output_exactly(unet, tmp_path, variant,
 
 
 def test_adapter_for_another_base_fails_with_a_clear_message(unet, tmp_path):
-    new_adapter(unet).save_pretrained(tmp_path / "adapter")
+    adapter_for(unet).save_pretrained(tmp_path / "adapter")
     wider = build_unet(tiny_unet_config(block_out_channels=[32, 96]))
     with pytest.raises(SpatialLockError, match=r"adapter does not fit the base: block down_blocks\.1\.attentions"):
         SpatialLockAdapter.from_pretrained(tmp_path / "adapter").attach(wider)
@@ -83,7 +82,19 @@ def test_params_json_matches_gligen_and_the_paper_ratio(capsys):
     assert result["base_params"] == 859_520_964
     assert result["spatiallock_trainable"] == 61_201_986  # the count the README gives
     assert result["ratio"] < 0.507  # the paper's bound
-    assert result["ratio"] == result["spatiallock_trainable"] / result["gligen_trainable"]
+    # the same counted here, tensor by tensor, on SD v1.4 built on the meta device (CLIP's 768, COCO's 80 classes)
+    unet = build_unet(SD_V1_UNET, device="meta")
+    with torch.device("meta"):
+        ours, gligen = (
+            SpatialLockAdapter.from_unet(unet, variant, None, 768, 80) for variant in ("spatiallock", "gligen")
+        )
+    counted = {
+        name: sum(p.numel() for p in module.parameters()) for name, module in (("ours", ours), ("gligen", gligen))
+    }
+    assert result["base_params"] == sum(p.numel() for p in unet.parameters())
+    assert (result["spatiallock_trainable"], result["gligen_trainable"]) == (counted["ours"], counted["gligen"])
+    assert result["ratio"] == pytest.approx(counted["ours"] / counted["gligen"], rel=1e-12)
+    assert result["ratio"] == pytest.approx(0.29269, abs=1e-5)  # 61,201,986 / 209,102,240
 
 
 def test_params_rejects_an_unknown_base_in_one_line(capsys, tmp_path):

@@ -8,32 +8,28 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_grounding_once import box_adapter
-from test_pipeline import LAYOUTS
-from test_train_adapter import error_line
+from helpers import LAYOUTS, NAMES, adapter_for, box_adapter, error_line, pog_pipeline
 
-from spatiallock.base.folders import load_base
-from spatiallock.base.text import phrase_dim
 from spatiallock.cli import main
 from spatiallock.errors import SpatialLockError
-from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.models.perception import DownBlockTap, rendered_features
 from spatiallock.pipelines.diffusion import SpatialLockPipeline
+from spatiallock.pipelines.extensions.perception import (
+    CandidateSelection,
+    candidate_features,
+    down_features,
+    perception_guidance,
+    perception_targets,
+    predicted_clean,
+    score_candidates,
+)
 
-NAMES = ["red circle", "blue square", "green triangle"] + [f"class {k}" for k in range(13)]  # the 16 classes
 STEPS, K = 4, 3
 
 
-def pipeline(folder, **options) -> SpatialLockPipeline:
-    pipe = SpatialLockPipeline.from_pretrained(folder, adapter=box_adapter(folder, class_names=NAMES, **options))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def poi_adapter(folder) -> SpatialLockAdapter:
+def poi_adapter(folder):
     """Grounding-Attention without a perception head (variant `poi`)."""
-    base = load_base(folder)
-    return SpatialLockAdapter.from_unet(base.unet, "poi", "all", phrase_dim(base.text_encoder), 16, box_attention=True)
+    return adapter_for(folder, "poi", "all", box_attention=True)
 
 
 def run(pipe, layouts, seeds, **kwargs) -> torch.Tensor:
@@ -52,15 +48,17 @@ def candidate_noise(pipe, seed: int, k: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("scheduler", [None, "ddim"])
-def test_selection_finishes_the_candidate_the_head_scores_best_as_if_it_ran_alone(tiny_small_base, scheduler):
+def test_selection_finishes_the_candidate_the_head_scores_best_as_if_it_ran_alone(
+    tiny_small_base, scheduler, monkeypatch
+):
     """With the scores set, the kept candidates are the lowest-scored, and each finishes exactly as that
     candidate sampled alone from its own noise (the multistep solver's history follows the kept rows)."""
-    pipe = pipeline(tiny_small_base)
+    pipe = pog_pipeline(tiny_small_base)
     if scheduler:
         pipe = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=pipe.adapter, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
     designed = torch.tensor([[0.5, 0.9, 0.1], [0.7, 0.2, 0.8]])  # best: candidate 2 of layout 0, 1 of layout 1
-    pipe.score_candidates = lambda features, layouts: designed.flatten()
+    monkeypatch.setattr(CandidateSelection, "score", lambda self, pipe, features, layouts: designed.flatten())
     chosen = run(pipe, LAYOUTS, (10, 11), candidates=K, select_at=0.5)
     assert pipe.last_selection["kept"].tolist() == [2, 1]
     for b, (seed, k) in enumerate(((10, 2), (11, 1))):
@@ -69,7 +67,7 @@ def test_selection_finishes_the_candidate_the_head_scores_best_as_if_it_ran_alon
 
 
 def test_the_heads_scores_decide_and_candidate_0_is_the_image_without_selection(tiny_small_base):
-    pipe = pipeline(tiny_small_base)
+    pipe = pog_pipeline(tiny_small_base)
     chosen = run(pipe, LAYOUTS, (3, 4), candidates=K, select_at=0.5)
     scores, kept = pipe.last_selection["scores"], pipe.last_selection["kept"]
     assert scores.shape == (2, K) and torch.isfinite(scores).all() and ((scores >= 0) & (scores <= 1)).all()
@@ -79,7 +77,10 @@ def test_the_heads_scores_decide_and_candidate_0_is_the_image_without_selection(
     with DownBlockTap(pipe.unet.down_blocks) as tap:
         pipe.unet(torch.randn(2, 4, 8, 8), 500, encoder_hidden_states=states, encoder_attention_mask=mask)
     features = tap.features
-    both, one = pipe.score_candidates(features, LAYOUTS), pipe.score_candidates([f[1:] for f in features], LAYOUTS[1:])
+    both, one = (
+        score_candidates(pipe, features, LAYOUTS),
+        score_candidates(pipe, [f[1:] for f in features], LAYOUTS[1:]),
+    )
     torch.testing.assert_close(both[1:], one)
     # candidate 0 of each layout is drawn first from its generator: what the same call without selection samples
     plain = run(pipe, LAYOUTS, (3, 4))
@@ -89,7 +90,7 @@ def test_the_heads_scores_decide_and_candidate_0_is_the_image_without_selection(
 
 
 def test_a_layouts_result_does_not_depend_on_the_rest_of_the_batch(tiny_small_base):
-    pipe = pipeline(tiny_small_base)
+    pipe = pog_pipeline(tiny_small_base)
     together = run(pipe, LAYOUTS, (5, 6), candidates=2, select_at=0.5)
     kept_together = pipe.last_selection["kept"][1].item()
     alone = run(pipe, LAYOUTS[1:], (6,), candidates=2, select_at=0.5)
@@ -97,14 +98,24 @@ def test_a_layouts_result_does_not_depend_on_the_rest_of_the_batch(tiny_small_ba
     torch.testing.assert_close(together[1:], alone, rtol=0, atol=2e-5)
 
 
-def test_selection_composes_with_layout_guidance_and_either_unconditional_branch(tiny_small_base):
-    pipe = pipeline(tiny_small_base)
+def test_selection_composes_with_layout_guidance_and_either_unconditional_branch(tiny_small_base, monkeypatch):
+    """With layout guidance, and with or without grounded unconditional rows, the kept candidates finish as they
+    would without selection from their noise under the same guidance; the guidance did act on them."""
+    pipe = pog_pipeline(tiny_small_base)
+    designed = torch.tensor([[0.9, 0.1], [0.2, 0.8]])  # best: candidate 1 of layout 0, 0 of layout 1
+    monkeypatch.setattr(CandidateSelection, "score", lambda self, pipe, features, layouts: designed.flatten())
+    kept_noise = torch.cat([candidate_noise(pipe, 7, 1), candidate_noise(pipe, 8, 0)])
+    guided = {"layout_guidance_steps": 2, "layout_guidance_scale": 50.0}
+    chosen = {}
     for ground_unconditional in (True, False):
-        images = run(
-            pipe, LAYOUTS, (7, 8), candidates=2, select_at=0.5, layout_guidance_steps=2, layout_guidance_scale=5.0,
-            ground_unconditional=ground_unconditional, output_type="np",
-        )  # fmt: skip
-        assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+        options = {"ground_unconditional": ground_unconditional, **guided}
+        chosen[ground_unconditional] = run(pipe, LAYOUTS, (7, 8), candidates=2, select_at=0.5, **options)
+        assert pipe.last_selection["kept"].tolist() == [1, 0]
+        without_selection = run(pipe, LAYOUTS, (7, 8), latents=kept_noise, **options)
+        torch.testing.assert_close(chosen[ground_unconditional], without_selection, rtol=0, atol=2e-5)
+    assert (chosen[True] - chosen[False]).abs().max() > 1e-2
+    unguided = run(pipe, LAYOUTS, (7, 8), latents=kept_noise, ground_unconditional=False)
+    assert (chosen[False] - unguided).abs().amax(dim=(1, 2, 3)).min() > 1e-3
 
 
 def test_what_cannot_select_is_refused(tiny_small_base):
@@ -114,7 +125,7 @@ def test_what_cannot_select_is_refused(tiny_small_base):
     unnamed = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=box_adapter(tiny_small_base))
     with pytest.raises(SpatialLockError, match="class names"):
         run(unnamed, LAYOUTS, (0, 1), candidates=2)
-    pipe = pipeline(tiny_small_base)
+    pipe = pog_pipeline(tiny_small_base)
     for bad, match in (({"candidates": 0}, "candidates"), ({"candidates": 2, "select_at": 1.0}, "select_at")):
         with pytest.raises(SpatialLockError, match=match):
             run(pipe, LAYOUTS, (0, 1), **bad)
@@ -140,8 +151,8 @@ def pog_loss(pipe, latents, t, layouts) -> torch.Tensor:
     """Per image, the PoG head's detection loss against its layout at `latents` (the conditional rows alone)."""
     states, mask = pipe.encode_prompts([layout.caption for layout in layouts])
     grounding = pipe.adapter.encode_grounding(*pipe.encode_layouts(layouts), tuple(latents.shape[-2:]))
-    features = pipe.down_features(pipe.scheduler.scale_model_input(latents, t), t, states, mask, grounding)
-    boxes, labels, masks = pipe.perception_targets(layouts)
+    features = down_features(pipe, pipe.scheduler.scale_model_input(latents, t), t, states, mask, grounding)
+    boxes, labels, masks = perception_targets(pipe, layouts)
     head, losses = pipe.adapter.perception, []
     for b in range(len(layouts)):
         parts = head.loss([f[b : b + 1] for f in features], boxes[b : b + 1], labels[b : b + 1], masks[b : b + 1])
@@ -150,39 +161,39 @@ def pog_loss(pipe, latents, t, layouts) -> torch.Tensor:
 
 
 def test_perception_guidance_lowers_the_pog_loss_against_the_requested_layout(tiny_small_base):
-    pipe = pipeline(tiny_small_base)
+    pipe = pog_pipeline(tiny_small_base)
     pipe.scheduler.set_timesteps(STEPS)
     t = pipe.scheduler.timesteps[0]
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     states, mask = pipe.encode_prompts([layout.caption for layout in LAYOUTS])
     grounding = pipe.adapter.encode_grounding(*pipe.encode_layouts(LAYOUTS), (8, 8))
     before = pog_loss(pipe, latents, t, LAYOUTS)
-    moved = pipe.perception_guidance(latents, t, states, mask, grounding, LAYOUTS, 0.05)
+    moved = perception_guidance(pipe, latents, t, states, mask, grounding, LAYOUTS, 0.05)
     after = pog_loss(pipe, moved, t, LAYOUTS)
     assert (after < before).all(), (before, after)
     rms = (moved - latents).pow(2).mean(dim=(1, 2, 3)).sqrt()
     torch.testing.assert_close(rms, torch.full((2,), 0.05), rtol=1e-3, atol=0)
     # one image's move does not depend on the rest of the batch
     grounding_1 = pipe.adapter.encode_grounding(*pipe.encode_layouts(LAYOUTS[1:]), (8, 8))
-    alone = pipe.perception_guidance(latents[1:], t, states[1:], mask[1:], grounding_1, LAYOUTS[1:], 0.05)
+    alone = perception_guidance(pipe, latents[1:], t, states[1:], mask[1:], grounding_1, LAYOUTS[1:], 0.05)
     torch.testing.assert_close(moved[1:], alone, rtol=0, atol=1e-5)
 
 
 def test_the_down_path_alone_gives_the_features_of_the_whole_call(tiny_small_base):
-    pipe = pipeline(tiny_small_base)
+    pipe = pog_pipeline(tiny_small_base)
     states, mask = pipe.encode_prompts([layout.caption for layout in LAYOUTS])
     grounding = pipe.adapter.encode_grounding(*pipe.encode_layouts(LAYOUTS), (8, 8))
     sample, t = torch.randn(2, 4, 8, 8), torch.tensor(400)
     with DownBlockTap(pipe.unet.down_blocks) as tap:
         pipe.predict(sample, t, states, mask, grounding)
-    early = pipe.down_features(sample, t, states, mask, grounding)
+    early = down_features(pipe, sample, t, states, mask, grounding)
     assert len(early) == len(tap.features) == len(pipe.unet.down_blocks)
     for a, b in zip(early, tap.features):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_perception_guidance_in_a_sampling_call_and_what_is_refused(tiny_small_base, tmp_path, capsys):
-    pipe = pipeline(tiny_small_base)
+    pipe = pog_pipeline(tiny_small_base)
     guided = run(pipe, LAYOUTS, (1, 2), perception_guidance_steps=2, perception_guidance_scale=0.2)
     assert torch.isfinite(guided).all() and (guided - run(pipe, LAYOUTS, (1, 2))).abs().max() > 1e-4
     both = run(pipe, LAYOUTS, (1, 2), perception_guidance_steps=2, candidates=2, select_at=0.5, output_type="np")
@@ -204,7 +215,7 @@ def test_perception_guidance_in_a_sampling_call_and_what_is_refused(tiny_small_b
 
 
 def test_a_candidate_whose_objects_the_head_finds_in_their_boxes_scores_better(tiny_small_base):
-    pipe = pipeline(tiny_small_base)
+    pipe = pog_pipeline(tiny_small_base)
     layout = LAYOUTS[1]  # one green triangle at (0.2, 0.1, 0.8, 0.6)
     triangle = NAMES.index("green triangle")
     found = [
@@ -222,14 +233,14 @@ def test_a_candidate_whose_objects_the_head_finds_in_their_boxes_scores_better(t
         {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)},
     ]
     pipe.adapter.perception.detect = lambda features, score_threshold: found
-    scores = pipe.score_candidates([torch.zeros(4, 1, 1, 1)], [layout] * 4)
+    scores = score_candidates(pipe, [torch.zeros(4, 1, 1, 1)], [layout] * 4)
     torch.testing.assert_close(scores, torch.tensor([0.1, 1.0, 1.0, 1.0]))  # right class, right box: 1 - 0.9
 
 
 def test_a_rendered_head_guides_and_selects_by_the_clean_latents_the_prediction_implies(tiny_small_base):
     """`perception_input="rendered"`: guidance moves the latents by the normalised gradient of the head's loss
     at the predicted clean latents seen without the layout, and selection scores those same features."""
-    pipe = pipeline(tiny_small_base, perception_input="rendered")
+    pipe = pog_pipeline(tiny_small_base, perception_input="rendered")
     pipe.scheduler.set_timesteps(STEPS)
     t = pipe.scheduler.timesteps[1]
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -237,18 +248,18 @@ def test_a_rendered_head_guides_and_selects_by_the_clean_latents_the_prediction_
     grounding = pipe.adapter.encode_grounding(*pipe.encode_layouts(LAYOUTS), (8, 8))
     model_input = pipe.scheduler.scale_model_input(latents, t)
     with torch.no_grad():
-        clean = pipe.predicted_clean(model_input, t, pipe.predict(model_input, t, states, mask, grounding))
+        clean = predicted_clean(pipe, model_input, t, pipe.predict(model_input, t, states, mask, grounding))
     x = clean.clone().requires_grad_(True)
-    boxes, labels, masks = pipe.perception_targets(LAYOUTS)
+    boxes, labels, masks = perception_targets(pipe, LAYOUTS)
     loss = sum(
         pipe.adapter.perception.loss(rendered_features(pipe.unet, x, states, mask), boxes, labels, masks).values()
     )
     (grad,) = torch.autograd.grad(loss * len(LAYOUTS), x)
     expected = latents - 0.05 * grad / grad.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
-    moved = pipe.perception_guidance(latents, t, states, mask, grounding, LAYOUTS, 0.05)
+    moved = perception_guidance(pipe, latents, t, states, mask, grounding, LAYOUTS, 0.05)
     torch.testing.assert_close(moved, expected, rtol=1e-4, atol=1e-5)
 
-    features = pipe.candidate_features([], model_input, t, pipe.predict(model_input, t, states, mask, grounding),
+    features = candidate_features(pipe, [], model_input, t, pipe.predict(model_input, t, states, mask, grounding),
                                        states, mask)  # fmt: skip
     for a, b in zip(features, rendered_features(pipe.unet, clean, states, mask)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import error_line
 from torch import nn
 
 from spatiallock.cli import main
@@ -127,12 +128,6 @@ def test_extra_share_sets_the_mix(tiny_shapes, generated):
     assert len(generated_ids) == 4
 
 
-def error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    return lines[0]
-
-
 def test_a_category_mismatch_is_one_error_line_and_exit_2(tiny_shapes, generated, tmp_path, capsys):
     renamed = tmp_path / "renamed"
     shutil.copytree(generated, renamed)
@@ -143,16 +138,16 @@ def test_a_category_mismatch_is_one_error_line_and_exit_2(tiny_shapes, generated
     (renamed / "instances.json").write_text(json.dumps(instances))
     out = tmp_path / "det"
     assert train(tiny_shapes, out, "--extra-data", str(renamed), "--max-steps", "1") == 2
-    line = error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err, alone=True)
     assert "--extra-data" in line and f"category id {victim['id']}" in line and "green hexagon" in line
     assert not out.exists()
 
     assert train(tiny_shapes, out, "--extra-data", str(tmp_path / "nowhere"), "--max-steps", "1") == 2
-    assert "--extra-data" in error_line(capsys.readouterr().err) and not out.exists()
+    assert "--extra-data" in error_line(capsys.readouterr().err, alone=True) and not out.exists()
     assert train(tiny_shapes, out, "--extra-share", "0.5", "--max-steps", "1") == 2
-    assert "--extra-share" in error_line(capsys.readouterr().err)
+    assert "--extra-share" in error_line(capsys.readouterr().err, alone=True)
     assert train(tiny_shapes, out, "--extra-data", str(generated), "--extra-share", "1", "--max-steps", "1") == 2
-    assert "--extra-share" in error_line(capsys.readouterr().err)
+    assert "--extra-share" in error_line(capsys.readouterr().err, alone=True)
 
 
 def test_training_with_extra_data_runs_and_records_it(tiny_shapes, generated, tmp_path, one_thread):

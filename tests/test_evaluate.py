@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import adapter_for
 from PIL import Image
-from test_pipeline import make_adapter
 
 from spatiallock.cli import main
 from spatiallock.errors import SpatialLockError
 from spatiallock.evaluation.detector import Detector, DetectorConfig
 from spatiallock.evaluation.scoring import DetectorFeatures, frechet_distance, score_images
-from spatiallock.layout import Layout
+from spatiallock.layout import Layout, read_layouts
 
 CATEGORIES = [{"id": 1, "name": "red circle"}, {"id": 2, "name": "blue square"}, {"id": 7, "name": "green triangle"}]
 PAIR = ((0.1, 0.1, 0.4, 0.4), (0.5, 0.5, 0.9, 0.9))
@@ -100,7 +100,7 @@ def test_frechet_distance_in_detector_space_is_zero_for_equal_sets_and_grows():
 def adapter_and_detector(base, shapes, tmp_path):
     """An adapter folder for `base` and an (untrained) detector folder for the categories of `shapes`."""
     adapter = tmp_path / "adapter"
-    make_adapter(base).save_pretrained(adapter)
+    adapter_for(base, gates=0.8).save_pretrained(adapter)
     detector_folder = tmp_path / "detector"
     categories = json.loads((shapes / "instances_val.json").read_text())["categories"]
     torch.manual_seed(0)
@@ -108,8 +108,33 @@ def adapter_and_detector(base, shapes, tmp_path):
     return adapter, detector_folder
 
 
-def test_evaluate_command_writes_a_report_and_a_picture(tiny_small_base, tiny_shapes, tmp_path, capsys):
+def test_evaluate_command_writes_a_report_and_a_picture(tiny_small_base, tiny_shapes, tmp_path, capsys, monkeypatch):
+    """The report scores the images the command generated: with a detector that finds every requested object in
+    its box but names the first one wrongly, mIoU is (n - 1) / n, mIoU of any class 1 and AP below 1; fd is the
+    Frechet distance of those images to the real ones beside the layouts."""
     adapter, detector_folder = adapter_and_detector(tiny_small_base, tiny_shapes, tmp_path)
+    instances = json.loads((tiny_shapes / "instances_val.json").read_text())
+    ids = {c["name"]: c["id"] for c in instances["categories"]}
+    names = {i: name for name, i in ids.items()}
+    requested = read_layouts(tiny_shapes / "instances_val.json")
+    seen = []
+
+    def finds_the_requested_objects(self, images, score_threshold=None, batch_size=64):
+        seen.append((self, list(images)))
+        assert len(images) == len(requested)
+        found = []
+        for n, layout in enumerate(requested):
+            labels = [ids[label] for label in layout.labels]
+            if n == 0:
+                labels[0] = next(i for i in ids.values() if i != labels[0])
+            boxes = torch.tensor(layout.boxes, dtype=torch.float32).reshape(-1, 4)
+            scores = torch.full((len(labels),), 0.9)
+            found.append(
+                {"boxes": boxes, "scores": scores, "labels": torch.tensor(labels), "names": [names[i] for i in labels]}
+            )
+        return found
+
+    monkeypatch.setattr(Detector, "detect", finds_the_requested_objects)
     out = tmp_path / "reports" / "r.json"
     layouts = str(tiny_shapes / "instances_val.json")
     common = ["evaluate", "--model", str(tiny_small_base), "--adapter", str(adapter), "--layouts", layouts]
@@ -117,9 +142,15 @@ def test_evaluate_command_writes_a_report_and_a_picture(tiny_small_base, tiny_sh
     assert main([*common, "--detector", str(detector_folder), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["num_layouts"] == 4 and report["real_images"] == 4  # val/ beside the instances file
-    for key in ("ap", "ap50", "ap75", "miou", "miou_any", "fd", "seconds_per_image"):
-        assert isinstance(report[key], float), key
-    assert 0.0 <= report["ap"] <= 1.0 and 0.0 <= report["miou"] <= 1.0
+    n = sum(len(layout.labels) for layout in requested)
+    assert [o["iou"] for o in report["objects"]] == [0.0] + [1.0] * (n - 1)
+    assert [o["iou_any"] for o in report["objects"]] == [1.0] * n
+    assert report["miou"] == pytest.approx((n - 1) / n, abs=1e-4) and report["miou_any"] == 1.0
+    assert 0.0 < report["ap"] < 1.0 and 0.0 < report["ap50"] < 1.0
+    (detector, generated), *_ = seen
+    real = [Image.open(tiny_shapes / "val" / image["file_name"]).convert("RGB") for image in instances["images"]]
+    assert report["fd"] == pytest.approx(frechet_distance(generated, real, DetectorFeatures(detector)), abs=1e-3)
+    assert report["fd"] > 0 and report["seconds_per_image"] > 0
     annotations = json.loads((tiny_shapes / "instances_val.json").read_text())["annotations"]
     assert len(report["objects"]) == len(annotations)
     assert Image.open(out.with_suffix(".png")).size[0] > 64

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import accelerate_launch, adapter_for, error_line, generate
 from PIL import Image
 from pycocotools.coco import COCO
-from test_pipeline import make_adapter
 
 import spatiallock.sampling.run as sampling
 from spatiallock.cli import main
@@ -26,7 +28,7 @@ GOOD = {
 @pytest.fixture(scope="module")
 def adapter_folder(tiny_small_base, tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapter")
-    make_adapter(tiny_small_base).save_pretrained(folder)
+    adapter_for(tiny_small_base, gates=0.8).save_pretrained(folder)
     return folder
 
 
@@ -34,26 +36,13 @@ def adapter_folder(tiny_small_base, tmp_path_factory):
 def foreign_adapter(tiny_sd, tmp_path_factory):
     """An adapter built for the tiny SD base: it does not fit the small base."""
     folder = tmp_path_factory.mktemp("foreign-adapter")
-    make_adapter(tiny_sd).save_pretrained(folder)
+    adapter_for(tiny_sd, gates=0.8).save_pretrained(folder)
     return folder
 
 
 def write_json(path, value) -> str:
     path.write_text(json.dumps(value))
     return str(path)
-
-
-def error_line(stderr: str) -> str:
-    """The one error line of a refusal (and nothing that looks like a traceback)."""
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.startswith("spatiallock: error:")]
-    assert len(lines) == 1, stderr
-    return lines[0]
-
-
-def generate(layout, model, out, *options) -> int:
-    args = ["generate", "--layout", str(layout), "--model", str(model), "--out", str(out), "--steps", "2"]
-    return main([*args, "--no-progress", *options])
 
 
 def test_generate_writes_images_drawn_copies_and_a_grid(tiny_small_base, adapter_folder, tmp_path, capsys):
@@ -158,7 +147,7 @@ def test_generate_dataset_killed_and_resumed_equals_one_run(tiny_small_base, ada
         images = real_save(*args, **kwargs)
         calls.append(len(images))
         if len(calls) == 2:
-            from spatiallock.data.draw import save_image_atomic
+            from spatiallock.files import save_image_atomic
 
             save_image_atomic(images[0], resumed / "images" / "000000000004.png")  # part of the batch got out
             raise KeyboardInterrupt
@@ -200,11 +189,70 @@ def test_generate_dataset_killed_and_resumed_equals_one_run(tiny_small_base, ada
     assert main([*args, "--out", str(resumed), "--seed", "5", "--no-progress"]) == 2
 
 
+# Run under `accelerate launch`: the command line as `python -m spatiallock.cli` runs it, each process keeping
+# a record of the images it sampled and of how many processes shared the work.
+RANK_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import runpy
+    import sys
+
+    from accelerate import PartialState
+
+    import spatiallock.sampling.run as sampling
+
+    evidence, argv = sys.argv[1], sys.argv[2:]
+    sample_batch, sampled = sampling.sample_batch, []
+
+    def recording_sample_batch(pipe, layouts, batch, options):
+        sampled.extend(batch)
+        return sample_batch(pipe, layouts, batch, options)
+
+    sampling.sample_batch = recording_sample_batch
+    sys.argv = ["spatiallock", *argv]
+    try:
+        runpy.run_module("spatiallock.cli", run_name="__main__")
+    finally:
+        state = PartialState()
+        with open(f"{evidence}/rank{state.process_index}.json", "w") as f:
+            json.dump({"processes": state.num_processes, "sampled": sampled}, f)
+    """
+)
+
+
+def test_generate_dataset_in_two_processes_writes_the_files_of_one(
+    tiny_small_base, adapter_folder, tmp_path, one_thread
+):
+    """`accelerate launch` with two CPU processes: each samples its share of the images, and the folder holds
+    the same bytes, images and annotation files, as one process writes."""
+    layouts = coco_layouts(tmp_path)  # 4 layouts with objects
+    options = ["--model", str(tiny_small_base), "--adapter", str(adapter_folder), "--steps", "2", "--batch-size", "1"]
+    alone, shared, evidence = tmp_path / "alone", tmp_path / "shared", tmp_path / "ranks"
+    assert main(["generate-dataset", "--layouts", layouts, "--out", str(alone), *options, "--no-progress"]) == 0
+    script = tmp_path / "generate_ranks.py"
+    script.write_text(RANK_SCRIPT)
+    evidence.mkdir()
+    args = ["generate-dataset", "--layouts", layouts, "--out", str(shared), *options, "--no-progress"]
+    done = accelerate_launch([str(script), str(evidence), *args], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    ranks = [json.loads(path.read_text()) for path in sorted(evidence.glob("rank*.json"))]
+    assert [rank["processes"] for rank in ranks] == [2, 2], ranks  # the two processes joined
+    sampled = [sorted(tuple(job) for job in rank["sampled"]) for rank in ranks]
+    assert all(sampled) and not set(sampled[0]) & set(sampled[1])  # each did a part, no image twice
+    assert sorted(sampled[0] + sampled[1]) == [(i, 0) for i in range(4)]
+    files = sorted(p.relative_to(alone) for p in alone.rglob("*") if p.is_file())
+    assert len([f for f in files if f.suffix == ".png"]) == 4 and Path("instances.json") in files
+    assert files == sorted(p.relative_to(shared) for p in shared.rglob("*") if p.is_file())
+    for name in files:
+        assert (shared / name).read_bytes() == (alone / name).read_bytes(), name
+
+
 @pytest.mark.parametrize("variant", ["spatiallock", "gligen"])
 def test_images_do_not_depend_on_batching(tiny_small_base, tmp_path, variant):
     """A layout's image is the same alone and in a batch with longer layouts (other padding, other neighbours)."""
     adapter = tmp_path / "adapter"
-    make_adapter(tiny_small_base, variant).save_pretrained(adapter)
+    adapter_for(tiny_small_base, variant, gates=0.8).save_pretrained(adapter)
     layouts = coco_layouts(tmp_path)
     pixels = {}
     for batch in (1, 4):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionGLIGENPipeline, UNet2DConditionModel
-from tiny_models import TEXT_DIM, sd_scheduler, tiny_clip_text_model, tiny_clip_tokenizer, tiny_unet, tiny_vae
+from helpers import TEXT_DIM, sd_scheduler, tiny_clip_text_model, tiny_clip_tokenizer, tiny_unet, tiny_vae
 
 from spatiallock.base.text import encode_phrases
 from spatiallock.data.shapes import COLOURS, SHAPES

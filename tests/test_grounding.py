@@ -4,60 +4,39 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NUM_CLASSES, PHRASE_DIM, make_inputs
+from helpers import PHRASE_DIM, adapter_for, grounded, make_inputs, open_gates, plain
 
 from spatiallock.errors import SpatialLockError
 from spatiallock.models.adapter import VARIANTS, SpatialLockAdapter
 from spatiallock.models.grounding import GroundingAttention, GroundingTokenizer
 
 
-def plain(unet, x):
-    return unet(x["sample"], x["timestep"], x["encoder_hidden_states"]).sample
-
-
-def grounded(adapter, unet, x):
-    keys = ("sample", "timestep", "encoder_hidden_states", "phrase_embeds", "boxes", "masks")
-    return adapter(unet, **{k: x[k] for k in keys}).sample
-
-
-def open_gates(adapter, value=1.0):
-    with torch.no_grad():
-        for name, p in adapter.named_parameters():
-            if name.endswith(("gate_attn", "gate_ff", "alpha_attn", "alpha_dense")):
-                p.fill_(value)
-
-
-def new_adapter(unet, variant="spatiallock", **kwargs):
-    torch.manual_seed(1)
-    return SpatialLockAdapter.from_unet(unet, variant, phrase_dim=PHRASE_DIM, num_classes=NUM_CLASSES, **kwargs)
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fresh_adapter_leaves_output_unchanged(unet, variant):
     x = make_inputs()
     before = plain(unet, x)
-    adapter = new_adapter(unet, variant).attach(unet)
+    adapter = adapter_for(unet, variant).attach(unet)
     assert torch.equal(grounded(adapter, unet, x), before)
     # and it is not a no-op once the gates open
-    open_gates(adapter)
+    open_gates(adapter, 1.0)
     assert not torch.allclose(grounded(adapter, unet, x), before, atol=1e-4)
     SpatialLockAdapter.detach(unet)
     assert torch.equal(plain(unet, x), before)
 
 
 def test_default_variant_injects_two_blocks_gligen_every_block(unet):
-    assert new_adapter(unet).config.blocks == [
+    assert adapter_for(unet).config.blocks == [
         "down_blocks.1.attentions.0.transformer_blocks.0",
         "up_blocks.0.attentions.0.transformer_blocks.0",
     ]
     # GLIGEN: every transformer block of the U-Net, the mid block's included
-    assert len(new_adapter(unet, "gligen").config.blocks) == 2 + 1 + 4
+    assert len(adapter_for(unet, "gligen").config.blocks) == 2 + 1 + 4
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_padded_slots_do_not_change_output(unet, variant):
-    adapter = new_adapter(unet, variant).attach(unet)
-    open_gates(adapter)
+    adapter = adapter_for(unet, variant).attach(unet)
+    open_gates(adapter, 1.0)
     few = make_inputs(slots=3, objects=2)
     many = make_inputs(slots=9, objects=2, seed=5)  # different garbage in the padded slots
     for key in ("sample", "encoder_hidden_states"):
@@ -73,8 +52,8 @@ def test_padded_slots_do_not_change_output(unet, variant):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_layout_without_objects_equals_null_grounding_whatever_the_slot_count(unet, variant):
-    adapter = new_adapter(unet, variant).attach(unet)
-    open_gates(adapter)
+    adapter = adapter_for(unet, variant).attach(unet)
+    open_gates(adapter, 1.0)
     empty_small = make_inputs(slots=1, objects=0)
     empty_large = make_inputs(slots=6, objects=0, seed=3)
     empty_large["sample"], empty_large["encoder_hidden_states"] = (
@@ -87,7 +66,7 @@ def test_layout_without_objects_equals_null_grounding_whatever_the_slot_count(un
 
 
 def test_optimiser_step_changes_only_the_adapter(unet):
-    adapter = new_adapter(unet).attach(unet)
+    adapter = adapter_for(unet).attach(unet)
     base_before = {k: v.clone() for k, v in unet.state_dict().items()}
     adapter_before = {k: v.clone() for k, v in adapter.state_dict().items()}
     optimiser = torch.optim.AdamW(adapter.parameters(), lr=1e-3)
@@ -150,16 +129,16 @@ def test_a_single_object_can_be_told_here_from_not_here():
 def test_query_positions_start_as_the_identity_and_make_cells_tell_apart(unet):
     x = make_inputs()
     before = plain(unet, x)
-    adapter = new_adapter(unet, query_positions=True).attach(unet)
+    adapter = adapter_for(unet, query_positions=True).attach(unet)
     assert torch.equal(grounded(adapter, unet, x), before)  # gates and the position projection start at zero
-    open_gates(adapter)
+    open_gates(adapter, 1.0)
     without = grounded(adapter, unet, x)
     with torch.no_grad():
         for fuser in adapter.fusers:
             fuser.query_position.weight.normal_(std=1.0)
     assert not torch.allclose(grounded(adapter, unet, x), without, atol=1e-5)
     with pytest.raises(SpatialLockError, match="query positions: only for Grounding-Attention variants"):
-        new_adapter(unet, "gligen", query_positions=True)
+        adapter_for(unet, "gligen", query_positions=True)
 
 
 def test_cell_embedding_is_the_box_embedding_of_each_cell():
@@ -231,9 +210,9 @@ def test_box_attention_writes_an_object_only_inside_its_box():
 def test_box_attention_adapter_starts_as_the_identity_and_keeps_padding_invisible(unet):
     x = make_inputs()
     before = plain(unet, x)
-    adapter = new_adapter(unet, box_attention=True).attach(unet)
+    adapter = adapter_for(unet, box_attention=True).attach(unet)
     assert torch.equal(grounded(adapter, unet, x), before)
-    open_gates(adapter)
+    open_gates(adapter, 1.0)
     with_boxes = grounded(adapter, unet, x)
     assert not torch.allclose(with_boxes, before, atol=1e-4)
     more = dict(x)  # the same layouts padded with two more empty slots
@@ -242,7 +221,7 @@ def test_box_attention_adapter_starts_as_the_identity_and_keeps_padding_invisibl
     more["masks"] = torch.cat([x["masks"], torch.zeros(x["masks"].shape[0], 2)], 1)
     torch.testing.assert_close(grounded(adapter, unet, more), with_boxes)
     with pytest.raises(SpatialLockError, match="box attention: only for Grounding-Attention variants"):
-        new_adapter(unet, "gligen", box_attention=True)
+        adapter_for(unet, "gligen", box_attention=True)
 
 
 def test_box_relative_positions_run_from_zero_to_one_across_each_box():

@@ -6,32 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_pipeline import sample
+from helpers import box_adapter, sample
 
 import spatiallock.models.grounding as grounding_module
-from spatiallock.base.folders import load_base
-from spatiallock.base.text import phrase_dim
-from spatiallock.models.adapter import SpatialLockAdapter
-from spatiallock.models.grounding import GATES
 from spatiallock.pipelines.diffusion import SpatialLockPipeline
-
-
-def box_adapter(folder, seed: int = 0, **options) -> SpatialLockAdapter:
-    """The shipped configuration (box attention in every down and up block) with open gates and a non-zero
-    shape term, so every cached part changes the output."""
-    base = load_base(folder)
-    torch.manual_seed(seed)
-    options = {"box_attention": True, **options}
-    adapter = SpatialLockAdapter.from_unet(
-        base.unet, "spatiallock", "all", phrase_dim(base.text_encoder), 16, **options
-    )
-    with torch.no_grad():
-        for name, parameter in adapter.named_parameters():
-            if name.rsplit(".", 1)[-1] in GATES:
-                parameter.fill_(0.7)
-            elif "shape_object" in name or "query_position" in name:
-                parameter.normal_(0.0, 0.3)
-    return adapter
 
 
 def per_call_grounding(pipe: SpatialLockPipeline) -> None:

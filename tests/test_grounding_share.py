@@ -10,23 +10,20 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import NUM_CLASSES, PHRASE_DIM
-from test_grounding_once import box_adapter
-from test_pipeline import LAYOUTS, make_adapter, sample
-from test_train_adapter import train
+from helpers import LAYOUTS, NUM_CLASSES, PHRASE_DIM, adapter_for, box_adapter, run_train_adapter, sample
 
 from spatiallock.cli import main
 from spatiallock.errors import SpatialLockError
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.pipelines.diffusion import SpatialLockPipeline, load_adapter
-from spatiallock.sampling.run import SamplingOptions
+from spatiallock.sampling import SamplingOptions
 
 STEPS = 4
 
 
 def with_share(folder, share: float | None) -> SpatialLockAdapter:
     """The same (seeded, gates open) adapter, its config's grounding share set to `share` (None: not recorded)."""
-    adapter = make_adapter(folder)
+    adapter = adapter_for(folder, gates=0.8)
     if share is not None:
         adapter.register_to_config(grounding_steps=share)
     return adapter
@@ -65,7 +62,7 @@ def test_a_share_outside_0_to_1_is_refused(unet, share):
 
 def test_train_adapter_saves_the_share_and_refuses_a_bad_one(tiny_sd, tiny_shapes, tmp_path, capsys):
     out = tmp_path / "grounded"
-    assert train(tiny_sd, tiny_shapes, out, "--grounding-steps", "0.4", "--max-steps", "1") == 0
+    assert run_train_adapter(tiny_sd, tiny_shapes, out, "--grounding-steps", "0.4", "--max-steps", "1") == 0
     assert load_adapter(out).config.grounding_steps == 0.4
     assert json.loads((out / "train" / "config.json").read_text())["grounding_steps"] == 0.4
     bad = [
@@ -133,18 +130,20 @@ def test_ground_unconditional_takes_yes_or_no_on_the_command_line(tmp_path, caps
 
 def test_layout_guidance_and_layout_initialisation_compose_with_ungrounded_unconditional_rows(tiny_small_base):
     pipe = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=box_adapter(tiny_small_base))
-    control = {"layout_guidance_steps": 2, "layout_guidance_scale": 5.0, "init_from_layout": True}
-    images = sample(pipe, num_inference_steps=STEPS, ground_unconditional=False, **control)
-    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
-    np.testing.assert_array_equal(
-        images, sample(pipe, num_inference_steps=STEPS, ground_unconditional=False, **control)
-    )
-    assert np.abs(images - sample(pipe, num_inference_steps=STEPS, ground_unconditional=True, **control)).max() > 1e-4
+    guidance = {"layout_guidance_steps": 2, "layout_guidance_scale": 5.0}
+    ungrounded = {"num_inference_steps": STEPS, "ground_unconditional": False, "init_from_layout": True}
+    images = sample(pipe, **ungrounded, **guidance)
+    # the layout's inverted rendering replaced the seed's noise (the sampler is deterministic): any seed, one image
+    np.testing.assert_array_equal(images, sample(pipe, seed=1, **ungrounded, **guidance))
+    # layout guidance acted on top of it, and the unconditional rows were not grounded
+    assert np.abs(images - sample(pipe, **ungrounded)).max() > 1e-3
+    grounded = {**ungrounded, "ground_unconditional": True}
+    assert np.abs(images - sample(pipe, **grounded, **guidance)).max() > 1e-4
 
 
 def test_train_adapter_perception_timesteps_is_recorded_and_checked(tiny_sd, tiny_shapes, tmp_path, capsys):
     out = tmp_path / "early"
-    assert train(tiny_sd, tiny_shapes, out, "--perception-timesteps", "600", "--max-steps", "1") == 0
+    assert run_train_adapter(tiny_sd, tiny_shapes, out, "--perception-timesteps", "600", "--max-steps", "1") == 0
     assert json.loads((out / "train" / "config.json").read_text())["perception_timesteps"] == 600
     bad = ["--base", str(tiny_sd), "--data", str(tiny_shapes), "--out", str(tmp_path / "x")]
     assert main(["train", "adapter", *bad, "--perception-timesteps", "0"]) == 2
@@ -154,7 +153,7 @@ def test_train_adapter_perception_timesteps_is_recorded_and_checked(tiny_sd, tin
 def test_train_adapter_perception_input_rendered_trains_and_is_saved(tiny_sd, tiny_shapes, tmp_path, capsys):
     out = tmp_path / "rendered"
     options = ["--perception-input", "rendered", "--perception-timesteps", "600", "--max-steps", "2"]
-    assert train(tiny_sd, tiny_shapes, out, *options) == 0
+    assert run_train_adapter(tiny_sd, tiny_shapes, out, *options) == 0
     assert json.loads((out / "config.json").read_text())["perception_input"] == "rendered"
     log = [json.loads(line) for line in (out / "train" / "log.jsonl").read_text().splitlines()]
     assert np.isfinite(log[-1]["perception"])

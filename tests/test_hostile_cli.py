@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import error_line, generate
 from PIL import Image
-from test_generate import error_line, generate
 
 import spatiallock.sampling.run as sampling
 from spatiallock.cli import main
@@ -302,11 +302,11 @@ def test_8_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path, capsys, no_m
 
 
 def test_8_devices_large_files_and_large_sizes_are_refused(tmp_path, capsys, no_model, monkeypatch):
-    import spatiallock.layout as layout_module
+    import spatiallock.files as files_module
 
     if Path("/dev/zero").exists():
         refused(capsys, generate("/dev/zero", "default", tmp_path / "out"), "/dev/zero: not a regular file")
-    monkeypatch.setattr(layout_module, "MAX_FILE_BYTES", 1000)
+    monkeypatch.setattr(files_module, "MAX_FILE_BYTES", 1000)
     large = write_json(tmp_path / "large.json", [GOOD] * 50)
     refused(capsys, generate(large, "default", tmp_path / "out"), "large.json: larger than", "too large")
     monkeypatch.undo()

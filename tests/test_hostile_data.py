@@ -15,26 +15,20 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from helpers import error_line, run_train_adapter
 from safetensors.torch import load_file
 from torch import nn
 
 from spatiallock.checkpoint import atomic_save_pretrained, list_checkpoints, save_checkpoint
 from spatiallock.cli import main
-from spatiallock.data.cocofile import build_index, read_coco_json, write_json_atomic
+from spatiallock.data.cocofile import build_index, read_coco_json
 from spatiallock.data.shapes import synth_categories
 from spatiallock.errors import SpatialLockError
 from spatiallock.evaluation.detector import Detector, DetectorConfig, evaluate_detector
+from spatiallock.files import write_json_atomic
 from spatiallock.training.loop import LoopConfig, make_accelerator, train_loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def error_line(stderr: str) -> str:
-    """The command's one error line; no traceback, no other line of ours."""
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.startswith("spatiallock: error:")]
-    assert len(lines) == 1, stderr
-    return lines[0]
 
 
 def truncate(path: Path) -> None:
@@ -43,11 +37,6 @@ def truncate(path: Path) -> None:
 
 def copy_of(folder: Path, tmp_path: Path, name: str) -> Path:
     return Path(shutil.copytree(folder, tmp_path / name))
-
-
-def train_adapter(base, data, out, *options: str) -> int:
-    args = ["train", "adapter", "--base", str(base), "--data", str(data), "--out", str(out), "--batch-size", "2"]
-    return main([*args, "--no-progress", *options])
 
 
 def train_decoder(base, data, out, *options: str) -> int:
@@ -204,7 +193,7 @@ def test_resume_with_no_readable_checkpoint_is_one_line(started, tiny_sd, tiny_s
     out = copy_of(started[0], tmp_path, "adapter")
     (checkpoint,) = list_checkpoints(out / "train" / "checkpoints" / "adapter")
     truncate(checkpoint / "adapter.safetensors")
-    assert train_adapter(tiny_sd, tiny_shapes, out, "--lr", "1e-3", "--max-steps", "2", "--resume") == 2
+    assert run_train_adapter(tiny_sd, tiny_shapes, out, "--lr", "1e-3", "--max-steps", "2", "--resume") == 2
     line = error_line(capsys.readouterr().err)
     assert line.startswith(f"spatiallock: error: --resume: {checkpoint}: unreadable checkpoint")
     assert line.endswith("no checkpoint to resume from")
@@ -255,7 +244,7 @@ def started(tiny_sd, tiny_shapes, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert train_adapter(tiny_sd, tiny_shapes, out, "--max-steps", "1", "--lr", "1e-3") == 0
+        assert run_train_adapter(tiny_sd, tiny_shapes, out, "--max-steps", "1", "--lr", "1e-3") == 0
     finally:
         torch.set_num_threads(threads)
     return out, (out / "train" / "config.json").read_bytes()
@@ -289,7 +278,8 @@ def test_resume_with_other_settings_is_refused_and_the_record_kept(
 def test_resume_may_change_how_long_and_how_it_is_watched(started, tiny_sd, tiny_shapes, tmp_path):
     out = copy_of(started[0], tmp_path, "adapter")
     options = ("--lr", "1e-3", "--max-steps", "2", "--checkpoint-every", "7", "--keep", "2", "--num-workers", "0")
-    assert train_adapter(tiny_sd, f"{tiny_shapes}/", out, *options, "--resume") == 0  # the same folder, spelt apart
+    # the same data folder, spelt apart
+    assert run_train_adapter(tiny_sd, f"{tiny_shapes}/", out, *options, "--resume") == 0
     assert json.loads((out / "train" / "config.json").read_text())["loop"]["max_steps"] == 2
 
 

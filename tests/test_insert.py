@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from helpers import NAMES, pog_pipeline
 from PIL import Image
-from test_candidates import NAMES, pipeline
 
 from spatiallock.cli import main
 from spatiallock.location.insert import box_mask, feathered, insert_object
@@ -25,7 +25,7 @@ def test_masks_cover_the_box_and_the_band_around_it() -> None:
 
 
 def test_insertion_leaves_the_pixels_far_from_the_box_unchanged(tiny_small_base) -> None:
-    pipe = pipeline(tiny_small_base)
+    pipe = pog_pipeline(tiny_small_base)
     scene = _scene()
     box = (0.5, 0.5, 0.875, 0.875)
     out = insert_object(pipe, scene, box, "red circle", generator=torch.Generator().manual_seed(0),
@@ -44,7 +44,7 @@ def test_insertion_leaves_the_pixels_far_from_the_box_unchanged(tiny_small_base)
 
 
 def test_insert_command_writes_the_image_or_refuses_in_one_line(tiny_small_base, tmp_path, capsys) -> None:
-    pipeline(tiny_small_base).adapter.save_pretrained(tmp_path / "adapter")
+    pog_pipeline(tiny_small_base).adapter.save_pretrained(tmp_path / "adapter")
     _scene().save(tmp_path / "scene.png")
     (tmp_path / "notes.txt").write_text("not an image")
     out = tmp_path / "out.png"

@@ -7,9 +7,17 @@ import json
 
 import pytest
 import torch
-from conftest import NUM_CLASSES, PHRASE_DIM, make_inputs
-from test_grounding import grounded, new_adapter, open_gates, plain
-from test_train_adapter import error_line, train
+from helpers import (
+    NUM_CLASSES,
+    PHRASE_DIM,
+    adapter_for,
+    error_line,
+    grounded,
+    make_inputs,
+    open_gates,
+    plain,
+    run_train_adapter,
+)
 
 from spatiallock.base.configs import build_unet, unet_config
 from spatiallock.cli import main
@@ -64,8 +72,8 @@ def test_the_block_attention_is_diffusers_attention_with_the_bias():
 def test_a_lean_adapter_starts_as_the_identity_is_smaller_and_loads_back(unet, tmp_path):
     x = make_inputs()
     before = plain(unet, x)
-    full = new_adapter(unet, positions="all", box_attention=True)
-    lean = new_adapter(unet, positions="all", box_attention=True, feed_forward=False, attention_width=0.5)
+    full = adapter_for(unet, positions="all", box_attention=True)
+    lean = adapter_for(unet, positions="all", box_attention=True, feed_forward=False, attention_width=0.5)
     lean.attach(unet)
     assert torch.equal(grounded(lean, unet, x), before)
     assert lean.parameter_counts()["attention_blocks"] < full.parameter_counts()["attention_blocks"] / 2
@@ -86,17 +94,17 @@ def test_a_lean_adapter_starts_as_the_identity_is_smaller_and_loads_back(unet, t
 @pytest.mark.parametrize("options", [{"feed_forward": False}, {"attention_width": 0.5}])
 def test_lean_options_are_for_grounding_attention_only(unet, options):
     with pytest.raises(SpatialLockError, match="only for Grounding-Attention"):
-        new_adapter(unet, "gligen", **options)
+        adapter_for(unet, "gligen", **options)
 
 
 @pytest.mark.parametrize("width", [0.0, 1.5, float("nan")])
 def test_an_attention_width_outside_0_to_1_is_refused(unet, width):
     with pytest.raises(SpatialLockError, match="attention width"):
-        new_adapter(unet, attention_width=width)
+        adapter_for(unet, attention_width=width)
 
 
 def test_like_builds_the_same_recipe_on_another_base(unet):
-    lean = new_adapter(unet, positions="up", box_attention=True, feed_forward=False, attention_width=0.5)
+    lean = adapter_for(unet, positions="up", box_attention=True, feed_forward=False, attention_width=0.5)
     with torch.device("meta"):
         sd = build_unet(unet_config("sd-v1-4"), device="meta")
         on_sd = SpatialLockAdapter.like(dict(lean.config), sd, 768, 80)
@@ -144,12 +152,12 @@ def test_params_config_from_refuses_what_is_no_adapter_in_one_line(capsys, tmp_p
 
 def test_train_adapter_lean_flags_and_a_warm_start(tiny_sd, tiny_shapes, tmp_path, capsys):
     full = tmp_path / "full"
-    assert train(tiny_sd, tiny_shapes, full, "--box-attention", "--positions", "all", "--max-steps", "2") == 0
+    everywhere = ("--box-attention", "--positions", "all")
+    assert run_train_adapter(tiny_sd, tiny_shapes, full, *everywhere, "--max-steps", "2") == 0
     lean = tmp_path / "lean"
     flags = ("--box-attention", "--positions", "all", "--feed-forward", "none", "--attention-width", "1")
-    assert (
-        train(tiny_sd, tiny_shapes, lean, *flags, "--init-from", str(full), "--max-steps", "1", "--lr", "1e-30") == 0
-    )
+    warm = ("--init-from", str(full), "--max-steps", "1", "--lr", "1e-30")
+    assert run_train_adapter(tiny_sd, tiny_shapes, lean, *flags, *warm) == 0
     out = capsys.readouterr().out
     assert f"init-from {full}:" in out and "0 of this adapter's start fresh" in out
     config = json.loads((lean / "config.json").read_text())
@@ -162,7 +170,7 @@ def test_train_adapter_lean_flags_and_a_warm_start(tiny_sd, tiny_shapes, tmp_pat
 
 
 def test_init_from_something_that_is_no_adapter_is_one_line(tiny_sd, tiny_shapes, tmp_path, capsys):
-    code = train(tiny_sd, tiny_shapes, tmp_path / "x", "--init-from", str(tmp_path), "--max-steps", "1")
+    code = run_train_adapter(tiny_sd, tiny_shapes, tmp_path / "x", "--init-from", str(tmp_path), "--max-steps", "1")
     assert code == 2
     assert "init-from" in error_line(capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
@@ -170,20 +178,20 @@ def test_init_from_something_that_is_no_adapter_is_one_line(tiny_sd, tiny_shapes
 
 def test_the_lean_recipe_is_the_same_per_base_unet_fixture(unet):
     """`like` on the base an adapter was built for rebuilds exactly its blocks and widths."""
-    adapter = new_adapter(unet, positions="all", box_attention=True, feed_forward=False)
+    adapter = adapter_for(unet, positions="all", box_attention=True, feed_forward=False)
     again = SpatialLockAdapter.like(dict(adapter.config), unet, PHRASE_DIM, NUM_CLASSES)
     assert again.config.blocks == adapter.config.blocks and again.config.block_dims == adapter.config.block_dims
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in adapter.state_dict().items()}
 
 
 def test_feed_forward_at_the_finest_level_only(unet):
-    adapter = new_adapter(unet, positions="all", box_attention=True, feed_forward="finest")
+    adapter = adapter_for(unet, positions="all", box_attention=True, feed_forward="finest")
     widths = [width for width, *_ in adapter.config.block_dims]
     assert len(set(widths)) > 1  # the tiny U-Net has blocks at two levels
     kept = [block.ff is not None for block in adapter.fusers]
     assert kept == [width == min(widths) for width in widths] and any(kept) and not all(kept)
     with pytest.raises(SpatialLockError, match="feed-forward"):
-        new_adapter(unet, feed_forward="coarsest")
+        adapter_for(unet, feed_forward="coarsest")
     with torch.device("meta"):
         sd = build_unet(unet_config("sd-v1-4"), device="meta")
         counts = [

@@ -5,49 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import LAYOUTS, STEPS, TWO, adapter_for, sample
 
-from spatiallock.base.folders import load_base
-from spatiallock.base.text import phrase_dim
 from spatiallock.errors import SpatialLockError
-from spatiallock.layout import Layout
-from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.pipelines.diffusion import SpatialLockPipeline
-
-TWO = ((0.05, 0.3, 0.45, 0.7), (0.55, 0.3, 0.95, 0.7))
-LAYOUTS = [
-    Layout("a red circle left of a blue square", ("red circle", "blue square"), TWO),
-    Layout("a green triangle", ("green triangle",), ((0.2, 0.1, 0.8, 0.6),)),
-]
-STEPS = 3
-
-
-@pytest.fixture(params=["sd", "small-base"])
-def base_folder(request):
-    return request.getfixturevalue({"sd": "tiny_sd", "small-base": "tiny_small_base"}[request.param])
-
-
-def make_adapter(folder, variant: str = "spatiallock", gate: float | None = 0.8, seed: int = 0) -> SpatialLockAdapter:
-    """An adapter for the base in `folder`; `gate`: value of every gate (None keeps them at zero)."""
-    base = load_base(folder)
-    torch.manual_seed(seed)
-    adapter = SpatialLockAdapter.from_unet(base.unet, variant, None, phrase_dim(base.text_encoder), 16)
-    if gate is not None:
-        with torch.no_grad():
-            for name, parameter in adapter.named_parameters():
-                if name.rsplit(".", 1)[-1] in ("gate_attn", "gate_ff", "alpha_attn", "alpha_dense"):
-                    parameter.fill_(gate)
-    return adapter
-
-
-def sample(pipe, seed: int = 0, layouts=LAYOUTS, **kwargs) -> np.ndarray:
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(seed)
-    options = {"num_inference_steps": STEPS, "guidance_scale": 4.0, "output_type": "np", **kwargs}
-    return pipe(layouts=layouts, generator=generator, **options).images
 
 
 def test_output_is_deterministic_for_a_seed_and_changes_with_it(base_folder):
-    pipe = SpatialLockPipeline.from_pretrained(base_folder, adapter=make_adapter(base_folder))
+    pipe = SpatialLockPipeline.from_pretrained(base_folder, adapter=adapter_for(base_folder, gates=0.8))
     first, again, other = sample(pipe, 0), sample(pipe, 0), sample(pipe, 1)
     assert first.shape == (2, 32, 32, 3) and np.isfinite(first).all()
     np.testing.assert_array_equal(first, again)
@@ -57,8 +22,8 @@ def test_output_is_deterministic_for_a_seed_and_changes_with_it(base_folder):
 @pytest.mark.parametrize("variant", ["spatiallock", "gligen"])
 def test_closed_gates_give_exactly_the_plain_base_and_open_gates_do_not(base_folder, variant):
     plain = sample(SpatialLockPipeline.from_pretrained(base_folder))
-    closed = sample(SpatialLockPipeline.from_pretrained(base_folder, adapter=make_adapter(base_folder, variant, None)))
-    opened = SpatialLockPipeline.from_pretrained(base_folder, adapter=make_adapter(base_folder, variant, 0.8))
+    closed = sample(SpatialLockPipeline.from_pretrained(base_folder, adapter=adapter_for(base_folder, variant)))
+    opened = SpatialLockPipeline.from_pretrained(base_folder, adapter=adapter_for(base_folder, variant, gates=0.8))
     np.testing.assert_array_equal(closed, plain)
     assert np.abs(sample(opened) - plain).max() > 1e-3
     # grounding for none of the steps is the plain base too, whatever the gates
@@ -75,13 +40,13 @@ def test_plain_path_matches_diffusers_stable_diffusion_pipeline(tiny_sd):
         captions, num_inference_steps=STEPS, guidance_scale=4.0, output_type="np", height=32, width=32,
         generator=torch.Generator().manual_seed(0),
     ).images  # fmt: skip
-    ours = SpatialLockPipeline.from_pretrained(tiny_sd, adapter=make_adapter(tiny_sd, gate=None))
+    ours = SpatialLockPipeline.from_pretrained(tiny_sd, adapter=adapter_for(tiny_sd))
     assert type(ours.scheduler).__name__ == "PNDMScheduler"  # the folder's own sampler
     np.testing.assert_allclose(sample(ours), expected, atol=1e-6)
 
 
 def test_save_pretrained_then_from_pretrained_gives_the_same_images(base_folder, tmp_path):
-    pipe = SpatialLockPipeline.from_pretrained(base_folder, adapter=make_adapter(base_folder))
+    pipe = SpatialLockPipeline.from_pretrained(base_folder, adapter=adapter_for(base_folder, gates=0.8))
     expected = sample(pipe)
     pipe.save_pretrained(tmp_path / "model")
     assert (tmp_path / "model" / "adapter" / "config.json").is_file()
@@ -98,7 +63,7 @@ def test_save_pretrained_then_from_pretrained_gives_the_same_images(base_folder,
 
 
 def test_an_adapter_folder_attaches_to_a_separately_given_base(tiny_small_base, tmp_path):
-    adapter = make_adapter(tiny_small_base)
+    adapter = adapter_for(tiny_small_base, gates=0.8)
     adapter.save_pretrained(tmp_path / "adapter")
     direct = sample(SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=adapter))
     from_folder = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=tmp_path / "adapter")
@@ -109,11 +74,11 @@ def test_an_adapter_folder_attaches_to_a_separately_given_base(tiny_small_base, 
 
 def test_an_adapter_for_another_base_is_refused(tiny_sd, tiny_small_base):
     with pytest.raises(SpatialLockError, match="adapter does not fit the base"):
-        SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=make_adapter(tiny_sd))
+        SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=adapter_for(tiny_sd, gates=0.8))
 
 
 def test_layouts_of_different_sizes_share_a_batch(tiny_small_base):
-    pipe = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=make_adapter(tiny_small_base))
+    pipe = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=adapter_for(tiny_small_base, gates=0.8))
     generators = [torch.Generator().manual_seed(s) for s in (5, 6)]
     pipe.set_progress_bar_config(disable=True)
     options = {"num_inference_steps": STEPS, "guidance_scale": 4.0, "output_type": "np"}
@@ -133,20 +98,32 @@ def test_layouts_of_different_sizes_share_a_batch(tiny_small_base):
     "scheduler, cls",
     [("ddim", "DDIMScheduler"), ("dpm", "DPMSolverMultistepScheduler"), ("euler", "EulerDiscreteScheduler")],
 )
-def test_diffusers_schedulers_swap_in(tiny_small_base, scheduler, cls):
+def test_diffusers_schedulers_swap_in(tiny_small_base, tiny_sd, scheduler, cls):
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
     pipe = SpatialLockPipeline.from_pretrained(
-        tiny_small_base, adapter=make_adapter(tiny_small_base), scheduler=scheduler
+        tiny_small_base, adapter=adapter_for(tiny_small_base, gates=0.8), scheduler=scheduler
     )
     assert type(pipe.scheduler).__name__ == cls
     assert pipe.scheduler.config.prediction_type == "v_prediction"  # the base's own noise schedule carried over
     if scheduler == "dpm":
         assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
-    images = sample(pipe)
-    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+    # sampling runs that sampler: the plain path gives what diffusers' Stable Diffusion pipeline gives with it
+    reference = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    options = {"algorithm_type": "dpmsolver++"} if scheduler == "dpm" else {}
+    reference.scheduler = getattr(diffusers, cls).from_config(reference.scheduler.config, **options)
+    reference.set_progress_bar_config(disable=True)
+    expected = reference(
+        [layout.caption for layout in LAYOUTS], num_inference_steps=STEPS, guidance_scale=4.0, output_type="np",
+        height=32, width=32, generator=torch.Generator().manual_seed(0),
+    ).images  # fmt: skip
+    ours = SpatialLockPipeline.from_pretrained(tiny_sd, adapter=adapter_for(tiny_sd), scheduler=scheduler)
+    np.testing.assert_allclose(sample(ours), expected, atol=1e-6)
 
 
 def test_bad_pipeline_arguments_raise_clear_errors(tiny_small_base):
-    pipe = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=make_adapter(tiny_small_base))
+    pipe = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=adapter_for(tiny_small_base, gates=0.8))
     with pytest.raises(SpatialLockError, match=r"layouts\[0\]\.objects\[0\]\.box: .* outside \[0, 1\]"):
         pipe("a red circle", phrases=["red circle"], boxes=[[0.1, 0.1, 1.2, 0.5]])
     with pytest.raises(SpatialLockError, match="1 phrases but 2 boxes"):
@@ -156,7 +133,7 @@ def test_bad_pipeline_arguments_raise_clear_errors(tiny_small_base):
 
 
 def test_unconditional_branch_gets_empty_caption_and_null_grounding_for_the_grounded_share(tiny_small_base):
-    pipe = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=make_adapter(tiny_small_base))
+    pipe = SpatialLockPipeline.from_pretrained(tiny_small_base, adapter=adapter_for(tiny_small_base, gates=0.8))
     calls = []
     predict = pipe.predict
 

@@ -1,10 +1,10 @@
-"""The tiny bases of tiny_models.py load like the real ones and read the synthetic captions."""
+"""The tiny bases of helpers.py load like the real ones and read the synthetic captions."""
 
 from __future__ import annotations
 
 import re
 
-from tiny_models import LATENT_SIZE, TEXT_DIM
+from helpers import LATENT_SIZE, TEXT_DIM
 
 from spatiallock.base.folders import load_base
 from spatiallock.base.text import encode_captions, encode_phrases

@@ -8,47 +8,24 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils.checkpoint
+from helpers import SYNTH_CLASSES, adapter_for, error_line, run_train_adapter
 from safetensors.torch import load_file
 
 import spatiallock.training.adapter as adapter_training
 from spatiallock.base.folders import load_base
-from spatiallock.base.text import phrase_dim
-from spatiallock.cli import main
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.training.common import noisy_inputs
 
-SYNTH_CLASSES = 16
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def train(base, data, out, *options: str) -> int:
-    """`spatiallock train adapter` in this process, with batches of 2 and no progress bar."""
-    args = ["train", "adapter", "--base", str(base), "--data", str(data), "--out", str(out)]
-    return main([*args, "--batch-size", "2", "--no-progress", *options])
-
-
-def error_line(stderr: str) -> str:
-    """The command's one-line error (stderr may also hold libraries' progress bars)."""
-    lines = [line for line in stderr.splitlines() if line.startswith("spatiallock: error:")]
-    assert len(lines) == 1, stderr
-    return lines[0]
-
-
-def fresh_adapter(base_folder, variant: str = "spatiallock", seed: int = 0, **kwargs) -> SpatialLockAdapter:
-    """The adapter `train adapter` starts from (same seed, same construction)."""
-    base = load_base(base_folder)
-    torch.manual_seed(seed)
-    return SpatialLockAdapter.from_unet(
-        base.unet, variant, None, phrase_dim(base.text_encoder), SYNTH_CLASSES, **kwargs
-    )
 
 
 @pytest.mark.parametrize("base_kind", ["sd", "small-base"])
 def test_train_writes_a_loadable_adapter_that_moved_from_its_init(request, tiny_shapes, tmp_path, capsys, base_kind):
     base_folder = request.getfixturevalue({"sd": "tiny_sd", "small-base": "tiny_small_base"}[base_kind])
     out = tmp_path / "adapter"
-    assert train(base_folder, tiny_shapes, out, "--max-steps", "2", "--lr", "1e-2") == 0  # warm-up: 2e-4, 4e-4
+    # with the warm-up, the two steps take lr 2e-4 and 4e-4
+    assert run_train_adapter(base_folder, tiny_shapes, out, "--max-steps", "2", "--lr", "1e-2") == 0
     assert f"adapter written to {out} (2 steps" in capsys.readouterr().out
 
     assert (out / "config.json").is_file() and (out / "diffusion_pytorch_model.safetensors").is_file()
@@ -65,7 +42,7 @@ def test_train_writes_a_loadable_adapter_that_moved_from_its_init(request, tiny_
         "up_blocks.1.attentions.0.transformer_blocks.0",
     ]
 
-    init, after = fresh_adapter(base_folder).state_dict(), trained.state_dict()
+    init, after = adapter_for(base_folder).state_dict(), trained.state_dict()
     assert init.keys() == after.keys()
     gates = [k for k in init if k.endswith(("gate_attn", "gate_ff"))]
     assert len(gates) == 4
@@ -80,9 +57,53 @@ def test_train_writes_a_loadable_adapter_that_moved_from_its_init(request, tiny_
     assert all(torch.isfinite(v).all() for v in after.values())
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_bf16_with_gradient_checkpointing_writes_a_loadable_adapter_that_moved(
+    tiny_sd, tiny_shapes, tmp_path, monkeypatch, checkpointing
+):
+    """`--mixed-precision bf16` (and `--gradient-checkpointing`): every training forward runs the frozen base in
+    bf16 under bf16 autocast, with the U-Net's gradient checkpointing on and used (torch's checkpoint called in
+    the U-Net's blocks) exactly when asked, and the adapter written loads, fits the base and has moved."""
+    checkpoint, checkpointed = torch.utils.checkpoint.checkpoint, []
+
+    def counting_checkpoint(*args, **kwargs):
+        checkpointed.append(1)
+        return checkpoint(*args, **kwargs)
+
+    forward, seen = SpatialLockAdapter.forward, []
+
+    def recording_forward(self, unet, *args, **kwargs):
+        before = len(checkpointed)
+        output = forward(self, unet, *args, **kwargs)
+        autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+        seen.append((unet.is_gradient_checkpointing, unet.dtype, autocast, len(checkpointed) - before))
+        return output
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
+    monkeypatch.setattr(SpatialLockAdapter, "forward", recording_forward)
+    out = tmp_path / "adapter"
+    options = ("--mixed-precision", "bf16", "--max-steps", "2", "--lr", "1e-2")
+    if checkpointing:
+        options += ("--gradient-checkpointing",)
+    assert run_train_adapter(tiny_sd, tiny_shapes, out, *options) == 0
+    assert len(seen) == 2
+    for on, dtype, autocast, calls in seen:
+        assert dtype == torch.bfloat16 and autocast == (True, torch.bfloat16)
+        assert on == checkpointing and (calls > 0) == checkpointing
+    recorded = json.loads((out / "train" / "config.json").read_text())
+    assert recorded["mixed_precision"] == "bf16" and recorded["gradient_checkpointing"] is checkpointing
+
+    trained = SpatialLockAdapter.from_pretrained(out)
+    trained.attach(load_base(tiny_sd).unet)  # fits the base it was trained on
+    init, after = adapter_for(tiny_sd).state_dict(), trained.state_dict()
+    assert init.keys() == after.keys() and all(torch.isfinite(v).all() for v in after.values())
+    assert all(after[k].item() != 0.0 for k in init if k.endswith(("gate_attn", "gate_ff")))  # opened from zero
+    assert sum(not torch.equal(init[k], after[k]) for k in init) >= 0.9 * len(init)
+
+
 def test_unknown_position_fails_with_the_valid_names(tiny_sd, tiny_shapes, tmp_path, capsys):
     out = tmp_path / "adapter"
-    assert train(tiny_sd, tiny_shapes, out, "--max-steps", "1", "--positions", "nosuchblock") == 2
+    assert run_train_adapter(tiny_sd, tiny_shapes, out, "--max-steps", "1", "--positions", "nosuchblock") == 2
     err = error_line(capsys.readouterr().err)
     assert err.startswith("spatiallock: error: positions: nosuchblock names no attention block; valid: ")
     valid = "down_blocks.0.attentions.0, mid_block.attentions.0, up_blocks.1.attentions.0, up_blocks.1.attentions.1"
@@ -92,7 +113,7 @@ def test_unknown_position_fails_with_the_valid_names(tiny_sd, tiny_shapes, tmp_p
 
 def test_fixed_loss_weights_are_recorded_and_used(tiny_sd, tiny_shapes, tmp_path):
     out = tmp_path / "adapter"
-    assert train(tiny_sd, tiny_shapes, out, "--max-steps", "1", "--loss-weights", "0.5,0.5") == 0
+    assert run_train_adapter(tiny_sd, tiny_shapes, out, "--max-steps", "1", "--loss-weights", "0.5,0.5") == 0
     config = json.loads((out / "config.json").read_text())
     assert config["loss_weighting"] == "fixed" and config["loss_weights"] == [0.5, 0.5]
     assert json.loads((out / "train" / "config.json").read_text())["loss_weights"] == [0.5, 0.5]
@@ -106,7 +127,7 @@ def test_fixed_loss_weights_are_recorded_and_used(tiny_sd, tiny_shapes, tmp_path
 
 @pytest.mark.parametrize("text", ["0.5", "0.5,x", "0.5,-1"])
 def test_malformed_loss_weights_are_refused_by_the_parser(tmp_path, capsys, text):
-    assert train(tmp_path / "base", tmp_path / "data", tmp_path / "out", "--loss-weights", text) == 2
+    assert run_train_adapter(tmp_path / "base", tmp_path / "data", tmp_path / "out", "--loss-weights", text) == 2
     assert "--loss-weights" in capsys.readouterr().err
 
 
@@ -133,7 +154,7 @@ def test_training_leaves_the_base_bit_identical(tiny_sd, tiny_shapes, tmp_path, 
         return loaded[-1]
 
     monkeypatch.setattr(adapter_training, "load_base", recording_load_base)
-    assert train(tiny_sd, tiny_shapes, tmp_path / "adapter", "--max-steps", "2", "--lr", "1e-2") == 0
+    assert run_train_adapter(tiny_sd, tiny_shapes, tmp_path / "adapter", "--max-steps", "2", "--lr", "1e-2") == 0
     assert len(loaded) == 1
 
     # on disk: not one byte changed, nothing added or removed
@@ -169,16 +190,17 @@ def test_cubic_timestep_sampling_favours_the_noisy_steps():
 
 
 def test_an_unknown_timestep_sampling_is_refused(tiny_small_base, tiny_shapes, tmp_path, capsys):
-    assert train(tiny_small_base, tiny_shapes, tmp_path / "a", "--timestep-sampling", "log-normal") == 2
+    assert run_train_adapter(tiny_small_base, tiny_shapes, tmp_path / "a", "--timestep-sampling", "log-normal") == 2
     assert "invalid choice: 'log-normal'" in capsys.readouterr().err
 
 
 def test_gate_lr_scale_lets_the_gates_take_larger_steps(tiny_small_base, tiny_shapes, tmp_path):
     # one step at lr 1e-2 (warm-up: 2e-4); Adam's first step moves every parameter with a gradient by the lr
     out = tmp_path / "adapter"
-    assert train(tiny_small_base, tiny_shapes, out, "--max-steps", "1", "--lr", "1e-2", "--gate-lr-scale", "10") == 0
+    options = ("--max-steps", "1", "--lr", "1e-2", "--gate-lr-scale", "10")
+    assert run_train_adapter(tiny_small_base, tiny_shapes, out, *options) == 0
     assert json.loads((out / "train" / "config.json").read_text())["gate_lr_scale"] == 10.0
-    init, after = fresh_adapter(tiny_small_base).state_dict(), SpatialLockAdapter.from_pretrained(out).state_dict()
+    init, after = adapter_for(tiny_small_base).state_dict(), SpatialLockAdapter.from_pretrained(out).state_dict()
     gates = [k for k in init if k.endswith(("gate_attn", "gate_ff"))]
     for key in gates:
         assert abs(after[key].item() - init[key].item()) == pytest.approx(2e-3, rel=1e-3), key
@@ -198,7 +220,7 @@ def test_max_train_samples_trains_on_the_first_images_only(tiny_small_base, tiny
 
     monkeypatch.setattr(LayoutDataset, "_sample", recording)
     out = tmp_path / "adapter"
-    assert train(tiny_small_base, tiny_shapes, out, "--max-steps", "4", "--max-train-samples", "2") == 0
+    assert run_train_adapter(tiny_small_base, tiny_shapes, out, "--max-steps", "4", "--max-train-samples", "2") == 0
     assert json.loads((out / "train" / "config.json").read_text())["max_train_samples"] == 2
     first_two = sorted((tiny_shapes / "train").iterdir())[:2]
     assert len(drawn) == 8 and set(drawn) == {path.name for path in first_two}
@@ -206,5 +228,5 @@ def test_max_train_samples_trains_on_the_first_images_only(tiny_small_base, tiny
 
 @pytest.mark.parametrize("text", ["0", "-3", "two", "1.5"])
 def test_max_train_samples_must_be_a_positive_whole_number(tmp_path, capsys, text):
-    assert train(tmp_path / "base", tmp_path / "data", tmp_path / "a", "--max-train-samples", text) == 2
+    assert run_train_adapter(tmp_path / "base", tmp_path / "data", tmp_path / "a", "--max-train-samples", text) == 2
     assert f"argument --max-train-samples: expected a positive whole number, got '{text}'" in capsys.readouterr().err

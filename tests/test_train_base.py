@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from PIL import Image
 
 from spatiallock.base.folders import load_base, small_unet_config
 from spatiallock.cli import main
-from spatiallock.training.base import min_snr_weights
+from spatiallock.training.base import BaseTrainConfig, min_snr_weights, train_base
+from spatiallock.training.loop import LoopConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,9 +25,19 @@ def train(data, out, *options: str) -> int:
 
 def test_train_base_writes_a_loadable_base_with_a_measured_latent_scale(tiny_shapes, tmp_path):
     out = tmp_path / "base"
-    assert train(tiny_shapes, out, "--vae-steps", "2", "--max-steps", "2") == 0
+    loop = {"batch_size": 2, "progress": False}
+    config = BaseTrainConfig(
+        data=str(tiny_shapes), out=str(out), resolution=32, flip_prob=0.0,  # the images as they are on disk
+        vae=LoopConfig(max_steps=2, learning_rate=1e-3, **loop), unet=LoopConfig(max_steps=2, **loop),
+    )  # fmt: skip
+    train_base(config)
     base = load_base(out)
-    assert base.vae.config.scaling_factor != 1.0  # measured on the images, not the default
+    # the latent scale: 1 / std of the autoencoder's posterior means over the training images (all 16 here)
+    files = sorted((tiny_shapes / "train").glob("*.png"))
+    pixels = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
+    with torch.no_grad():
+        means = base.vae.encode(pixels.float() / 127.5 - 1.0).latent_dist.mean
+    assert len(files) == 16 and base.vae.config.scaling_factor == pytest.approx(1.0 / means.std().item(), rel=1e-4)
     wanted = small_unet_config(latent_size=8, cross_attention_dim=384)
     assert {k: base.unet.config[k] for k in wanted} == wanted
     stages = {json.loads(line)["stage"] for line in (out / "train" / "log.jsonl").read_text().splitlines()}

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import torch
+from helpers import accelerate_launch, adapter_for
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_train_adapter import fresh_adapter
 
 from spatiallock.checkpoint import list_checkpoints
 
@@ -44,19 +40,7 @@ def test_two_cpu_processes_train_identical_weights(tiny_sd, tiny_shapes, tmp_pat
     script, out, evidence = tmp_path / "train_ranks.py", tmp_path / "adapter", tmp_path / "ranks"
     script.write_text(RANK_SCRIPT)
     evidence.mkdir()
-    accelerate = Path(sys.executable).parent / "accelerate"
-    # `--multi_gpu` selects accelerate's torchrun launcher (`--cpu` alone starts one process without MPI); with no
-    # visible GPU, `Accelerator(cpu=True)` then joins the processes over gloo.
-    command = [
-        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        str(script), str(tiny_sd), str(tiny_shapes), str(out), str(evidence),
-    ]  # fmt: skip
-    env = {
-        **os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf-home"),  # no user accelerate config
-    }  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = accelerate_launch([str(script), str(tiny_sd), str(tiny_shapes), str(out), str(evidence)], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     metadata, weights = {}, {}
@@ -82,6 +66,6 @@ def test_two_cpu_processes_train_identical_weights(tiny_sd, tiny_shapes, tmp_pat
     ]
     assert len((out / "train" / "log.jsonl").read_text().splitlines()) == 1  # step 3 (log_every 10)
     # and it trained: 3 steps moved the weights from the initial ones
-    init = fresh_adapter(tiny_sd).state_dict()
+    init = adapter_for(tiny_sd).state_dict()
     assert weights[0]["fusers.0.gate_attn"].item() != 0.0
     assert sum(not torch.equal(init[k], weights[0][k]) for k in init) >= 0.9 * len(init)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from test_train_adapter import train
+from helpers import run_train_adapter
 
 import spatiallock.training.adapter as adapter_training
 from spatiallock.base.folders import load_base
@@ -38,7 +38,7 @@ def assert_rate(observed: float, probability: float, draws: int = DRAWS) -> None
 def test_the_shipped_recipe_puts_box_attention_in_every_down_and_up_block(tiny_sd, tiny_shapes, tmp_path, capsys):
     out = tmp_path / "box-all"
     recipe = ("--box-attention", "--positions", "all", "--gate-lr-scale", "10", "--lr", "5e-4")
-    assert train(tiny_sd, tiny_shapes, out, *recipe, "--max-steps", "2") == 0
+    assert run_train_adapter(tiny_sd, tiny_shapes, out, *recipe, "--max-steps", "2") == 0
     assert f"adapter written to {out} (2 steps" in capsys.readouterr().out
 
     config = json.loads((out / "config.json").read_text())

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
+from helpers import adapter_for, error_line, run_train_adapter
 from safetensors.torch import load_file
-from test_train_adapter import error_line, fresh_adapter, train
 
 from spatiallock.checkpoint import list_checkpoints
 from spatiallock.models.adapter import SpatialLockAdapter
@@ -27,13 +27,14 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def test_a_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(tiny_sd, tiny_shapes, tmp_path, capsys):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     lr = ("--lr", "1e-3")  # with the default warm-up, steps 1..4 take lr 2e-5 .. 8e-5
-    assert train(tiny_sd, tiny_shapes, whole, "--max-steps", "4", "--checkpoint-every", "2", *lr) == 0
-    assert train(tiny_sd, tiny_shapes, parts, "--max-steps", "2", "--checkpoint-every", "1", *lr) == 0
+    assert run_train_adapter(tiny_sd, tiny_shapes, whole, "--max-steps", "4", "--checkpoint-every", "2", *lr) == 0
+    assert run_train_adapter(tiny_sd, tiny_shapes, parts, "--max-steps", "2", "--checkpoint-every", "1", *lr) == 0
     capsys.readouterr()
     # the same output folder again without --resume is refused before any training
-    assert train(tiny_sd, tiny_shapes, parts, "--max-steps", "4", *lr) == 2
+    assert run_train_adapter(tiny_sd, tiny_shapes, parts, "--max-steps", "4", *lr) == 2
     assert "already holds checkpoints; pass --resume" in error_line(capsys.readouterr().err)
-    assert train(tiny_sd, tiny_shapes, parts, "--max-steps", "4", "--checkpoint-every", "1", "--resume", *lr) == 0
+    resumed = ("--max-steps", "4", "--checkpoint-every", "1", "--resume", *lr)
+    assert run_train_adapter(tiny_sd, tiny_shapes, parts, *resumed) == 0
 
     final = load_file(whole / "diffusion_pytorch_model.safetensors")
     assert_same_tensors(load_file(parts / "diffusion_pytorch_model.safetensors"), final)
@@ -74,11 +75,11 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_sd, tiny_sh
     assert not (out / "config.json").exists()  # no final adapter from a failed run
     weights = load_file(kept[0] / "adapter.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
-    fresh_adapter(tiny_sd).load_state_dict(weights)  # loadable as the adapter, strictly
+    adapter_for(tiny_sd).load_state_dict(weights)  # loadable as the adapter, strictly
 
     # without the fault, --resume continues from step 2 and finishes
     monkeypatch.undo()
-    assert train(tiny_sd, tiny_shapes, out, "--max-steps", "4", "--checkpoint-every", "2", "--resume") == 0
+    assert run_train_adapter(tiny_sd, tiny_shapes, out, "--max-steps", "4", "--checkpoint-every", "2", "--resume") == 0
     assert [p.name for p in list_checkpoints(out / "train" / "checkpoints" / "adapter")] == [
         "checkpoint-2",
         "checkpoint-4",

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 
 from spatiallock.errors import SpatialLockError
+from spatiallock.files import read_json
 
 # The `unet/config.json` of CompVis/stable-diffusion-v1-4 (SD v1.5 shares the architecture).
 SD_V1_UNET = {
@@ -66,10 +66,10 @@ def unet_config(base: str) -> dict:
             f"base: {base!r} is neither a known architecture ({', '.join(KNOWN_BASES)}) "
             "nor a diffusers model folder with unet/config.json"
         )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SpatialLockError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    config = read_json(path, "U-Net config", limit=2**20, bad_json="not valid JSON")  # binary or huge: one line
+    if not isinstance(config, dict):
+        raise SpatialLockError(f"{path}: not a U-Net config (a JSON object)")
+    return config
 
 
 def build_unet(config: dict, device: str | torch.device = "cpu") -> UNet2DConditionModel:

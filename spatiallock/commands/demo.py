@@ -22,9 +22,10 @@ example:
 def run_demo(args: argparse.Namespace) -> int:
     from spatiallock.commands.generate import output_names
     from spatiallock.commands.options import check_out_folder, make_out_folder
-    from spatiallock.data.draw import draw_boxes, grid, save_image_atomic
+    from spatiallock.data.draw import draw_boxes, grid
     from spatiallock.evaluation.detector import Detector
     from spatiallock.evaluation.scoring import score_images
+    from spatiallock.files import save_image_atomic
     from spatiallock.layout import read_layouts
     from spatiallock.sampling import run as sampling
     from spatiallock.shipped import resolve_detector

@@ -50,10 +50,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from spatiallock.commands.options import check_out_folder, make_out_folder
-    from spatiallock.data.cocofile import write_json_atomic
-    from spatiallock.data.draw import save_image_atomic
     from spatiallock.evaluation.detector import Detector
     from spatiallock.evaluation.scoring import category_ids, evaluate_pipeline, layout_picture
+    from spatiallock.files import save_image_atomic, write_json_atomic
     from spatiallock.layout import read_layouts
     from spatiallock.sampling import run as sampling
     from spatiallock.shipped import resolve_detector

@@ -71,8 +71,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from spatiallock.commands.options import check_out_folder, make_out_folder
-    from spatiallock.data.draw import draw_boxes, grid, save_image_atomic
+    from spatiallock.data.draw import draw_boxes, grid
+    from spatiallock.files import save_image_atomic
     from spatiallock.layout import read_layouts
+    from spatiallock.pipelines.protocol import LAYOUT_GAN
     from spatiallock.sampling import run as sampling
 
     options = sampling.SamplingOptions.from_args(args)
@@ -92,7 +94,7 @@ def run_generate(args: argparse.Namespace) -> int:
             raise SpatialLockError(f"--out: {target} exists and is not a file")
     pipe = sampling.load_pipeline(args.model, args.adapter, options.dtype, options.scheduler)
     options.check_for(pipe, layouts)
-    if args.save_masks and not getattr(pipe, "is_layout_gan", False):
+    if args.save_masks and pipe.kind != LAYOUT_GAN:
         raise SpatialLockError(f"--save-masks: only a LAMA model draws semantic masks; {args.model} is not one")
     jobs = sampling.jobs_of(layouts, args.n)
     drawn: dict[int, list] = {}
@@ -126,7 +128,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def _save_masks(pipe, layouts: list, batch: list, seed: int, paths: list[Path]) -> list[Path]:
     """The semantic masks a LAMA pipeline drew for `batch` (the same generators as its images), as pictures."""
     from spatiallock.baselines.lama import mask_picture
-    from spatiallock.data.draw import save_image_atomic
+    from spatiallock.files import save_image_atomic
     from spatiallock.sampling import run as sampling
 
     generators = [sampling.image_generator(seed, i, k) for i, k in batch]
@@ -155,12 +157,8 @@ def _settings(args: argparse.Namespace, options, layouts: list, categories: list
     """What decides the data set's bytes, kept in DIR/generate.json so that a rerun resumes only the same job.
     `layouts_sha256` covers the layouts used (after --skip and --limit; captions as read, from a captions file
     too) and the categories, not the bytes of the file they came from."""
-    record = options.record()
-    keys = ("seed", "steps", "guidance", "scheduler", "grounding_steps", "size", "dtype")
-    settings = {"model": args.model, "adapter": args.adapter, **{key: record[key] for key in keys}}
-    # layout control only when on: data sets written before it existed still resume
-    control = options.pipeline_kwargs()
-    settings.update({k: v for k, v in control.items() if k.startswith(("layout_guidance", "missing", "init"))})
+    # every option that changes an image (the options table's `output`), so a rerun that changes any is refused
+    settings = {"model": args.model, "adapter": args.adapter, **options.settings()}
     used = [[layout.caption, layout.labels, layout.boxes, layout.image_id] for layout in layouts]
     text = json.dumps({"layouts": used, "categories": categories}, sort_keys=True, separators=(",", ":"))
     settings.update(
@@ -174,7 +172,7 @@ def _settings(args: argparse.Namespace, options, layouts: list, categories: list
 
 def _previous_settings(path: Path) -> dict | None:
     """The settings a run left in DIR/generate.json, None when there are none; refused when it is not one."""
-    from spatiallock.layout import read_json
+    from spatiallock.files import read_json
 
     if not os.path.lexists(path):
         return None
@@ -240,14 +238,15 @@ def dataset_annotations(layouts: list, per_layout: int, size: tuple[int, int], c
 
 
 def run_generate_dataset(args: argparse.Namespace) -> int:
+    import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
     from spatiallock.commands.options import check_out_folder
-    from spatiallock.data.cocofile import write_json_atomic
-    from spatiallock.data.draw import save_image_atomic
-    from spatiallock.layout import is_coco_instances, read_json, read_layouts
+    from spatiallock.files import read_json, save_image_atomic, write_json_atomic
+    from spatiallock.layout import is_coco_instances, read_layouts
     from spatiallock.sampling import run as sampling
+    from spatiallock.sampling.options import setting_differences
 
     options = sampling.SamplingOptions.from_args(args)
     options.check()
@@ -264,19 +263,21 @@ def run_generate_dataset(args: argparse.Namespace) -> int:
     categories = _categories(layouts, source["categories"] if is_coco_instances(source) else None)
     out = check_out_folder(args.out)
     for part, kind in ((out / "images", "folder"), (out / "generate.json", "file")):
+        if part.is_symlink():  # written through, its target would get the images and lose its .part files
+            raise SpatialLockError(f"--out: {part} is a link; give a folder whose {part.name} is a real {kind}")
         if os.path.lexists(part) and not (part.is_dir() if kind == "folder" else part.is_file()):
             raise SpatialLockError(f"--out: {part} exists and is not a {kind}")
     settings = _settings(args, options, layouts, categories)
     settings_file = out / "generate.json"
     previous = _previous_settings(settings_file)
     if previous is not None:
-        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        changed = setting_differences(previous, settings)
         if changed:
             raise SpatialLockError(
                 f"--out: {out} holds a data set generated with other settings ({', '.join(changed)}); "
                 "use the same command to resume, or another folder"
             )
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes join too (`accelerate launch --cpu`)
     pipe = sampling.load_pipeline(args.model, args.adapter, options.dtype, options.scheduler, state.device)
     options.check_for(pipe, layouts)
     size = args.size or pipe.native_size

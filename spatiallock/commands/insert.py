@@ -24,11 +24,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from spatiallock.commands.locate import load_locator, parse_box
-    from spatiallock.data.coco import read_image_option
-    from spatiallock.data.cocofile import atomic_output, writable_folder
+    from spatiallock.files import atomic_output, read_image_option, writable_folder
     from spatiallock.location.insert import insert_object
     from spatiallock.location.locator import load_background
-    from spatiallock.sampling.run import load_pipeline
+    from spatiallock.pipelines.protocol import DIFFUSION
+    from spatiallock.sampling import load_pipeline
 
     out = Path(args.out)
     if out.is_dir():
@@ -39,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
             raise SpatialLockError(f"{name}: must be at least {low}, got {value}")
     box = parse_box(args.box, "--box") if args.box else None
     image = read_image_option(args.image, "--image")
+    pipe = load_pipeline(args.model, adapter=args.adapter)
+    if pipe.kind != DIFFUSION:
+        raise SpatialLockError(f"--model: {args.model} is a layout GAN (LAMA), which cannot insert into an image")
     if box is None:
         locator = load_locator(args.locator, "--locator")
         labels = locator.label_index([args.label] * args.n, what="--label")
@@ -46,7 +49,6 @@ def run(args: argparse.Namespace) -> int:
         generator = torch.Generator().manual_seed(args.seed)
         boxes, scores = locator.sample(pixels.expand(args.n, -1, -1, -1), labels, generator)
         box = tuple(boxes[int(scores.argmax())].tolist())
-    pipe = load_pipeline(args.model, adapter=args.adapter)
     if pipe.adapter is None:
         raise SpatialLockError("--adapter none: insertion needs a SpatialLock adapter to place the object")
     known = pipe.adapter.config.class_names

@@ -70,9 +70,8 @@ def run(args: argparse.Namespace) -> int:
     order = scores.argsort(descending=True)
     found = [(boxes[i].tolist(), float(scores[i])) for i in order.tolist()]
     if out is not None:
-        from spatiallock.data.coco import read_image_option
-        from spatiallock.data.cocofile import atomic_output
         from spatiallock.data.draw import draw_boxes
+        from spatiallock.files import atomic_output, read_image_option
 
         drawn = draw_boxes(read_image_option(args.image, "--image"), [args.label] * len(found), [b for b, _ in found])
         out.parent.mkdir(parents=True, exist_ok=True)

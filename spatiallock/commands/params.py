@@ -11,7 +11,7 @@ from spatiallock.base.configs import COCO_CLASSES, SD_V1_PHRASE_DIM, build_unet,
 from spatiallock.errors import SpatialLockError
 from spatiallock.models.adapter import RECIPE, SpatialLockAdapter
 from spatiallock.models.injection import count_parameters
-from spatiallock.sampling.run import adapter_like
+from spatiallock.sampling import adapter_like
 
 
 def count(
@@ -52,6 +52,9 @@ def count(
 def run(args: argparse.Namespace) -> int:
     if args.config_from and args.positions:
         raise SpatialLockError("positions: give --positions or --config-from (whose placement it uses), not both")
+    for name, value, high in (("--num-classes", args.num_classes, 100_000), ("--phrase-dim", args.phrase_dim, 65_536)):
+        if not 1 <= value <= high:
+            raise SpatialLockError(f"{name}: from 1 to {high}, got {value}")
     result = count(args.base, args.num_classes, args.phrase_dim, args.positions, args.config_from)
     if args.json:
         print(json.dumps(result))

@@ -21,41 +21,10 @@ from PIL import Image
 from spatiallock.data.cocofile import CocoIndex, ImageRecord, LayoutFilters, build_index, read_coco_json
 from spatiallock.data.transforms import apply_to_boxes, apply_to_image, plan_crop, swap_left_right
 from spatiallock.errors import SpatialLockError
+from spatiallock.files import read_rgb
 from spatiallock.layout import MAX_OBJECTS
 
 logger = logging.getLogger(__name__)
-
-MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's decompression-bomb limit (about 89 million pixels)
-
-
-def read_rgb(path: str | os.PathLike) -> Image.Image:
-    """The image file at `path` as RGB, whatever its mode.
-
-    Raises `OSError` or `ValueError` (the errors of an unreadable file) when it cannot be read, also when it
-    declares more than `MAX_IMAGE_PIXELS` pixels: that is refused before any pixel is decoded.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise Image.DecompressionBombError(f"{image.width}x{image.height}")
-                return image.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ValueError(f"more than {MAX_IMAGE_PIXELS} pixels: too large to read") from None
-
-
-def read_image_option(path: str | os.PathLike, name: str) -> Image.Image:
-    """`read_rgb` for a command's input: one `SpatialLockError` naming option `name` when the file is missing or
-    not an image."""
-    from spatiallock.errors import first_line
-
-    if not os.path.isfile(path):
-        raise SpatialLockError(f"{name}: {path} not found")
-    try:
-        return read_rgb(path)
-    except (OSError, ValueError) as err:
-        raise SpatialLockError(f"{name}: {path} is not a readable image ({first_line(err)})") from None
 
 
 def split_files(root: str | Path, split: str) -> tuple[Path, Path, Path]:

@@ -9,17 +9,12 @@ at a predictable name is never followed, and readers never see half a file.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import math
 import os
-import tempfile
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 from spatiallock.errors import SpatialLockError
 
@@ -30,7 +25,7 @@ MAX_SIDE = 1 << 20  # a recorded image width or height beyond this is a broken e
 
 def read_coco_json(path: str | Path, kind: str) -> dict:
     """Load a COCO `kind` ("instances" or "captions") file; SpatialLockError naming the file if it is not one."""
-    from spatiallock.layout import read_json
+    from spatiallock.files import read_json
 
     name = str(path)
     data = read_json(path, f"COCO {kind} file", bad_json="not a JSON file")
@@ -52,66 +47,6 @@ def read_coco_json(path: str | Path, kind: str) -> dict:
 
 
 @functools.cache
-def _file_mode() -> int:
-    """The mode `open` gives a new file (0o666 less the umask); `mkstemp`'s files are 0o600."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, mode: str = "w", **open_options) -> Iterator[IO]:
-    """Open a new temporary file beside `path` and rename it onto `path` when the block ends without error.
-
-    The temporary file gets an unpredictable name and is created exclusively (`tempfile.mkstemp`), so a link
-    planted in the folder is never followed; the rename replaces a link at `path` itself instead of writing
-    through it. On an error the temporary file is removed and `path` is left as it was.
-    """
-    path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        os.fchmod(fd, _file_mode())
-        with os.fdopen(fd, mode, **open_options) as handle:
-            yield handle
-        os.replace(name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
-        raise
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` (UTF-8) to `path` through `atomic_output`."""
-    with atomic_output(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-
-
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write JSON with sorted keys and fixed separators through a temporary file, so readers never see half a file."""
-    with atomic_output(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-        handle.write("\n")
-
-
-def writable_folder(folder: str | os.PathLike, option: str) -> Path:
-    """Check that `folder` is, or can be created as, a folder this process may write in; `SpatialLockError`
-    naming `option` if not (a file, a path under a file, a broken link, a folder this user cannot write in).
-    Nothing is created: a refused run leaves nothing behind."""
-    folder = Path(folder)
-    if os.path.lexists(folder) and not folder.is_dir():
-        raise SpatialLockError(f"{option}: {folder} exists and is not a folder")
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        if existing.is_symlink():  # a dangling link: mkdir would fail on it
-            raise SpatialLockError(f"{option}: {folder}: {existing} is a broken link")
-        existing = existing.parent
-    if not existing.is_dir():
-        raise SpatialLockError(f"{option}: {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SpatialLockError(f"{option}: {folder}: {existing} is read-only for this user (no permission to write)")
-    return folder
-
-
 @dataclass(frozen=True)
 class LayoutObject:
     """One object: box (x, y, w, h) in pixels of the recorded image size, and its COCO category id."""

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from spatiallock.data.cocofile import atomic_output
 from spatiallock.data.shapes import COLOURS
 
 # colour words a label may start with or contain ("red circle", "a dark blue car"); the synthetic domain's own first
@@ -93,12 +90,3 @@ def grid(images: Sequence[Image.Image], columns: int | None = None, gap: int = 4
     for n, image in enumerate(images):
         sheet.paste(image, (gap + (n % columns) * (w + gap), gap + (n // columns) * (h + gap)))
     return sheet
-
-
-def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Write a PNG through `atomic_output`: a temporary file created exclusively beside it (a link planted there is
-    never followed), renamed into place."""
-    path = Path(path)
-    with atomic_output(path, "wb") as stream:
-        image.save(stream, format="PNG")
-    return path

@@ -19,7 +19,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from spatiallock.data.captions import CaptionObject, make_captions
-from spatiallock.data.cocofile import atomic_output, write_json_atomic
 from spatiallock.data.shapes import (
     BACKGROUNDS,
     COLOURS,
@@ -32,6 +31,7 @@ from spatiallock.data.shapes import (
     synth_categories,
     unit_outline,
 )
+from spatiallock.files import atomic_output, write_json_atomic
 
 SPLITS: tuple[str, ...] = ("train", "val")
 SCENES: tuple[str, ...] = ("shapes", "shelves")

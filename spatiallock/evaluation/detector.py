@@ -370,8 +370,9 @@ def evaluate_detector(detector: Detector, data_dir: str | os.PathLike, split: st
 
     Returns {"ap", "ap50", "ap75"} in [0, 1].
     """
-    from spatiallock.data.coco import read_rgb, split_files
+    from spatiallock.data.coco import split_files
     from spatiallock.data.cocofile import read_coco_json, scorable_instances
+    from spatiallock.files import read_rgb
 
     instances_file, _, image_root = split_files(data_dir, split)
     instances, skipped = scorable_instances(read_coco_json(instances_file, "instances"))

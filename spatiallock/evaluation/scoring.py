@@ -22,10 +22,10 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from spatiallock.data.draw import draw_boxes, grid
-from spatiallock.errors import SpatialLockError
+from spatiallock.errors import SpatialLockError, first_line
 from spatiallock.evaluation.detector import Detector, coco_ap, to_coco_results, to_image_tensors
 from spatiallock.layout import Layout
-from spatiallock.sampling.run import SamplingOptions, sample
+from spatiallock.sampling import SamplingOptions, sample
 
 SCORE_THRESHOLD = 0.3  # detections below it do not count for miou (AP uses them all, ranked by score)
 
@@ -132,13 +132,15 @@ def inception_fid(generated: Sequence[Image.Image], real: Sequence[Image.Image],
 
 
 def load_real_images(paths: Sequence[Path]) -> list[Image.Image]:
+    """The real images of a data set, through the one image reader (`files.read_rgb`, with its pixel limit)."""
+    from spatiallock.files import read_rgb
+
     images = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except OSError as err:
-            raise SpatialLockError(f"{path}: cannot read image ({err})") from None
+            images.append(read_rgb(path))
+        except (OSError, ValueError) as err:
+            raise SpatialLockError(f"{path}: cannot read image ({first_line(err)})") from None
     return images
 
 
@@ -188,8 +190,7 @@ def evaluate_pipeline(
     images, asked, seconds = sample(pipe, layouts, options or SamplingOptions(), per_layout, progress)
     scores, objects, detections = score_images(detector, images, asked)
     report = {**{k: round(v, 4) for k, v in scores.items()}, "seconds_per_image": round(seconds, 4)}
-    if getattr(pipe, "is_layout_gan", False):  # LAMA: how clear its semantic masks are (seed 003's Eq. 5)
-        report.update(pipe.mask_entropy(layouts, (options or SamplingOptions()).seed, per_layout))
+    report.update(pipe.extra_scores(layouts, (options or SamplingOptions()).seed, per_layout))  # LAMA: mask entropy
     report["fd"] = None
     if real_images:
         report["fd"] = round(frechet_distance(images, real_images, DetectorFeatures(detector)), 4)

@@ -30,6 +30,7 @@ from torchvision.models.resnet import BasicBlock
 
 from spatiallock.checkpoint import read_model_folder, write_model_folder
 from spatiallock.errors import SpatialLockError, first_line
+from spatiallock.files import read_rgb
 
 KIND = "spatiallock-locator"
 
@@ -282,7 +283,7 @@ class PlacementDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         entry = self.placements.entries[i]
-        image = Image.open(self.placements.folder / entry["file_name"]).convert("RGB")
+        image = read_rgb(self.placements.folder / entry["file_name"])
         if image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
@@ -317,7 +318,7 @@ def load_background(path: str | os.PathLike, image_size: int, name: str = "image
     missing or not an image."""
     from PIL import Image
 
-    from spatiallock.data.coco import read_image_option
+    from spatiallock.files import read_image_option
 
     image = read_image_option(path, name)
     if image.size != (image_size, image_size):

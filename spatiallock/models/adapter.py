@@ -372,8 +372,7 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             object_masks: (B, N) objects present in the image for the perception loss (default: `masks`).
             perception_rows: (B,) bool, the images the perception loss is computed on (default: all); with none,
                 the loss is a zero that still reaches the head's parameters.
-            scheduler: the noise scheduler `sample` was noised with (its `alphas_cumprod` and prediction type):
-                needed for the perception loss of a head whose input is `rendered`.
+            scheduler: the noise scheduler `sample` was noised with: needed by a head whose input is `rendered`.
         """
         # 1. grounding tokens (and, through their cache, each block's keys and attention bias)
         if grounding is None:
@@ -382,6 +381,8 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             grounding = self.encode_grounding(phrase_embeds, boxes, masks, sample.shape[-2:])
         elif tuple(sample.shape[-2:]) != grounding.grid:
             raise ValueError(f"grounding was encoded for {grounding.grid} latents, got {tuple(sample.shape[-2:])}")
+        if getattr(unet, "is_gradient_checkpointing", False) and torch.is_grad_enabled():
+            grounding = grounding._replace(cache=None)  # a recomputed block must save what its first pass saved
         kwargs = grounding_kwargs(grounding)
         # 2. the U-Net, with its down-block features tapped when the perception loss is wanted
         perceive = labels is not None and self.perception is not None

@@ -16,47 +16,23 @@ from spatiallock.base.text import PhraseCache, encode_captions, phrase_dim
 from spatiallock.checkpoint import atomic_save_pretrained
 from spatiallock.data.coco import collate_layouts
 from spatiallock.errors import SpatialLockError, first_line
-from spatiallock.layout import MAX_OBJECTS
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.models.grounding import GATES
-from spatiallock.models.perception import PERCEPTION_INPUTS
-from spatiallock.training.common import TIMESTEP_SAMPLING, drop, latents_of, noisy_inputs, start_training
+from spatiallock.training.common import drop, latents_of, noisy_inputs, start_training
 from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
+from spatiallock.training.recipe import MIXED_PRECISION, AdapterRecipe
 
-# `train adapter --feed-forward` -> the adapter config's `feed_forward`
-FEED_FORWARD_CHOICES = {"all": True, "finest": "finest", "none": False}
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(MIXED_PRECISION, (torch.float32, torch.float16, torch.bfloat16)))
 
 
-@dataclass
-class AdapterTrainConfig:
-    """Everything `train adapter` needs; written to `<out>/train/config.json`."""
+@dataclass(kw_only=True)
+class AdapterTrainConfig(AdapterRecipe):
+    """Everything `train adapter` needs: the recipe (`AdapterRecipe`), the folders and the loop; written to
+    `<out>/train/config.json`, each recipe setting under its own name."""
 
     base: str
     data: str
     out: str
-    variant: str = "spatiallock"
-    positions: str | None = None
-    loss_weights: tuple[float, float] | None = None  # None: learned (uncertainty) weights
-    resolution: int | None = None  # None: the base's native size
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    caption_dropout: float = 0.1
-    layout_dropout: float = 0.1
-    flip_prob: float = 0.5
-    timestep_sampling: str = "uniform"
-    query_positions: bool = False
-    box_attention: bool = False
-    feed_forward: str = "all"  # which blocks keep the gated feed-forward: all (the paper's), finest or none
-    attention_width: float = 1.0  # inner width of each block's attention, as a share of the block's width
-    init_from: str | None = None  # an adapter (or a model folder with one) whose matching weights start the run
-    gate_lr_scale: float = 1.0  # the zero-initialised gates learn at this multiple of the learning rate
-    grounding_steps: float = 1.0  # the share of sampling steps the adapter grounds by default (its config)
-    perception_timesteps: int | None = None  # the perception loss on images noised below this timestep only
-    perception_input: str = "grounded"  # what the PoG head reads: grounded (the paper's) or rendered features
-    max_objects: int = MAX_OBJECTS
-    split: str = "train"
-    max_train_samples: int | None = None  # None: the whole split; N: its first N images
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=1000, batch_size=16, learning_rate=1e-4))
 
 
@@ -120,18 +96,7 @@ def native_resolution(base: BaseModel) -> int:
 
 def train_adapter(config: AdapterTrainConfig) -> LoopResult:
     """Train an adapter as configured; writes the adapter folder at `config.out` when done."""
-    if config.timestep_sampling not in TIMESTEP_SAMPLING:
-        raise SpatialLockError(
-            f"timestep sampling: one of {', '.join(TIMESTEP_SAMPLING)}, got {config.timestep_sampling!r}"
-        )
-    if config.perception_timesteps is not None and config.perception_timesteps < 1:
-        raise SpatialLockError(f"perception-timesteps: at least 1, got {config.perception_timesteps}")
-    if config.perception_input not in PERCEPTION_INPUTS:
-        raise SpatialLockError(
-            f"perception-input: one of {', '.join(PERCEPTION_INPUTS)}, got {config.perception_input!r}"
-        )
-    if config.perception_input != "grounded" and config.variant in ("poi", "gligen"):
-        raise SpatialLockError(f"perception-input: variant {config.variant} has no PoG perception head")
+    config.check()
     if config.init_from:
         adapter_weights_file(config.init_from)  # before any work
     run = start_training(config, ("adapter",), config.loop.resume, config.mixed_precision)
@@ -143,25 +108,9 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
         max_boxes=config.max_objects, max_images=config.max_train_samples,
     )  # fmt: skip
     torch.manual_seed(config.loop.seed)
-    weights = {} if config.loss_weights is None else {"loss_weighting": "fixed", "loss_weights": config.loss_weights}
-    for option in ("query_positions", "box_attention"):
-        if getattr(config, option):
-            weights[option] = True
-    if config.feed_forward != "all":
-        if config.feed_forward not in FEED_FORWARD_CHOICES:
-            raise SpatialLockError(
-                f"feed-forward: one of {', '.join(FEED_FORWARD_CHOICES)}, got {config.feed_forward!r}"
-            )
-        weights["feed_forward"] = FEED_FORWARD_CHOICES[config.feed_forward]
-    if config.attention_width != 1.0:
-        weights["attention_width"] = config.attention_width
-    if config.grounding_steps != 1.0:
-        weights["grounding_steps"] = config.grounding_steps
-    if config.perception_input != "grounded":
-        weights["perception_input"] = config.perception_input
-    weights["class_names"] = list(dataset.categories)  # the perception head's classes, by index
+    options = config.adapter_options(dataset.categories)
     adapter = SpatialLockAdapter.from_unet(
-        base.unet, config.variant, config.positions, phrase_dim(base.text_encoder), len(dataset.categories), **weights
+        base.unet, config.variant, config.positions, phrase_dim(base.text_encoder), len(dataset.categories), **options
     )
     if config.init_from:
         taken, left = warm_start(adapter, config.init_from)

@@ -14,8 +14,8 @@ from accelerate import Accelerator
 from spatiallock.base.folders import BaseModel
 from spatiallock.checkpoint import list_checkpoints
 from spatiallock.data.coco import LayoutDataset
-from spatiallock.data.cocofile import writable_folder, write_text_atomic
 from spatiallock.errors import SpatialLockError, first_line
+from spatiallock.files import writable_folder, write_text_atomic
 from spatiallock.training.loop import make_accelerator
 
 CONFIG_NAME = "config.json"
@@ -123,8 +123,6 @@ def start_training(config, stages: tuple[str, ...], resume: bool, mixed_precisio
 
 # ---- diffusion training steps ---------------------------------------------------------------------------------
 
-TIMESTEP_SAMPLING = ("uniform", "cubic")
-
 
 def latents_of(base: BaseModel, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Images in [-1, 1] -> scaled latents, sampled from the autoencoder's posterior."""
@@ -136,8 +134,9 @@ def latents_of(base: BaseModel, pixels: torch.Tensor, generator: torch.Generator
 def noisy_inputs(scheduler, latents: torch.Tensor, generator: torch.Generator, sampling: str = "uniform"):
     """(noisy latents, timesteps, diffusion target) for epsilon or v-prediction.
 
-    `sampling`: "uniform" timesteps, or "cubic": t = (1 - u^3) T with u uniform, which favours the noisy early
-    steps where a layout decides where objects go (T2I-Adapter's non-uniform sampling for spatial control).
+    `sampling` (one of `training.recipe.TIMESTEP_SAMPLING`): "uniform" timesteps, or "cubic": t = (1 - u^3) T
+    with u uniform, which favours the noisy early steps where a layout decides where objects go (T2I-Adapter's
+    non-uniform sampling for spatial control).
     """
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     total = scheduler.config.num_train_timesteps

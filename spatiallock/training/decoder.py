@@ -22,8 +22,8 @@ from torch import nn
 
 from spatiallock.checkpoint import atomic_save_pretrained, from_pretrained_safetensors
 from spatiallock.data.coco import collate_layouts
-from spatiallock.data.cocofile import atomic_output
 from spatiallock.errors import SpatialLockError
+from spatiallock.files import atomic_output
 from spatiallock.training.common import start_training
 from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
 

@@ -24,9 +24,9 @@ from spatiallock.data.coco import (
     folder_files,
     split_files,
 )
-from spatiallock.data.cocofile import write_text_atomic
 from spatiallock.errors import SpatialLockError
 from spatiallock.evaluation.detector import ARCHS, Detector, DetectorConfig, evaluate_detector
+from spatiallock.files import write_text_atomic
 from spatiallock.training.common import start_training
 from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
 

@@ -28,8 +28,8 @@ from spatiallock.checkpoint import (
     remove_temporaries,
     save_checkpoint,
 )
-from spatiallock.data.cocofile import write_text_atomic
 from spatiallock.errors import SpatialLockError
+from spatiallock.files import write_text_atomic
 
 
 class NonFiniteLoss(SpatialLockError):

@@ -1,5 +1,9 @@
 """The layout editor in a real browser: draw, label, generate with the shipped model, download and load layouts,
-bad input shown on the page, two people at once. The screenshot of the README (docs/app.png) is taken here."""
+bad input shown on the page, two people at once.
+
+The screenshot of the README (docs/app.png) is taken here: into the test's own temporary folder, unless
+SPATIALLOCK_SCREENSHOTS names the folder (relative to the repository) to write it to, as `make screenshots` does
+with `docs`. A test run leaves the tracked files as they were."""
 
 from __future__ import annotations
 
@@ -13,6 +17,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FEW_STEPS = "4"
+
+
+def screenshot_folder(tmp_path: Path) -> Path:
+    """Where the page's screenshot goes: SPATIALLOCK_SCREENSHOTS (a folder of the repository) or `tmp_path`."""
+    chosen = os.environ.get("SPATIALLOCK_SCREENSHOTS")
+    return ROOT / chosen if chosen else tmp_path
 
 
 def draw_box(page, box: tuple[float, float, float, float], label: str) -> None:
@@ -84,8 +94,10 @@ def test_draw_label_generate_and_round_trip(open_page, tmp_path):
     assert "red circle" in table and "blue square" in table
     assert len(re.findall(r"\b[01]\.\d\d\b", table)) >= 2, table  # an IoU per object (0.00 when not found)
     assert "Error" not in status(page).inner_text()
-    (ROOT / "docs").mkdir(exist_ok=True)
-    page.screenshot(path=str(ROOT / "docs" / "app.png"), full_page=True)
+    shot = screenshot_folder(tmp_path) / "app.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.read_bytes().startswith(b"\x89PNG")
 
     # the downloaded file loads back into an empty page as the same layout
     page.locator("#empty").click()

@@ -28,6 +28,7 @@ from spatiallock.errors import SpatialLockError
 from spatiallock.geometry import box_coverage, level_grid
 from spatiallock.layout import Layout
 from spatiallock.models.injection import attention_stages
+from spatiallock.pipelines.extensions.base import Extension
 
 logger = logging.getLogger(__name__)
 
@@ -314,3 +315,48 @@ def make_layout_guidance(
     boxes = [list(layout.boxes) for layout in layouts]
     guidance = LayoutGuidance(positions, boxes, guidance_layers(pipe.unet, layers), steps, scale, iterations)
     return guidance, layouts
+
+
+class LayoutGuidanceExtension(Extension):
+    """Cross-attention layout guidance in the sampling loop: for the first `layout_guidance_steps` steps the latents
+    follow the gradient of `layout_loss` (`LayoutGuidance.update`) before the U-Net call, on the conditional rows.
+    It completes captions that lack a label first (`missing_labels`), so the completed captions are encoded."""
+
+    arguments = {
+        "layout_guidance_steps": 0, "layout_guidance_scale": 20.0, "layout_guidance_iterations": 3,
+        "layout_guidance_layers": None, "missing_labels": "add",
+    }  # fmt: skip
+
+    def __init__(self, values: dict):
+        self.values = values
+        self.guidance: LayoutGuidance | None = None
+        self.per_rows: dict[int, LayoutGuidance] = {}
+
+    @classmethod
+    def from_call(cls, pipe, values, layouts):
+        return cls({name: values[name] for name in cls.arguments}) if values["layout_guidance_steps"] else None
+
+    @classmethod
+    def check_options(cls, pipe, options, layouts) -> None:
+        if options.layout_guidance_steps:
+            guidance_layers(pipe.unet, options.layout_guidance_layers)
+            if options.missing_labels == "error":
+                caption_targets(layouts, pipe.tokenizer, pipe.caption_tokens, "error")
+
+    def prepare(self, pipe, call) -> None:
+        v = self.values
+        self.guidance, call.layouts = make_layout_guidance(
+            pipe, call.layouts, v["layout_guidance_steps"], v["layout_guidance_scale"],
+            v["layout_guidance_iterations"], v["layout_guidance_layers"], v["missing_labels"],
+        )  # fmt: skip
+        call.rows = list(call.layouts)
+
+    def before_step(self, pipe, call, i: int, t) -> None:
+        if i >= self.guidance.steps:
+            return
+        times = len(call.rows) // len(call.layouts)  # several rows per image until an extension keeps one
+        if times not in self.per_rows:
+            self.per_rows[times] = self.guidance if times == 1 else self.guidance.repeated(times)
+        c = call.conditioning
+        guidance = self.per_rows[times]
+        call.latents = guidance.update(pipe, call.latents, t, i, c.cond_states, c.cond_mask, call.grounding_at(i))

@@ -24,6 +24,7 @@ from diffusers import DDIMInverseScheduler
 from spatiallock.data.draw import label_colour
 from spatiallock.errors import SpatialLockError
 from spatiallock.layout import Layout
+from spatiallock.pipelines.extensions.base import Extension
 
 BACKGROUND = (128, 128, 128)
 
@@ -43,12 +44,13 @@ def render_layout(layout: Layout, width: int, height: int) -> PIL.Image.Image:
 
 def load_image(path: str | os.PathLike) -> PIL.Image.Image:
     """An RGB image from a file, or a `SpatialLockError` naming it."""
+    from spatiallock.files import read_rgb
+
     try:
-        with PIL.Image.open(path) as image:
-            return image.convert("RGB")
+        return read_rgb(path)
     except FileNotFoundError:
         raise SpatialLockError(f"init image: {path}: file not found") from None
-    except (OSError, PIL.UnidentifiedImageError) as err:
+    except (OSError, ValueError) as err:
         raise SpatialLockError(f"init image: {path}: cannot read it as an image ({err})") from None
 
 
@@ -162,3 +164,30 @@ def initial_latents(
     clean = encode_images(pipe, images, height, width).to(states.dtype)
     inverted, reached = invert(pipe, clean, states, caption_mask, pipe.scheduler.num_inference_steps, strength, steps)
     return start_sampling_at(pipe.scheduler, timesteps, inverted, reached)
+
+
+class LayoutInit(Extension):
+    """Spatial-aware initialisation in the sampling loop: start from a DDIM-inverted reference image (`init_image`:
+    one for all, or one per image) or from each layout rendered as coloured boxes on grey (`init_from_layout`)
+    instead of random noise. `init_strength`: the share of the schedule inverted through (sampling runs that share
+    of the steps); `init_steps`: DDIM inversion steps (default: as many as sampling then runs)."""
+
+    arguments = {"init_image": None, "init_from_layout": False, "init_strength": 1.0, "init_steps": None}
+
+    def __init__(self, values: dict):
+        self.values = values
+
+    @classmethod
+    def from_call(cls, pipe, values, layouts):
+        on = values["init_image"] is not None or values["init_from_layout"]
+        return cls({name: values[name] for name in cls.arguments}) if on else None
+
+    def start(self, pipe, call) -> None:
+        if call.given_latents is not None:
+            raise SpatialLockError("latents: give latents or an init image / init_from_layout, not both")
+        v, c = self.values, call.conditioning
+        call.latents, start = initial_latents(
+            pipe, call.layouts, v["init_image"], v["init_from_layout"], c.cond_states, c.cond_mask, call.timesteps,
+            call.height, call.width, v["init_strength"], v["init_steps"],
+        )  # fmt: skip
+        call.timesteps = call.timesteps[start:]

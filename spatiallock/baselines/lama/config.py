@@ -1,0 +1,57 @@
+"""What builds a LAMA generator and its discriminator (`LamaConfig`), as its model folder's config.json records it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+BACKGROUND = "__image__"  # the whole-image object every layout starts with
+CLASS_NAME = "LamaGenerator"
+
+
+@dataclass
+class LamaConfig:
+    """What builds a LAMA generator (and its discriminator), written to the model folder's config.json."""
+
+    categories: list[str]
+    image_size: int = 64
+    max_objects: int = 8  # objects of a layout, the background not counted
+    embed_dim: int = 64  # d_y, the class embedding
+    z_dim: int = 64  # d_z, each object's noise
+    image_z_dim: int = 128  # the image noise the generator starts from
+    mask_size: int = 16  # side of each object's mask before it is put into its box
+    channels: int = 16  # generator width: 8c at 4 px, then 8c, 4c, 2c, c
+    d_channels: int = 16  # discriminator width
+    adaption: bool = True  # False: the control without LAMA (the raw mask, normalised)
+    lambda_image: float = 0.1
+    lambda_object: float = 1.0
+    _class_name: str = CLASS_NAME
+
+    def __post_init__(self):
+        if not self.categories or not all(isinstance(c, str) and c for c in self.categories):
+            raise ValueError("categories: a non-empty list of names")
+        if BACKGROUND in self.categories:
+            raise ValueError(f"categories: {BACKGROUND!r} is reserved for the background")
+        if self.image_size < 16 or self.image_size & (self.image_size - 1):
+            raise ValueError(f"image_size: a power of two of at least 16, got {self.image_size}")
+        if self.mask_size < 4 or self.mask_size & (self.mask_size - 1):
+            raise ValueError(f"mask_size: a power of two of at least 4, got {self.mask_size}")
+        for name in ("max_objects", "embed_dim", "z_dim", "image_z_dim", "channels", "d_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> LamaConfig:
+        if values.get("_class_name") != CLASS_NAME:
+            raise ValueError(f"_class_name is {values.get('_class_name')!r}, not {CLASS_NAME!r}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @property
+    def object_dim(self) -> int:
+        """d = d_y + d_z + 2 (box width and height)."""
+        return self.embed_dim + self.z_dim + 2
+
+    @property
+    def style_dim(self) -> int:
+        """What ISLA-Norm reads of an object: [y, z]."""
+        return self.embed_dim + self.z_dim

@@ -1,0 +1,172 @@
+"""Sampling from layouts: `LamaPipeline`, a LAMA generator behind the interface sampling calls, the test of a
+LAMA model folder (`is_lama_folder`) and the picture of a mask (`mask_picture`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from spatiallock.baselines.lama.config import CLASS_NAME
+from spatiallock.baselines.lama.generator import LamaGenerator
+from spatiallock.baselines.lama.masks import mask_entropy, normalise
+from spatiallock.errors import SpatialLockError
+from spatiallock.pipelines.protocol import LAYOUT_GAN
+
+
+def is_lama_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder written by `LamaGenerator.save_pretrained` (`train lama`)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("_class_name") == CLASS_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+PALETTE = [
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+    (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40),
+]  # fmt: skip
+BACKGROUND_COLOUR = (40, 40, 40)
+
+
+@dataclass
+class LamaOutput:
+    images: list  # PIL images
+    masks: torch.Tensor  # adapted (B, O + 1, S, S), the background first
+    raw_masks: torch.Tensor
+
+
+@dataclass
+class LamaPipeline:
+    """A LAMA generator behind the interface `spatiallock.sampling.run` calls: `pipe(layouts=..., generator=[...])`.
+
+    A GAN has no sampling steps, guidance or scheduler: those options do not apply (`check_options` refuses the
+    diffusion-only ones that would change an image)."""
+
+    generator: LamaGenerator
+    kind: str = field(default=LAYOUT_GAN, init=False)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> LamaPipeline:
+        return cls(LamaGenerator.from_pretrained(folder).eval())
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.device
+
+    @property
+    def native_size(self) -> int:
+        return self.generator.config.image_size
+
+    def to(self, device) -> LamaPipeline:
+        self.generator.to(device)
+        return self
+
+    def set_progress_bar_config(self, **options) -> None:
+        """Nothing to show: one forward pass per batch."""
+
+    def layout_tensors(self, layouts: Sequence) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(labels, boxes, valid) of `layouts`, padded to the most objects among them."""
+        self.check_layouts(layouts)
+        index = {name: i for i, name in enumerate(self.generator.config.categories)}
+        count = max(1, max(len(layout.labels) for layout in layouts))
+        labels = torch.full((len(layouts), count), -1, dtype=torch.long)
+        boxes, valid = torch.zeros(len(layouts), count, 4), torch.zeros(len(layouts), count)
+        for b, layout in enumerate(layouts):
+            for j, (label, box) in enumerate(zip(layout.labels, layout.boxes)):
+                labels[b, j], boxes[b, j], valid[b, j] = index[label], torch.tensor(box, dtype=torch.float32), 1
+        device = self.device
+        return labels.to(device), boxes.to(device), valid.to(device)
+
+    def check_layouts(self, layouts: Sequence) -> None:
+        """`SpatialLockError` naming the first label the model does not know or layout with too many objects."""
+        known = set(self.generator.config.categories)
+        limit = self.generator.config.max_objects
+        for i, layout in enumerate(layouts):
+            if len(layout.labels) > limit:
+                raise SpatialLockError(
+                    f"layouts[{i}].objects: {len(layout.labels)} objects; this LAMA model draws at most {limit}"
+                )
+            for j, label in enumerate(layout.labels):
+                if label not in known:
+                    names = ", ".join(sorted(known))
+                    raise SpatialLockError(
+                        f"layouts[{i}].objects[{j}].label: {label!r} is not a category of this LAMA model "
+                        f"(known: {names})"
+                    )
+
+    def _noise(self, count: int, generator) -> dict[str, torch.Tensor]:
+        if generator is None:
+            generator = [torch.Generator().manual_seed(i) for i in range(count)]
+        return self.generator.noise(count, generator if isinstance(generator, (list, tuple)) else [generator] * count)
+
+    @torch.no_grad()
+    def masks(self, layouts: Sequence, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(adapted, raw) masks of `layouts`, the same ones `__call__` with the same generators draws with."""
+        labels, boxes, valid = self.layout_tensors(layouts)
+        noise = self._noise(len(layouts), generator)
+        labels, boxes, valid = self.generator.layout_tensors(labels, boxes, valid)
+        mask, raw, _ = self.generator.masks(labels, boxes, valid, noise)
+        return mask, raw
+
+    @torch.no_grad()
+    def __call__(self, layouts: Sequence, generator=None, **ignored) -> LamaOutput:
+        from torchvision.transforms.functional import to_pil_image
+
+        labels, boxes, valid = self.layout_tensors(layouts)
+        images, mask, raw = self.generator(labels, boxes, valid, self._noise(len(layouts), generator))
+        pictures = [to_pil_image(((image.float().clamp(-1, 1) + 1) / 2).cpu()) for image in images]
+        return LamaOutput(pictures, mask, raw)
+
+    def mask_entropy(self, layouts: Sequence, seed: int, per_layout: int = 1, batch: int = 64) -> dict[str, float]:
+        """Mean per-pixel mask entropy of the images `sampling.sample` draws for `layouts` with `seed`: of the
+        final (adapted, or only normalised) masks and of the raw masks normalised."""
+        from spatiallock.pipelines.seeding import image_generator, jobs_of
+
+        jobs = jobs_of(layouts, per_layout)
+        adapted, raw = [], []
+        for start in range(0, len(jobs), batch):
+            part = jobs[start : start + batch]
+            mask, raw_mask = self.masks([layouts[i] for i, _ in part], [image_generator(seed, i, k) for i, k in part])
+            adapted.append(mask_entropy(mask))
+            raw.append(mask_entropy(normalise(raw_mask)))
+        return {
+            "mask_entropy": round(float(torch.cat(adapted).mean()), 4),
+            "mask_entropy_raw": round(float(torch.cat(raw).mean()), 4),
+        }
+
+    def check_options(self, options, layouts: Sequence) -> None:
+        """Refuse, in one line, the options only a diffusion model takes (`SamplingOptions.refuse_for`), another
+        image size, and labels or layouts this model cannot draw."""
+        options.refuse_for(self.kind, "a LAMA model")
+        if options.size is not None and options.size != self.native_size:
+            size = self.native_size
+            raise SpatialLockError(f"--size: this LAMA model draws {size} px images only, got {options.size}")
+        self.check_layouts(layouts)
+
+    def resolved_options(self, options) -> dict:
+        """No scheduler, steps or guidance: one forward pass at the model's own size."""
+        return {"scheduler": None, "size": options.size or self.native_size, "steps": None, "guidance": None}
+
+    def extra_scores(self, layouts: Sequence, seed: int, per_layout: int) -> dict[str, float]:
+        """How clear its semantic masks are (seed 003's Eq. 5): `mask_entropy`."""
+        return self.mask_entropy(layouts, seed, per_layout)
+
+
+def mask_picture(mask: torch.Tensor, categories: Sequence[str], labels: Sequence[str]):
+    """One (O + 1, S, S) normalised mask as a picture: each pixel the mix of its objects' colours (the background
+    dark grey, each category its own colour), so unclear pixels show as blends."""
+    from torchvision.transforms.functional import to_pil_image
+
+    index = {name: i for i, name in enumerate(categories)}
+    colours = [BACKGROUND_COLOUR] + [PALETTE[index[label] % len(PALETTE)] for label in labels]
+    table = torch.tensor(colours, dtype=torch.float32) / 255  # (O + 1, 3)
+    picture = torch.einsum("ohw,oc->chw", mask[: len(colours)].float().cpu(), table)
+    return to_pil_image(picture.clamp(0, 1))

@@ -1,0 +1,120 @@
+"""scripts/ship_default.py on tiny models: what it writes into an assets folder (fp16 weights, provenance, the
+detector's scores), that `--model default` and `--detector default` load it back, and that it refuses to write
+assets over the size limit."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import spatiallock.shipped as shipped
+from spatiallock.cli import main as cli
+from spatiallock.evaluation.detector import Detector
+from spatiallock.pipelines.diffusion import SpatialLockPipeline
+from spatiallock.sampling import load_pipeline
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "ship_default.py"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def ship_default():
+    """The script as a module (a fresh one per call: its limit can be changed without touching other runs)."""
+    spec = importlib.util.spec_from_file_location("ship_default", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(module, monkeypatch, *argv: str) -> None:
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv])
+    module.main()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_small_base, tiny_shapes, tmp_path_factory) -> tuple[Path, Path]:
+    """An adapter of the tiny small base and a 32 px detector, each after 2 steps of its `spatiallock train`."""
+    folder = tmp_path_factory.mktemp("trained")
+    adapter, detector = folder / "adapter", folder / "detector"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        common = ["--data", str(tiny_shapes), "--batch-size", "2", "--max-steps", "2", "--no-progress"]
+        assert cli(["train", "adapter", "--base", str(tiny_small_base), "--out", str(adapter), *common]) == 0
+        assert cli(["train", "detector", "--image-size", "32", "--out", str(detector), *common]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return adapter, detector
+
+
+def dtypes(path: Path) -> set[str]:
+    with safe_open(str(path), "pt") as weights:
+        return {weights.get_slice(key).get_dtype() for key in weights.keys()}
+
+
+def test_ships_the_model_and_detector_in_fp16_and_default_loads_them(
+    tiny_small_base, trained, tmp_path, monkeypatch, capsys
+):
+    adapter, detector = trained
+    out = tmp_path / "assets"
+    argv = ["--base", str(tiny_small_base), "--adapter", str(adapter), "--detector", str(detector), "--out", str(out)]
+    run(ship_default(), monkeypatch, *argv)
+    printed = capsys.readouterr().out
+    assert "default: " in printed and "detector: " in printed and "; total " in printed
+    assert f"wrote {out / 'default'} and {out / 'detector'}" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["default", "detector"]  # no staging folder left behind
+
+    model, shipped_detector = out / "default", out / "detector"
+    for part in ("unet", "vae", "adapter"):
+        assert dtypes(model / part / "diffusion_pytorch_model.safetensors") == {"F16"}, part
+    assert dtypes(shipped_detector / "model.safetensors") == {"F16"}
+    provenance = json.loads((model / "provenance.json").read_text())
+    assert provenance["base"] == str(tiny_small_base) and provenance["adapter"] == str(adapter)
+    assert provenance["detector"] == str(detector)
+    assert provenance["adapter_training"] == json.loads((adapter / "train" / "config.json").read_text())
+    assert provenance["detector_training"] == json.loads((detector / "train" / "config.json").read_text())
+    assert (shipped_detector / "eval.json").read_bytes() == (detector / "eval.json").read_bytes()
+
+    # `--model default` and `--detector default` load what was shipped, in fp32, the weights those trained rounded
+    monkeypatch.setattr(shipped, "ASSETS", out)
+    pipe = load_pipeline("default", device="cpu")
+    source = SpatialLockPipeline.from_pretrained(str(tiny_small_base), adapter=str(adapter))
+    for name in ("unet", "vae", "adapter"):
+        loaded, original = getattr(pipe, name).state_dict(), getattr(source, name).state_dict()
+        assert loaded.keys() == original.keys(), name
+        for key, value in loaded.items():
+            assert value.dtype == torch.float32, (name, key)
+            assert torch.equal(value, original[key].half().float()), (name, key)
+    image = pipe(prompt="a red circle", phrases=["red circle"], boxes=[[0.1, 0.1, 0.6, 0.6]], num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    assert image.size == (pipe.native_size, pipe.native_size)
+    loaded = Detector.from_pretrained(shipped.resolve_detector("default"))
+    original = Detector.from_pretrained(detector)
+    assert loaded.config == original.config
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value.float(), original.state_dict()[key].half().float()), key
+    (found,) = loaded.detect([image])
+    assert set(found) >= {"boxes", "scores", "labels"}
+
+
+def test_refuses_assets_over_the_limit_and_leaves_the_folder_as_it_was(
+    tiny_small_base, trained, tmp_path, monkeypatch
+):
+    adapter, detector = trained
+    out = tmp_path / "assets"
+    (out / "default").mkdir(parents=True)
+    (out / "default" / "model_index.json").write_text("{}")
+    module = ship_default()
+    monkeypatch.setattr(module, "LIMIT_MB", 0.01)
+    argv = ["--base", str(tiny_small_base), "--adapter", str(adapter), "--detector", str(detector), "--out", str(out)]
+    with pytest.raises(SystemExit, match=r"more than 0\.01 MB: not written"):
+        run(module, monkeypatch, *argv)
+    assert [p.name for p in out.iterdir()] == ["default"]
+    assert [p.name for p in (out / "default").iterdir()] == ["model_index.json"]
+    assert (out / "default" / "model_index.json").read_text() == "{}"
