@@ -35,7 +35,13 @@ def app_files(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def app_url(tmp_path_factory, app_files):
+def app_temp(tmp_path_factory) -> Path:
+    """The server's temporary folder (TMPDIR): where the page keeps the layout files it offers for download."""
+    return tmp_path_factory.mktemp("server-tmp")
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory, app_files, app_temp):
     """`spatiallock app` with the shipped model and detector, served on a free localhost port for the session."""
     port = _free_port()
     log = tmp_path_factory.mktemp("app") / "server.log"
@@ -45,6 +51,7 @@ def app_url(tmp_path_factory, app_files):
         **os.environ,
         "GRADIO_ANALYTICS_ENABLED": "False",
         "GRADIO_TEMP_DIR": str(app_files),
+        "TMPDIR": str(app_temp),
     }
     with open(log, "wb") as stream:
         server = subprocess.Popen(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, env=env)

@@ -102,3 +102,24 @@ def test_uploaded_means_inside_the_upload_folder(tmp_path, monkeypatch):
     assert not uploaded(tmp_path / "layout.json")
     assert not uploaded(tmp_path / "uploads" / ".." / "layout.json")
     assert not uploaded("/etc/passwd")
+
+
+def test_one_layout_file_per_visitor_however_often_the_layout_changes(open_page, app_temp):
+    """Every canvas or caption change rewrites the visitor's one layout file (it wrote a new one each time)."""
+
+    def layout_files() -> list[Path]:
+        return sorted(app_temp.glob("spatiallock-app-*/*/layout.json"))
+
+    before = set(layout_files())
+    page = open_page()
+    page.get_by_role("button", name="two_shapes").click()  # boxes on the canvas: a layout ready to download
+    page.wait_for_timeout(1500)
+    caption = page.locator("#caption textarea")
+    for n in range(12):
+        caption.fill(f"a red circle, version {n}")
+        caption.press("Tab")
+    page.wait_for_timeout(1500)
+    mine = set(layout_files()) - before
+    assert len(mine) == 1, sorted(mine)
+    assert "version 11" in mine.pop().read_text()  # the file holds the latest layout
+    page.close()
