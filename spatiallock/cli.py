@@ -43,6 +43,12 @@ def _one_line_warnings(show=warnings.showwarning):
     return show_warning
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is an allocation failure (Python's, or torch's on CPU or GPU)."""
+    text = str(err)
+    return isinstance(err, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from spatiallock.commands import app as app_cmd
     from spatiallock.commands import data as data_cmd
@@ -87,6 +93,15 @@ def main(argv: list[str] | None = None) -> int:
             result = args.func(args)
     except SpatialLockError as err:
         print(f"spatiallock: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:  # an allocation that failed: one line, not torch's traceback
+        if not is_out_of_memory(err):
+            raise
+        print(
+            f"spatiallock: error: out of memory ({type(err).__name__}); ask for less at once: a smaller --size, "
+            "--batch-size, --candidates or --n",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("spatiallock: interrupted", file=sys.stderr)

@@ -172,3 +172,110 @@ def test_11_params_on_a_binary_unet_config_is_one_line(tmp_path, capsys):
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_bytes(bytes(range(256)) * 4)
     refused(capsys, main(["params", "--base", str(tmp_path)]), "config.json", "not valid JSON")
+
+
+# ---- case 6: locate and insert check their options before any work ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "extra", "message"),
+    [
+        ("locate", ["--seed", "99999999999999999999"], "--seed: must be from 0 to 4294967295"),
+        ("insert", ["--seed", "99999999999999999999"], "--seed: must be from 0 to 4294967295"),
+        ("insert", ["--guidance", "-50"], "--guidance: a finite number at least 0.0"),
+        ("insert", ["--steps", "1001"], "--steps: at most the model's 1000 noise levels"),
+        ("insert", ["--n", "100000"], "--n: must be 1 to 1000"),
+        ("locate", ["--out", "README.md/x.png"], "--out"),
+    ],
+)
+def test_6_7_locate_and_insert_options_are_checked_first(command, extra, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    args = [command, "--image", "examples/scene.png", "--label", "red circle", *extra]
+    if command == "insert":
+        args += ["--box", "0.1,0.1,0.4,0.4", "--out", str(tmp_path / "out.png")]
+    refused(capsys, main(args), message)
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_7_insert_refuses_an_image_too_large_to_sample(tmp_path, capsys):
+    image = tmp_path / "large.png"
+    Image.new("RGB", (2048, 2048), (90, 90, 90)).save(image)
+    args = ["insert", "--image", str(image), "--label", "red circle", "--box", "0.1,0.1,0.4,0.4"]
+    refused(capsys, main([*args, "--out", str(tmp_path / "out.png")]), "--image: 2048x2048", "resize")
+
+
+def test_7_candidates_have_an_upper_bound(tmp_path, capsys):
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps(LAYOUT))
+    args = ["generate", "--layout", str(layout), "--model", "default", "--out", str(tmp_path / "out")]
+    refused(capsys, main([*args, "--candidates", "10000"]), "--candidates: must be from 1 to 64")
+
+
+def test_7_texts_are_cut_before_they_are_tokenised():
+    from spatiallock.base.text import CHARS_PER_TOKEN, _tokenize, warn_cut_texts
+
+    seen = []
+
+    class Recording:
+        model_max_length = 32
+
+        def __call__(self, texts, **options):
+            seen.extend(len(text) for text in texts)
+            ids = [[0] * min(len(text.split()), options["max_length"]) for text in texts]
+            return type("Tokens", (), {"input_ids": ids, "attention_mask": ids})()
+
+    huge = "word " * 2_000_000  # 10 MB
+    with pytest.warns(UserWarning, match="cut"):
+        warn_cut_texts(Recording(), [huge], 32)
+    with pytest.raises(AttributeError):  # the recording tokenizer returns lists, not tensors: the call is what counts
+        _tokenize(Recording(), [huge], 32, "cpu")
+    assert seen and max(seen) <= 33 * CHARS_PER_TOKEN
+
+
+def test_7_running_out_of_memory_is_one_line(monkeypatch, tmp_path, capsys):
+    import spatiallock.commands.generate as generate_command
+
+    def out_of_memory(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(generate_command, "run_generate", out_of_memory)
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps(LAYOUT))
+    args = ["generate", "--layout", str(layout), "--model", "default", "--out", str(tmp_path / "out")]
+    refused(capsys, main(args), "out of memory", "--batch-size")
+
+
+# ---- case 12: messages -------------------------------------------------------------------------------------------
+
+
+def test_12_an_unknown_long_label_gives_a_short_line(tmp_path, capsys):
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps({**LAYOUT, "objects": [{"label": "x" * 5000, "box": [0.1, 0.1, 0.5, 0.5]}]}))
+    args = ["evaluate", "--layouts", str(layout), "--model", "default", "--detector", "default", "--steps", "1"]
+    line = refused(capsys, main([*args, "--out", str(tmp_path / "r.json")]), "not a detector category")
+    assert len(line) < 600
+
+
+def test_12_a_folder_with_a_broken_config_is_not_called_an_adapter(tmp_path, capsys):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text("{")
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps(LAYOUT))
+    args = ["generate", "--layout", str(layout), "--model", str(folder), "--out", str(tmp_path / "out")]
+    line = refused(capsys, main(args), "not a model folder")
+    assert "adapter folder" not in line
+
+
+def test_12_the_page_on_a_busy_port_is_refused_before_the_model_loads(capsys, monkeypatch):
+    import socket
+
+    import spatiallock.sampling.run as sampling_run
+
+    monkeypatch.setattr(sampling_run, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        refused(capsys, main(["app", "--port", str(port), "--detector", "none"]), f"--port {port}", "cannot serve")
+    assert "open http" not in capsys.readouterr().out

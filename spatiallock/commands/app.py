@@ -18,12 +18,28 @@ examples:
 """
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse, in one line, an address this server could not listen on (a port in use, a host not of this
+    machine)."""
+    import socket
+
+    from spatiallock.errors import SpatialLockError
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own socket
+            probe.bind((host, port))
+    except OSError as err:
+        raise SpatialLockError(f"--port {port}: cannot serve on {host}:{port}: {err.strerror}") from None
+
+
 def run_app(args: argparse.Namespace) -> int:
     from spatiallock.app import serve
     from spatiallock.errors import SpatialLockError
 
     if not 0 <= args.port <= 65535:
         raise SpatialLockError(f"--port: from 0 to 65535, got {args.port}")
+    check_port(args.host, args.port)  # before the model is loaded and the page announced
     serve(args.model, args.adapter, args.detector, args.host, args.port, args.examples)
     return 0
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from spatiallock.errors import SpatialLockError
 
+MAX_SIDE = 1024  # --image: the insertion samples at the image's size
+
 HELP = """\
 Insert an object labelled --label into --image: in --box x0,y0,x1,y1 (image fractions) if given, else in the
 most likely of --n boxes the location model (--locator) samples. The SpatialLock model (--model) draws it by
@@ -23,25 +25,35 @@ examples:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from spatiallock.commands.locate import load_locator, parse_box
+    from spatiallock.commands.locate import MAX_BOXES, load_locator, parse_box
     from spatiallock.files import atomic_output, read_image_option, writable_folder
+    from spatiallock.layout import excerpt
     from spatiallock.location.insert import insert_object
     from spatiallock.location.locator import load_background
     from spatiallock.pipelines.protocol import DIFFUSION
     from spatiallock.sampling import load_pipeline
+    from spatiallock.sampling.options import BY_NAME
 
     out = Path(args.out)
     if out.is_dir():
         raise SpatialLockError(f"--out {out}: is a folder; give the PNG file to write")
     writable_folder(out.parent, "--out")
-    for name, value, low in (("--steps", args.steps, 1), ("--n", args.n, 1), ("--feather", args.feather, 0)):
-        if value < low:
-            raise SpatialLockError(f"{name}: must be at least {low}, got {value}")
+    for option in ("seed", "steps", "guidance"):  # the checks of every sampling command
+        BY_NAME[option].check(getattr(args, option))
+    if not 1 <= args.n <= MAX_BOXES:
+        raise SpatialLockError(f"--n: must be 1 to {MAX_BOXES}, got {args.n}")
+    if not 0 <= args.feather <= 64:
+        raise SpatialLockError(f"--feather: must be 0 to 64 pixels, got {args.feather}")
     box = parse_box(args.box, "--box") if args.box else None
     image = read_image_option(args.image, "--image")
+    if max(image.size) > MAX_SIDE:
+        raise SpatialLockError(f"--image: {image.size[0]}x{image.size[1]}, more than {MAX_SIDE} px a side; resize it")
     pipe = load_pipeline(args.model, adapter=args.adapter)
     if pipe.kind != DIFFUSION:
         raise SpatialLockError(f"--model: {args.model} is a layout GAN (LAMA), which cannot insert into an image")
+    schedule = pipe.scheduler.config.num_train_timesteps
+    if args.steps > schedule:
+        raise SpatialLockError(f"--steps: at most the model's {schedule} noise levels, got {args.steps}")
     if box is None:
         locator = load_locator(args.locator, "--locator")
         labels = locator.label_index([args.label] * args.n, what="--label")
@@ -53,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
         raise SpatialLockError("--adapter none: insertion needs a SpatialLock adapter to place the object")
     known = pipe.adapter.config.class_names
     if known and args.label not in known:
-        raise SpatialLockError(f"--label {args.label!r}: not a class of this model ({', '.join(known[:8])}, ...)")
+        raise SpatialLockError(
+            f"--label {excerpt(args.label)}: not a class of this model ({', '.join(known[:8])}, ...)"
+        )
     factor = pipe.vae_scale_factor
     if image.size[0] % factor or image.size[1] % factor:
         raise SpatialLockError(f"--image: {image.size[0]}x{image.size[1]} is not a multiple of {factor} pixels a side")

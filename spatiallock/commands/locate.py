@@ -9,6 +9,8 @@ from pathlib import Path
 
 from spatiallock.errors import SpatialLockError
 
+MAX_BOXES = 1000  # --n: boxes sampled at once
+
 HELP = """\
 Sample boxes for a new object in an image from a location model (`spatiallock train locator`): where an
 object labelled --label could go. Prints one box per line (normalised x0 y0 x1 y1, most likely first) with its
@@ -50,14 +52,19 @@ def load_locator(model: str, option: str = "--model"):
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from spatiallock.files import writable_folder
     from spatiallock.location.locator import load_background
+    from spatiallock.sampling.options import BY_NAME
 
-    if not 1 <= args.n <= 1000:
-        raise SpatialLockError(f"--n: must be 1 to 1000, got {args.n}")
+    if not 1 <= args.n <= MAX_BOXES:
+        raise SpatialLockError(f"--n: must be 1 to {MAX_BOXES}, got {args.n}")
+    BY_NAME["seed"].check(args.seed)
     region = parse_box(args.region, "--region") if args.region else None
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         raise SpatialLockError(f"--out {out}: is a folder; give the PNG file to write")
+    if out is not None:  # before any sampling: a file in the way or a folder this user cannot write
+        writable_folder(out.parent, "--out")
     locator = load_locator(args.model)
     labels = locator.label_index([args.label] * args.n, what="--label")
     if region is not None:

@@ -24,7 +24,7 @@ from torchvision.ops import box_iou
 from spatiallock.data.draw import draw_boxes, grid
 from spatiallock.errors import SpatialLockError, first_line
 from spatiallock.evaluation.detector import Detector, coco_ap, to_coco_results, to_image_tensors
-from spatiallock.layout import Layout
+from spatiallock.layout import Layout, excerpt
 from spatiallock.sampling import SamplingOptions, sample
 
 SCORE_THRESHOLD = 0.3  # detections below it do not count for miou (AP uses them all, ranked by score)
@@ -50,7 +50,7 @@ def category_ids(detector: Detector, layouts: Sequence[Layout]) -> dict[str, int
             if label not in ids:
                 known = ", ".join(sorted(ids))
                 raise SpatialLockError(
-                    f"layouts[{i}].objects[{j}].label: {label!r} is not a category of the detector (known: {known})"
+                    f"layouts[{i}].objects[{j}].label: {excerpt(label)} is not a detector category (known: {known})"
                 )
     return ids
 

@@ -40,7 +40,7 @@ from spatiallock.pipelines.extensions.base import Conditioning, Extension, Sampl
 from spatiallock.pipelines.extensions.layout_guidance import LayoutGuidanceExtension as LayoutGuidance
 from spatiallock.pipelines.extensions.layout_init import LayoutInit
 from spatiallock.pipelines.extensions.perception import CandidateSelection, PerceptionGuidance
-from spatiallock.pipelines.loading import load_adapter, sampling_scheduler
+from spatiallock.pipelines.loading import folder_kind, load_adapter, sampling_scheduler
 from spatiallock.pipelines.protocol import DIFFUSION
 
 
@@ -114,9 +114,7 @@ class SpatialLockPipeline(DiffusionPipeline):
         """
         path = local_model_path(model)  # a hub id: its copy in the Hugging Face cache
         if path.is_dir() and (path / "config.json").is_file() and not (path / "model_index.json").is_file():
-            raise SpatialLockError(
-                f"model: {model} is an adapter folder, not a model; give its base as the model and this as adapter"
-            )
+            raise SpatialLockError(f"model: {model} {folder_kind(path / 'config.json')}")
         base = load_base(path, torch_dtype)
         if adapter is None and (path / "adapter" / "config.json").is_file():
             adapter = path / "adapter"

@@ -14,6 +14,20 @@ from spatiallock.errors import SpatialLockError, first_line
 from spatiallock.layout import excerpt
 from spatiallock.models.adapter import SpatialLockAdapter
 
+
+def folder_kind(config: Path) -> str:
+    """What a folder with `config` but no model_index.json is, in words, for a refusal."""
+    from spatiallock.files import read_json
+
+    try:
+        name = read_json(config, "config file", limit=2**20).get("_class_name")
+    except (SpatialLockError, AttributeError):
+        return "has a config.json that cannot be read and no model_index.json: not a model folder"
+    if name == SpatialLockAdapter.__name__:
+        return "is an adapter folder, not a model; give its base as the model and this as adapter"
+    return f"holds a {excerpt(name)} (config.json) and no model_index.json: not a model folder"
+
+
 # --scheduler names -> diffusers classes (and the options that make them what the name says)
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),

@@ -24,6 +24,7 @@ EVERY_KIND = frozenset({DIFFUSION, LAYOUT_GAN})
 DTYPES = ("fp32", "fp16", "bf16")
 MISSING_LABELS = ("add", "error")
 MAX_SEED = 2**32 - 1  # with it every image's own seed (`image_generator`) stays within torch's 64 bits
+MAX_CANDIDATES = 64  # --candidates: a batch K times as large as the images asked for
 MAX_SIZE = 4096  # --size: a side beyond this is a typo, not an image (SD v1 is made for 512)
 SAMPLING, CONTROL = "sampling", "training-free layout control"
 
@@ -78,7 +79,7 @@ class Option:
             return
         if self.type in (int, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise SpatialLockError(f"{self.flag_name}: a number, got {value!r}")
-        if self.type is int and float(value) != int(value):
+        if self.type is int and isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
             raise SpatialLockError(f"{self.flag_name}: a whole number, got {value}")
         if self.low is None and self.high is None:
             return
@@ -145,6 +146,7 @@ OPTIONS: tuple[Option, ...] = (
         "the requested layout after --select-at of the steps and finish only the best (default: 1, no selection)",
         "K",
         1,
+        MAX_CANDIDATES,
         argument="candidates",
     ),  # fmt: skip
     Option(
