@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -279,3 +281,23 @@ def test_12_the_page_on_a_busy_port_is_refused_before_the_model_loads(capsys, mo
         port = busy.getsockname()[1]
         refused(capsys, main(["app", "--port", str(port), "--detector", "none"]), f"--port {port}", "cannot serve")
     assert "open http" not in capsys.readouterr().out
+
+
+def test_12_a_bin_only_folder_is_refused_in_one_line_without_a_log_line(tmp_path):
+    import shutil
+
+    from spatiallock.shipped import default_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_path(), model)
+    for weights in (model / "unet").glob("*.safetensors"):
+        weights.unlink()
+    (model / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not read")
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps(LAYOUT))
+    args = ["generate", "--layout", str(layout), "--model", str(model), "--out", str(tmp_path / "out")]
+    # a process of its own: diffusers' log handler writes to the standard error it found at import
+    done = subprocess.run([sys.executable, "-m", "spatiallock.cli", *args], capture_output=True, text=True)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("spatiallock: error: base: cannot load") and "safetensors" in lines[0]

@@ -172,13 +172,14 @@ LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, NotImplementedError, Ru
 
 @contextlib.contextmanager
 def quiet_loading():
-    """Only errors from diffusers' and transformers' loggers while the block runs."""
+    """No log lines from diffusers and transformers while the block runs (diffusers logs a missing safetensors
+    file as an error before raising it: the refusal says it once, in one line)."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     before = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    transformers_logging.set_verbosity(transformers_logging.CRITICAL)
     try:
         yield
     finally:
