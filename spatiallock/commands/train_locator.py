@@ -31,8 +31,8 @@ def run_locator(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from spatiallock.files import write_text_atomic
-    from spatiallock.location.locator import Locator, plausibility
-    from spatiallock.training.locator import LocatorTrainConfig, train_locator
+    from spatiallock.location.locator import Locator
+    from spatiallock.training.locator import LocatorTrainConfig, plausibility, train_locator
 
     check_number("--beta", args.beta, 0.0, 1e3, open_low=True)
     check_number("--sft-weight", args.sft_weight, 0.0, 1e3)
@@ -48,7 +48,7 @@ def run_locator(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, split=args.split, dpo=args.dpo, init_from=args.init_from, beta=args.beta,
         sft_weight=args.sft_weight, bins=args.bins, loop=loop,
     )  # fmt: skip
-    result = train_locator(config)
+    result = train_locator(config, eval_split=args.eval_split)  # the split scored after training: checked first
     if exit_code(result, f"locator written to {args.out} ({result.step} steps, last losses {result.last_losses})"):
         return 130
     if not (Path(args.data) / f"placements_{args.eval_split}.json").is_file():

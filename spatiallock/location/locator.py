@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from spatiallock.checkpoint import read_model_folder, write_model_folder
+from spatiallock.data.cocofile import MAX_SIDE
 from spatiallock.errors import SpatialLockError, first_line
 from spatiallock.files import read_rgb
 
@@ -100,7 +102,9 @@ class ImageEncoder(nn.Module):
             down = nn.Sequential(nn.Conv2d(before, after, 1, stride=2, bias=False), _norm(after))
             layers.append(BasicBlock(before, after, stride=2, downsample=down, norm_layer=_norm))
         self.body = nn.Sequential(*layers)
-        side = config.image_size // (config.stem_stride * 2 ** (len(c) - 1))
+        side = -(-config.image_size // config.stem_stride)  # each strided conv gives ceil(side / stride)
+        for _ in c[1:]:
+            side = -(-side // 2)
         self.project = nn.Linear(c[-1], config.dim)
         self.position = nn.Parameter(torch.randn(side * side, config.dim) * 0.02)
 
@@ -245,72 +249,168 @@ def dpo_loss(
     return (F.softplus(-beta * margin) - math.log(2.0)).mean()
 
 
+SHELVES_HINT = "write a shelves data set with `spatiallock data synth --scene shelves`"
+
+
+def _describe(value: object) -> str:
+    """A JSON value in a few words, for a message."""
+    if isinstance(value, (dict, list)):
+        return "an object" if isinstance(value, dict) else f"a list of {len(value)} item{'s' * (len(value) != 1)}"
+    text = json.dumps(value)  # as the file spells it
+    kind = "string" if isinstance(value, str) else "value" if value is None or isinstance(value, bool) else "number"
+    return f"the {kind} {text if len(text) <= 40 else text[:36] + '...'}"
+
+
+@dataclass
+class _Fields:
+    """The checks of one JSON file's fields; every refusal is `SpatialLockError` "<file>: <field path>: <problem>"."""
+
+    path: Path
+
+    KINDS = {  # kind: (test, what is expected)
+        "list": (lambda v: isinstance(v, list), "a list"),
+        "string": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string"),
+        "id": (lambda v: type(v) is int, "an integer"),  # not a bool
+        "size": (lambda v: type(v) is int and 0 < v <= MAX_SIDE, f"an integer from 1 to {MAX_SIDE}"),
+    }
+
+    def error(self, where: str, problem: str) -> SpatialLockError:
+        return SpatialLockError(f"{self.path}: {where}: {problem}")
+
+    def get(self, parent: dict, key: str, where: str, kind: str):
+        """`parent[key]` when it is a value of `kind` (a key of `KINDS`)."""
+        where, (fits, expected) = f"{where}.{key}" if where else key, self.KINDS[kind]
+        if key not in parent:
+            raise self.error(where, "missing")
+        if not fits(parent[key]):
+            raise self.error(where, f"{_describe(parent[key])}, expected {expected}")
+        return parent[key]
+
+    def items(self, parent: dict, key: str) -> list[tuple[str, dict]]:
+        """The entries of the list `parent[key]`, each an object, with their field paths."""
+        for i, value in enumerate(values := self.get(parent, key, "", "list")):
+            if not isinstance(value, dict):
+                raise self.error(f"{key}[{i}]", f"{_describe(value)}, expected an object")
+        return [(f"{key}[{i}]", value) for i, value in enumerate(values)]
+
+    def numbers(self, value: object, where: str, names: str) -> list:
+        """`value`, a list of finite numbers, as many as `names` (comma-separated) says."""
+        if not isinstance(value, list) or len(value) != names.count(",") + 1:
+            raise self.error(where, f"{_describe(value)}, expected {names.count(',') + 1} numbers {names}")
+        for k, number in enumerate(value):  # comparisons, not float(): an integer of 400 digits is no number here
+            if not isinstance(number, (int, float)) or isinstance(number, bool) or not -1e300 < number < 1e300:
+                raise self.error(f"{where}[{k}]", f"{_describe(number)}, expected a finite number")
+        return value
+
+    def box(self, value: object, where: str) -> None:
+        """`value` is a normalised xyxy box: four numbers, 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1."""
+        x0, y0, x1, y1 = self.numbers(value, where, "x0, y0, x1, y1")
+        if not (0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1):
+            raise self.error(where, f"{value}: expected 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1 (normalised xyxy)")
+
+    def image(self, folder: Path, entry: dict, where: str) -> Path:
+        """The file `entry["file_name"]` names inside `folder` (resolved), read once to know it is an image."""
+        name, where = self.get(entry, "file_name", where, "string"), f"{where}.file_name"
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise self.error(where, f"{name!r} leaves the data folder (a path relative to it without '..')")
+        try:
+            path = (folder / name).resolve()
+            inside = path.is_relative_to(folder.resolve())
+        except (OSError, RuntimeError, ValueError) as err:  # a loop of links, a NUL byte
+            raise self.error(where, f"{name!r} cannot be resolved ({first_line(err)})") from None
+        if not inside:
+            raise self.error(where, f"{name!r} is a link that leaves the data folder (to {path})")
+        if not path.is_file():
+            raise self.error(where, f"{folder / name} {'is not a file' if path.exists() else 'not found'}")
+        try:
+            read_rgb(path)
+        except (OSError, ValueError) as err:
+            raise self.error(where, f"{folder / name} is not a readable image ({first_line(err)})") from None
+        return path
+
+
+INSTANCE_FIELDS = {
+    "categories": {"id": "id", "name": "string"},
+    "images": {"id": "id", "width": "size", "height": "size", "shelves": "list"},
+    "annotations": {"image_id": "id", "category_id": "id", "bbox": "list"},
+}
+
+
+def read_instances(folder: str | os.PathLike, split: str) -> dict:
+    """A shelves split's COCO instances file (`instances_<split>.json`), checked for what the locator's commands
+    read (`INSTANCE_FIELDS`; boards of four numbers, boxes of four, categories that exist): `SpatialLockError`
+    "<file>: <field path>: <problem>" at the first fault."""
+    from spatiallock.data.cocofile import read_coco_json
+
+    path = Path(folder) / f"instances_{split}.json"
+    data, fields = read_coco_json(path, "instances"), _Fields(path)
+    for key, needs in INSTANCE_FIELDS.items():
+        for where, item in fields.items(data, key):
+            for name, kind in needs.items():
+                fields.get(item, name, where, kind)
+            for k, shelf in enumerate(item["shelves"] if key == "images" else []):
+                fields.numbers(shelf, f"{where}.shelves[{k}]", "x0, x1, y, thickness")
+    known = {category["id"] for category in data["categories"]}
+    for where, annotation in fields.items(data, "annotations"):
+        fields.numbers(annotation["bbox"], f"{where}.bbox", "x, y, width, height")
+        if annotation["category_id"] not in known:
+            raise fields.error(f"{where}.category_id", f"{annotation['category_id']} is not the id of a category")
+    return data
+
+
 @dataclass
 class Placements:
     """A shelves data set's placement examples (`placements_<split>.json`): per example the image with the
-    object removed, its label, and positive and negative boxes (normalised xyxy)."""
+    object removed, its label, and positive and negative boxes (normalised xyxy); `paths`: their image files."""
 
     folder: Path
     entries: list[dict] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)
 
     @classmethod
-    def read(cls, folder: str | os.PathLike, split: str) -> Placements:
+    def read(
+        cls, folder: str | os.PathLike, split: str, labels: Sequence[str] | None = None, known: str = "",
+        instances: dict | None = None,
+    ) -> Placements:  # fmt: skip
+        """The examples with positive and negative boxes, every entry checked and every image read before any is
+        used: `SpatialLockError` "<file>: <field path>: <problem>" at the first fault. `labels`: the classes a
+        label must be one of (`known` says whose); `instances` (`read_instances`), to score on the split: each
+        `image_id` and `removed` object must be in it, each label name a shape the shelves checker knows."""
+        from spatiallock.data.shelves import shape_of
+        from spatiallock.files import read_json
+
         folder = Path(folder)
         path = folder / f"placements_{split}.json"
+        fields, kept = _Fields(path), cls(folder)
         if not path.is_file():
-            raise SpatialLockError(
-                f"data: {path} not found (write a shelves data set with `spatiallock data synth --scene shelves`)"
-            )
-        try:
-            entries = json.loads(path.read_text())["placements"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise SpatialLockError(f"data: {path} is not a placements file ({first_line(err)})") from None
-        return cls(folder, [e for e in entries if e.get("positives") and e.get("negatives")])
-
-
-class PlacementDataset(torch.utils.data.Dataset):
-    """Training examples of a locator: pixels (3, S, S) in [-1, 1], label index, positives and negatives padded
-    to `slots` with counts."""
-
-    def __init__(self, placements: Placements, labels: Sequence[str], image_size: int, slots: int = 8):
-        self.placements, self.image_size, self.slots = placements, image_size, slots
-        self.index = {name: i for i, name in enumerate(labels)}
-
-    def __len__(self) -> int:
-        return len(self.placements.entries)
-
-    def __getitem__(self, i: int) -> dict:
-        from PIL import Image
-
-        entry = self.placements.entries[i]
-        image = read_rgb(self.placements.folder / entry["file_name"])
-        if image.size != (self.image_size, self.image_size):
-            image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
-
-        def padded(boxes: list) -> tuple[torch.Tensor, int]:
-            boxes = boxes[: self.slots]
-            out = torch.zeros(self.slots, 4)
-            out[: len(boxes)] = torch.tensor(boxes, dtype=torch.float32)
-            return out, len(boxes)
-
-        positives, n_pos = padded(entry["positives"])
-        negatives, n_neg = padded(entry["negatives"])
-        return {
-            "pixel_values": pixels, "label": self.index[entry["label"]], "positives": positives,
-            "negatives": negatives, "n_positives": n_pos, "n_negatives": n_neg,
-        }  # fmt: skip
-
-
-def collate_placements(items: list[dict]) -> dict:
-    return {key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in items[0]}
-
-
-def pick(boxes: torch.Tensor, counts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One of the first `counts[i]` boxes of each row of `boxes` (B, slots, 4), drawn with `generator`."""
-    draw = torch.rand(counts.shape[0], generator=generator, device=generator.device).to(counts.device)
-    index = (draw * counts).long().clamp(max=counts - 1)
-    return boxes[torch.arange(boxes.shape[0]), index]
+            raise SpatialLockError(f"data: {path} not found ({SHELVES_HINT})")
+        data = read_json(path, "placements file", bad_json="not a JSON file")
+        if not isinstance(data, dict):
+            raise fields.error("top level", f"{_describe(data)}, expected an object with `placements`")
+        objects = Counter(a["image_id"] for a in instances["annotations"]) if instances else Counter()
+        for where, entry in fields.items(data, "placements"):
+            label = fields.get(entry, "label", where, "string")
+            if labels is not None and label not in labels:
+                raise fields.error(f"{where}.label", f"{label!r} is not {known or 'a known class'}")
+            for key in ("positives", "negatives"):
+                for k, box in enumerate(fields.get(entry, key, where, "list")):
+                    fields.box(box, f"{where}.{key}[{k}]")
+            if instances is not None:
+                try:
+                    shape_of(label)
+                except ValueError as err:
+                    raise fields.error(f"{where}.label", first_line(err)) from None
+                if (image_id := fields.get(entry, "image_id", where, "id")) not in objects:
+                    raise fields.error(f"{where}.image_id", f"{image_id}: no image of instances_{split}.json has it")
+                if not 0 <= (removed := fields.get(entry, "removed", where, "id")) < objects[image_id]:
+                    raise fields.error(
+                        f"{where}.removed", f"{removed}: image {image_id} has {objects[image_id]} objects"
+                    )
+            image = fields.image(folder, entry, where)
+            if entry["positives"] and entry["negatives"]:
+                kept.entries.append(entry)
+                kept.paths.append(image)
+        return kept
 
 
 def load_background(path: str | os.PathLike, image_size: int, name: str = "image") -> torch.Tensor:
@@ -326,13 +426,17 @@ def load_background(path: str | os.PathLike, image_size: int, name: str = "image
     return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
 
 
-def held_out(data: str | os.PathLike, split: str = "val", limit: int | None = None) -> tuple[list[dict], list]:
-    """A shelves split's placement entries (the first `limit`) and each one's checker scene, the object removed."""
+def held_out(
+    data: str | os.PathLike, split: str = "val", limit: int | None = None, labels: Sequence[str] | None = None,
+    known: str = "",
+) -> tuple[list[dict], list]:  # fmt: skip
+    """A shelves split's placement entries (the first `limit`) and each one's checker scene, the object removed;
+    both files and every image checked first (`read_instances`, `Placements.read` with `labels` and `known`)."""
     from spatiallock.data.shelves import scene_from_coco
 
     folder = Path(data)
-    entries = Placements.read(folder, split).entries[:limit]
-    instances = json.loads((folder / f"instances_{split}.json").read_text())
+    instances = read_instances(folder, split)
+    entries = Placements.read(folder, split, labels, known, instances).entries[:limit]
     names = {c["id"]: c["name"] for c in instances["categories"]}
     images = {image["id"]: image for image in instances["images"]}
     per_image: dict[int, list[dict]] = {}
@@ -342,34 +446,3 @@ def held_out(data: str | os.PathLike, split: str = "val", limit: int | None = No
         scene_from_coco(images[e["image_id"]], per_image[e["image_id"]], names).without(e["removed"]) for e in entries
     ]
     return entries, scenes
-
-
-@torch.no_grad()
-def plausibility(
-    locator: Locator, data: str | os.PathLike, split: str = "val", samples: int = 10, seed: int = 0,
-    limit: int | None = None, batch_size: int = 64,
-) -> dict:  # fmt: skip
-    """How often the locator's boxes keep the shelves rules on a split's held-out scenes (the object removed):
-    `top1_plausible`, the share of scenes whose most likely of `samples` sampled boxes is plausible;
-    `plausible_rate`, the share of all sampled boxes that are; `scenes`."""
-    from spatiallock.data.shelves import plausible
-
-    folder = Path(data)
-    placements, scenes = held_out(folder, split, limit)
-    generator = torch.Generator().manual_seed(seed)
-    top, good, total = 0, 0, 0
-    for start in range(0, len(placements), batch_size):
-        chunk = placements[start : start + batch_size]
-        pixels = torch.stack([load_background(folder / e["file_name"], locator.config.image_size) for e in chunk])
-        pixels = pixels.to(locator.device)
-        labels = locator.label_index([e["label"] for e in chunk])
-        drawn = [locator.sample(pixels, labels, generator) for _ in range(samples)]
-        boxes = torch.stack([b for b, _ in drawn], dim=1)  # (B, samples, 4)
-        scores = torch.stack([s for _, s in drawn], dim=1)
-        for i, (entry, scene) in enumerate(zip(chunk, scenes[start : start + batch_size])):
-            ok = [plausible(scene, box.tolist(), entry["label"]) for box in boxes[i]]
-            good += sum(ok)
-            total += len(ok)
-            top += ok[int(scores[i].argmax())]
-    scenes = len(placements)
-    return {"top1_plausible": top / max(scenes, 1), "plausible_rate": good / max(total, 1), "scenes": scenes}
