@@ -319,6 +319,12 @@ def as_layouts(
     return layouts
 
 
+def quoted(text: str, limit: int = 60) -> str:
+    """`repr(text)` as an error line shows a label or caption: cut to about `limit` characters."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
+
+
 def excerpt(value: object, limit: int = 60) -> str:
     """`value` as JSON, cut to `limit` characters: an error line stays one short line whatever the file holds."""
     try:

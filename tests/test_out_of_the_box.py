@@ -254,7 +254,7 @@ def test_12_an_unknown_long_label_gives_a_short_line(tmp_path, capsys):
     layout = tmp_path / "layout.json"
     layout.write_text(json.dumps({**LAYOUT, "objects": [{"label": "x" * 5000, "box": [0.1, 0.1, 0.5, 0.5]}]}))
     args = ["evaluate", "--layouts", str(layout), "--model", "default", "--detector", "default", "--steps", "1"]
-    line = refused(capsys, main([*args, "--out", str(tmp_path / "r.json")]), "not a detector category")
+    line = refused(capsys, main([*args, "--out", str(tmp_path / "r.json")]), "is not a category of the detector")
     assert len(line) < 600
 
 

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     from spatiallock.commands.locate import MAX_BOXES, load_locator, parse_box
     from spatiallock.files import atomic_output, read_image_option, writable_folder
-    from spatiallock.layout import excerpt
+    from spatiallock.layout import quoted
     from spatiallock.location.insert import insert_object
     from spatiallock.location.locator import load_background
     from spatiallock.pipelines.protocol import DIFFUSION
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     known = pipe.adapter.config.class_names
     if known and args.label not in known:
         raise SpatialLockError(
-            f"--label {excerpt(args.label)}: not a class of this model ({', '.join(known[:8])}, ...)"
+            f"--label {quoted(args.label)}: not a class of this model ({', '.join(known[:8])}, ...)"
         )
     factor = pipe.vae_scale_factor
     if image.size[0] % factor or image.size[1] % factor:

@@ -24,7 +24,7 @@ from torchvision.ops import box_iou
 from spatiallock.data.draw import draw_boxes, grid
 from spatiallock.errors import SpatialLockError, first_line
 from spatiallock.evaluation.detector import Detector, coco_ap, to_coco_results, to_image_tensors
-from spatiallock.layout import Layout, excerpt
+from spatiallock.layout import Layout, quoted
 from spatiallock.sampling import SamplingOptions, sample
 
 SCORE_THRESHOLD = 0.3  # detections below it do not count for miou (AP uses them all, ranked by score)
@@ -48,10 +48,8 @@ def category_ids(detector: Detector, layouts: Sequence[Layout]) -> dict[str, int
     for i, layout in enumerate(layouts):
         for j, label in enumerate(layout.labels):
             if label not in ids:
-                known = ", ".join(sorted(ids))
-                raise SpatialLockError(
-                    f"layouts[{i}].objects[{j}].label: {excerpt(label)} is not a detector category (known: {known})"
-                )
+                known, where = ", ".join(sorted(ids)), f"layouts[{i}].objects[{j}].label"
+                raise SpatialLockError(f"{where}: {quoted(label)} is not a category of the detector (known: {known})")
     return ids
 
 

@@ -15,7 +15,7 @@ from spatiallock.baselines.lama.config import CLASS_NAME
 from spatiallock.baselines.lama.generator import LamaGenerator
 from spatiallock.baselines.lama.masks import mask_entropy, normalise
 from spatiallock.errors import SpatialLockError
-from spatiallock.layout import excerpt
+from spatiallock.layout import quoted
 from spatiallock.pipelines.protocol import LAYOUT_GAN
 
 
@@ -99,7 +99,7 @@ class LamaPipeline:
                 if label not in known:
                     names = ", ".join(sorted(known))
                     raise SpatialLockError(
-                        f"layouts[{i}].objects[{j}].label: {excerpt(label)} is not a category of this LAMA model "
+                        f"layouts[{i}].objects[{j}].label: {quoted(label)} is not a category of this LAMA model "
                         f"(known: {names})"
                     )
 

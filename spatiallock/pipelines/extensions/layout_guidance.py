@@ -26,7 +26,7 @@ from torch import nn
 
 from spatiallock.errors import SpatialLockError
 from spatiallock.geometry import box_coverage, level_grid
-from spatiallock.layout import Layout, excerpt
+from spatiallock.layout import Layout, quoted
 from spatiallock.models.injection import attention_stages
 from spatiallock.pipelines.extensions.base import Extension
 
@@ -100,7 +100,7 @@ def caption_targets(
                 continue
             if missing == "error":
                 raise SpatialLockError(
-                    f"layouts[{b}]: label {excerpt(label)} does not occur in the caption {excerpt(caption)} "
+                    f"layouts[{b}]: label {quoted(label)} does not occur in the caption {quoted(caption)} "
                     f"(within its first {max_length} tokens); name it in the caption or let it be added"
                 )
             longer = _with_label(caption, label)
