@@ -156,12 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot-only", action="store_true", help="redraw the chart from the results file alone")
     args = parser.parse_args(argv)
     if args.plot_only:
-        out = Path(args.out)
-        if not out.is_file():
-            parser.error(f"--plot-only: no results file {out}")
-        plot(json.loads(out.read_text()), out.with_suffix(".png"))
-        print(f"wrote {out.with_suffix('.png')}")
-        return 0
+        from charts import redraw_from_results
+
+        return redraw_from_results(parser, args.out, plot)
     archs = args.arch or ["fcos", "retinanet", "ssd"]
     kinds = args.only or list(DATA_KINDS)
     work = Path(args.work)

@@ -6,7 +6,8 @@ The charts need the `bench` extra (`pip install -e ".[bench]"`); the sample shee
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -186,3 +187,13 @@ def labelled_strips(strips: Sequence[tuple[str, Image.Image]], path: Path, left:
         draw.text((8, y + strip.size[1] // 2 - 8), label, fill=(0, 0, 0), font=font)
         y += strip.size[1] + 4
     sheet.save(path)
+
+
+def redraw_from_results(parser, out: str | Path, plot: Callable[[dict, Path], None]) -> int:
+    """`--plot-only`: redraw the chart beside the results file `out` from that file alone."""
+    out = Path(out)
+    if not out.is_file():
+        parser.error(f"--plot-only: no results file {out}")
+    plot(json.loads(out.read_text()), out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.png')}")
+    return 0
