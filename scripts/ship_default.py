@@ -1,9 +1,13 @@
-"""Write the shipped default model and detector into the package (`spatiallock/assets/`), weights in fp16.
+"""Write the shipped default models into the package (`spatiallock/assets/`), weights in fp16.
 
     python scripts/ship_default.py --base models/base --adapter models/spatiallock --detector models/detector
+    python scripts/ship_default.py --locator runs/locator-dpo        # only the location model
 
-`--model default` and `--detector default` load them (in fp32). The whole of `spatiallock/assets/` must stay
-under 30 MB: the script prints the sizes and refuses to write more.
+Each part given is written: `default` (--base with its --adapter), `detector`, `locator`; the others stay as they
+are. `--model default`, `--detector default` and `locate`/`insert` without --model/--locator load them (in fp32).
+Each part gets its provenance: the folders it came from and their training configs (for a locator trained in two
+stages, both). The whole of `spatiallock/assets/` must stay under 40 MB: the script prints the sizes and refuses to
+write more.
 """
 
 from __future__ import annotations
@@ -17,53 +21,102 @@ from pathlib import Path
 import torch
 
 from spatiallock.evaluation.detector import Detector
+from spatiallock.location.locator import Locator
 from spatiallock.pipelines.diffusion import SpatialLockPipeline
 
 ASSETS = Path(__file__).resolve().parent.parent / "spatiallock" / "assets"
-LIMIT_MB = 30.0
+LIMIT_MB = 40.0
+PARTS = ("default", "detector", "locator")
 
 
 def folder_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
 
+def training_config(folder: str | Path) -> dict | None:
+    log = Path(folder) / "train" / "config.json"
+    return json.loads(log.read_text()) if log.is_file() else None
+
+
+def ship_model(args, staging: Path) -> None:
+    pipe = SpatialLockPipeline.from_pretrained(args.base, adapter=args.adapter)
+    pipe.to(dtype=torch.float16)
+    pipe.save_pretrained(staging)
+    provenance = {"base": args.base, "adapter": args.adapter, "detector": args.detector}
+    for name in ("adapter", "detector"):
+        config = training_config(getattr(args, name)) if getattr(args, name) else None
+        if config is not None:
+            provenance[f"{name}_training"] = config
+    (staging / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def ship_detector(args, staging: Path) -> None:
+    Detector.from_pretrained(args.detector).half().save_pretrained(staging)
+    if (Path(args.detector) / "eval.json").is_file():
+        shutil.copy(Path(args.detector) / "eval.json", staging / "eval.json")
+
+
+def ship_locator(args, staging: Path) -> None:
+    Locator.from_pretrained(args.locator).half().save_pretrained(staging)
+    provenance: dict = {"locator": args.locator}
+    stages = []  # this locator's training, then the one it started from (--init-from), and so on
+    folder: str | None = args.locator
+    while folder is not None and len(stages) < 5:
+        config = training_config(folder)
+        if config is None:
+            break
+        stages.append(config)
+        folder = config.get("init_from")
+    if stages:
+        provenance["training"] = stages[::-1]  # first stage first
+    if (Path(args.locator) / "eval.json").is_file():
+        provenance["eval"] = json.loads((Path(args.locator) / "eval.json").read_text())
+        shutil.copy(Path(args.locator) / "eval.json", staging / "eval.json")
+    if args.benchmark:
+        provenance["benchmark"] = args.benchmark
+    (staging / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, help="small base model folder")
-    parser.add_argument("--adapter", required=True, help="adapter folder trained on that base")
-    parser.add_argument("--detector", required=True, help="detector folder")
+    parser.add_argument("--base", help="small base model folder (with --adapter)")
+    parser.add_argument("--adapter", help="adapter folder trained on that base")
+    parser.add_argument("--detector", help="detector folder")
+    parser.add_argument("--locator", help="location model folder (`spatiallock train locator`)")
+    parser.add_argument("--benchmark", help="with --locator: where its measured numbers are (kept in provenance)")
     parser.add_argument("--out", default=str(ASSETS), help=f"assets folder (default: {ASSETS})")
     args = parser.parse_args()
+    if bool(args.base) != bool(args.adapter):
+        parser.error("--base and --adapter go together")
+    writers = {"default": ship_model if args.base else None, "detector": ship_detector if args.detector else None,
+               "locator": ship_locator if args.locator else None}  # fmt: skip
+    writers = {name: write for name, write in writers.items() if write is not None}
+    if not writers:
+        parser.error("nothing to ship: give --base and --adapter, --detector or --locator")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".ship-", dir=out))
     try:
-        pipe = SpatialLockPipeline.from_pretrained(args.base, adapter=args.adapter)
-        pipe.to(dtype=torch.float16)
-        pipe.save_pretrained(staging / "default")
-        detector = Detector.from_pretrained(args.detector).half()
-        detector.save_pretrained(staging / "detector")
-        provenance = {"base": args.base, "adapter": args.adapter, "detector": args.detector}
-        for name in ("adapter", "detector"):
-            log = Path(getattr(args, name)) / "train" / "config.json"
-            if log.is_file():
-                provenance[f"{name}_training"] = json.loads(log.read_text())
-        (staging / "default" / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        if (Path(args.detector) / "eval.json").is_file():
-            shutil.copy(Path(args.detector) / "eval.json", staging / "detector" / "eval.json")
-        sizes = {name: folder_mb(staging / name) for name in ("default", "detector")}
+        for name, write in writers.items():
+            (staging / name).mkdir()
+            write(args, staging / name)
+        sizes = {
+            name: folder_mb(staging / name if name in writers else out / name)
+            for name in PARTS
+            if name in writers or (out / name).is_dir()
+        }
         total = sum(sizes.values())
         print(", ".join(f"{name}: {mb:.1f} MB" for name, mb in sizes.items()) + f"; total {total:.1f} MB")
         if total > LIMIT_MB:
             raise SystemExit(f"assets would take {total:.1f} MB, more than {LIMIT_MB} MB: not written")
-        for name in sizes:
+        for name in writers:
             if (out / name).exists():
                 shutil.rmtree(out / name)
             (staging / name).rename(out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"wrote {out / 'default'} and {out / 'detector'}")
+    print("wrote " + " and ".join(str(out / name) for name in writers))
 
 
 if __name__ == "__main__":

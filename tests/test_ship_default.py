@@ -118,3 +118,50 @@ def test_refuses_assets_over_the_limit_and_leaves_the_folder_as_it_was(
     assert [p.name for p in out.iterdir()] == ["default"]
     assert [p.name for p in (out / "default").iterdir()] == ["model_index.json"]
     assert (out / "default" / "model_index.json").read_text() == "{}"
+
+
+def test_ships_the_locator_alone_with_both_training_stages_and_locate_loads_it(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from spatiallock.location.locator import Locator, LocatorConfig
+
+    torch.manual_seed(0)
+    config = LocatorConfig(labels=["red circle", "blue square"], label_dim=8, bins=16, image_size=32,
+                           channels=(8, 16), dim=32, layers=1, heads=2, dropout=0.0)  # fmt: skip
+    first, second = tmp_path / "loc", tmp_path / "loc-dpo"
+    Locator(config, torch.randn(2, 8)).save_pretrained(first)
+    Locator(config, torch.randn(2, 8)).save_pretrained(second)
+    for folder, stage in ((first, {"dpo": False, "init_from": None}), (second, {"dpo": True, "init_from": str(first)})):
+        (folder / "train").mkdir()
+        (folder / "train" / "config.json").write_text(json.dumps({"out": str(folder), **stage}))
+    (second / "eval.json").write_text(json.dumps({"top1_plausible": 0.5}))
+    out = tmp_path / "assets"
+    (out / "detector").mkdir(parents=True)
+    (out / "detector" / "config.json").write_text("{}")
+    run(ship_default(), monkeypatch, "--locator", str(second), "--benchmark", "location.json", "--out", str(out))
+    printed = capsys.readouterr().out
+    assert "detector: 0.0 MB, locator: " in printed and f"wrote {out / 'locator'}\n" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["detector", "locator"]  # the other part untouched
+    assert (out / "detector" / "config.json").read_text() == "{}"
+    assert dtypes(out / "locator" / "model.safetensors") == {"F16"}
+    provenance = json.loads((out / "locator" / "provenance.json").read_text())
+    assert provenance["locator"] == str(second) and provenance["benchmark"] == "location.json"
+    assert [stage["out"] for stage in provenance["training"]] == [str(first), str(second)]  # first stage first
+    assert provenance["eval"] == {"top1_plausible": 0.5}
+
+    # locate and insert's default locator is the shipped one, in fp32 with the weights rounded to fp16
+    monkeypatch.setattr(shipped, "ASSETS", out)
+    loaded, original = Locator.from_pretrained(shipped.default_locator_path()), Locator.from_pretrained(second)
+    for key, value in loaded.state_dict().items():
+        if value.is_floating_point():
+            assert value.dtype == torch.float32 and torch.equal(value, original.state_dict()[key].half().float()), key
+    Image.new("RGB", (32, 32), (120, 120, 120)).save(tmp_path / "scene.png")
+    argv = ["locate", "--image", str(tmp_path / "scene.png"), "--label", "blue square", "--n", "3", "--json"]
+    assert cli(argv) == 0
+    assert len(json.loads(capsys.readouterr().out)["boxes"]) == 3
+
+
+def test_nothing_to_ship_is_a_usage_error(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit):
+        run(ship_default(), monkeypatch, "--out", str(tmp_path / "assets"))
+    assert not (tmp_path / "assets").exists()

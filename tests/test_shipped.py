@@ -103,7 +103,12 @@ def test_demo_runs_the_shipped_model_on_the_examples(tmp_path, capsys):
     printed = capsys.readouterr().out
     names = sorted(path.stem for path in examples.glob("*.json"))
     written = sorted(path.name for path in (tmp_path / "demo").iterdir())
-    assert written == sorted([f"{n}.png" for n in names] + [f"{n}_boxes.png" for n in names] + ["demo_grid.png"])
+    scene = ["scene_insert.png", "scene_locate.png"]  # examples/scene.png: placed and inserted by default
+    made = [f"{n}.png" for n in names] + [f"{n}_boxes.png" for n in names] + ["demo_grid.png"]
+    assert written == sorted(made + scene)
+    boxes = re.findall(r"^  box \[[^]]*\]  log p (-?\d+\.\d\d)$", printed, re.M)
+    assert len(boxes) == 5 and [float(v) for v in boxes] == sorted((float(v) for v in boxes), reverse=True)
+    assert "'red circle' drawn into the best box: found by the detector" in printed  # the shipped models' work
     ious = [float(v) for v in re.findall(r"IoU (\d\.\d\d) \(score", printed)]
     mean = float(re.search(r"mean IoU (\d\.\d\d) over (\d+) objects", printed).group(1))
     assert ious and mean == pytest.approx(
@@ -112,6 +117,14 @@ def test_demo_runs_the_shipped_model_on_the_examples(tmp_path, capsys):
     assert float(mean) > 0.5  # the shipped model places the example objects
     # a folder without layouts: one line, exit 2
     assert main(["demo", "--examples", str(tmp_path / "demo"), "--out", str(tmp_path / "other")]) == 2
+    # a scene that is not an image: refused before any sampling, nothing written
+    (tmp_path / "notes.png").write_text("not an image")
+    argv = ["demo", "--examples", str(examples), "--scene", str(tmp_path / "notes.png"), "--out", str(tmp_path / "x")]
+    assert main(argv) == 2 and not (tmp_path / "x").exists()
+    assert "--scene" in capsys.readouterr().err
+    # --scene none: the layouts only
+    assert main(["demo", "--examples", str(examples), "--scene", "none", "--out", str(tmp_path / "plain")]) == 0
+    assert sorted(path.name for path in (tmp_path / "plain").iterdir()) == sorted(made)
 
 
 def test_the_shipped_recipe_stays_inside_the_parameter_budget_on_sd(capsys):
@@ -126,3 +139,23 @@ def test_the_shipped_recipe_stays_inside_the_parameter_budget_on_sd(capsys):
     adapter = load_adapter(default_model_path() / "adapter")
     assert {"all": True, "finest": "finest", "none": False}[recipe["feed_forward"]] == adapter.config.feed_forward
     assert any(block.ff is None for block in adapter.fusers)
+
+
+def test_locate_and_insert_work_out_of_the_box(tmp_path, capsys):
+    """The README's commands with no --model or --locator: the shipped location and SpatialLock models."""
+    from PIL import Image
+
+    from spatiallock.cli import main
+
+    scene = Path(__file__).resolve().parent.parent / "examples" / "scene.png"
+    assert main(["locate", "--image", str(scene), "--label", "red circle", "--n", "5", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert len(found["boxes"]) == 5 and found["label"] == "red circle"
+    for record in found["boxes"]:
+        x0, y0, x1, y1 = record["box"]
+        assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 and record["log_prob"] < 0
+    out = tmp_path / "inserted.png"
+    assert main(["insert", "--image", str(scene), "--label", "red circle", "--out", str(out)]) == 0
+    assert "inserted 'red circle' at" in capsys.readouterr().out
+    before, after = Image.open(scene).convert("RGB"), Image.open(out).convert("RGB")
+    assert after.size == before.size and after.tobytes() != before.tobytes()

@@ -13,10 +13,17 @@ Generate images for every layout file in EXAMPLES (default: examples/) with the 
 OUT (default: outputs/) with the requested boxes drawn, run the shipped detector on them and print, for
 each requested object, the IoU of its best detection of the same class (0 when none is found).
 
+Then, on the scene image (--scene, default: EXAMPLES/scene.png): the shipped location model samples 5 boxes
+for a new --label object (OUT/scene_locate.png, best first), and the model draws it into the most likely one
+(OUT/scene_insert.png); the detector says whether it finds it there.
+
 example:
   spatiallock demo
   spatiallock generate --layout examples/two_shapes.json --model default --out outputs --n 4
+  spatiallock locate --image examples/scene.png --label "red circle" --n 5 --out outputs/boxes.png
+  spatiallock insert --image examples/scene.png --label "red circle" --out outputs/inserted.png
 """
+PLACES = 5  # boxes the locator samples for the scene
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -25,7 +32,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from spatiallock.data.draw import draw_boxes, grid
     from spatiallock.evaluation.detector import Detector
     from spatiallock.evaluation.scoring import score_images
-    from spatiallock.files import save_image_atomic
+    from spatiallock.files import read_image_option, save_image_atomic
     from spatiallock.layout import read_layouts
     from spatiallock.sampling import run as sampling
     from spatiallock.shipped import resolve_detector
@@ -41,6 +48,9 @@ def run_demo(args: argparse.Namespace) -> int:
         requests += zip(output_names(file.stem, len(layouts)), layouts)
     options = sampling.SamplingOptions(seed=args.seed, steps=args.steps)
     options.check()
+    scene = scene_path(args)
+    if scene is not None:
+        read_image_option(scene, "--scene")  # before any work
     out = check_out_folder(args.out)
     pipe = sampling.load_pipeline(args.model, args.adapter)
     detector = Detector.from_pretrained(resolve_detector(args.detector)).to(pipe.device)
@@ -62,8 +72,56 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"  {record['label']:16s} box {[round(v, 2) for v in record['box']]}  {found}")
     save_image_atomic(grid(drawn), out / "demo_grid.png")
     mean = sum(o["iou"] for o in objects) / max(len(objects), 1)
-    print(f"mean IoU {mean:.2f} over {len(objects)} objects; images in {out}/ ({time.perf_counter() - start:.1f} s)")
+    print(f"mean IoU {mean:.2f} over {len(objects)} objects")
+    if scene is not None:
+        place_and_insert(args, scene, pipe, detector, out)
+    print(f"images in {out}/ ({time.perf_counter() - start:.1f} s)")
     return 0
+
+
+def scene_path(args: argparse.Namespace) -> Path | None:
+    """--scene as a path, None for `none` or when the default one is not there."""
+    if args.scene == "none":
+        return None
+    if args.scene is None:
+        default = Path(args.examples) / "scene.png"
+        return default if default.is_file() else None
+    return Path(args.scene)
+
+
+def place_and_insert(args: argparse.Namespace, scene: Path, pipe, detector, out: Path) -> None:
+    """The shipped locator's boxes for a new --label object in `scene`, and the object drawn into the best one."""
+    import torch
+    from torchvision.ops import box_iou
+
+    from spatiallock.commands.locate import load_locator
+    from spatiallock.data.draw import draw_boxes
+    from spatiallock.files import read_image_option, save_image_atomic
+    from spatiallock.location.insert import insert_object
+    from spatiallock.location.locator import load_background
+
+    locator = load_locator(args.locator, "--locator")
+    labels = locator.label_index([args.label] * PLACES, what="--label")
+    pixels = load_background(scene, locator.config.image_size, "--scene").to(locator.device)
+    boxes, scores = locator.sample(pixels.expand(PLACES, -1, -1, -1), labels, torch.Generator().manual_seed(args.seed))
+    order = scores.argsort(descending=True).tolist()
+    image = read_image_option(scene, "--scene")
+    save_image_atomic(draw_boxes(image, [args.label] * PLACES, [boxes[i].tolist() for i in order]),
+                      out / "scene_locate.png")  # fmt: skip
+    best = boxes[order[0]]
+    print(f"{scene.name}: where a {args.label!r} could go (best first, log-probability):")
+    for i in order:
+        print(f"  box {[round(v, 2) for v in boxes[i].tolist()]}  log p {float(scores[i]):.2f}")
+    inserted = insert_object(pipe, image, tuple(best.tolist()), args.label, num_inference_steps=args.steps,
+                             generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
+    save_image_atomic(inserted, out / "scene_insert.png")
+    (found,) = detector.detect([inserted])
+    same = [n == args.label for n in found["names"]]
+    iou = 0.0
+    if any(same):
+        iou = float(box_iou(found["boxes"][torch.tensor(same)], best[None]).max())
+    seen = f"found by the detector, IoU {iou:.2f}" if iou >= 0.5 else f"not found in the box (best IoU {iou:.2f})"
+    print(f"  {args.label!r} drawn into the best box: {seen}")
 
 
 def register(subparsers) -> None:
@@ -78,4 +136,12 @@ def register(subparsers) -> None:
     parser.add_argument("--detector", default="default", help="detector folder (default: the shipped one)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--scene", default=None, metavar="IMG",
+        help="image to place and insert a new object into (default: EXAMPLES/scene.png when there; none: skip)",
+    )  # fmt: skip
+    parser.add_argument("--label", default="red circle", help='the new object\'s class (default: "red circle")')
+    parser.add_argument(
+        "--locator", default="default", metavar="LOC", help="location model (default: the shipped one)"
+    )
     parser.set_defaults(func=run_demo)

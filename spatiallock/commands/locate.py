@@ -12,13 +12,14 @@ from spatiallock.errors import SpatialLockError
 MAX_BOXES = 1000  # --n: boxes sampled at once
 
 HELP = """\
-Sample boxes for a new object in an image from a location model (`spatiallock train locator`): where an
-object labelled --label could go. Prints one box per line (normalised x0 y0 x1 y1, most likely first) with its
-log-probability, or one JSON object with --json; --out draws them on the image. --region x0,y0,x1,y1 keeps the
-boxes inside that part of the image (image fractions).
+Sample boxes for a new object in an image from a location model (the shipped one of the shelves domain, or
+--model, one of `spatiallock train locator`): where an object labelled --label could go. Prints one box per
+line (normalised x0 y0 x1 y1, most likely first) with its log-probability, or one JSON object with --json;
+--out draws them on the image. --region x0,y0,x1,y1 keeps the boxes inside that part of the image (image
+fractions).
 
 examples:
-  spatiallock locate --model runs/locator-dpo --image examples/scene.png --label "red circle" --n 5
+  spatiallock locate --image examples/scene.png --label "red circle" --n 5
   spatiallock locate --model runs/locator-dpo --image examples/scene.png --label "blue square" \\
       --region 0,0,0.5,1 --out boxes.png --json
 """
@@ -44,8 +45,9 @@ def load_locator(model: str, option: str = "--model"):
 
     folder = default_locator_path() if model == "default" else Path(model)
     if not folder.is_dir():
-        what = "no locator is shipped yet; train one" if model == "default" else "not a folder"
-        raise SpatialLockError(f"{option}: {model}: {what} (spatiallock train locator --data DIR --out LOC)")
+        if model == "default":
+            raise SpatialLockError(f"{option}: the shipped locator is missing from {folder}; reinstall the package")
+        raise SpatialLockError(f"{option}: {model}: not a folder (spatiallock train locator --data DIR --out LOC)")
     return Locator.from_pretrained(folder)
 
 
