@@ -14,30 +14,44 @@ Diffusion v1.4 architecture at 512 px in fp16 with 50 steps.
     python benchmarks/sample_speed.py --save-images before.npz   # then, on changed code: --same-as before.npz
 
 Writes benchmarks/results/sample_speed_<cpu|cuda>.json with the device named.
+
+On a busy machine (`--busy`): the `shipped` row alone, each measurement a process of its own started as a command
+starts (so the toolkit's thread settings apply, see `spatiallock.threads`): quiet; beside one busy-loop process
+(`while True: pass`); two sampling processes at once (timed together). Each under the toolkit's settings and under
+torch's own (SPATIALLOCK_THREADS=torch, how sampling ran before), in one run:
+
+    python benchmarks/sample_speed.py --busy       # adds a "busy" section to the results file, rows kept
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from spatiallock.threads import configure_threads
 
-from spatiallock.base.configs import SD_V1_UNET
-from spatiallock.base.folders import CAPTION_TOKENS, small_scheduler, small_unet_config, small_vae_config
-from spatiallock.base.text import phrase_dim
-from spatiallock.layout import Layout
-from spatiallock.models.adapter import RECIPE, SpatialLockAdapter
-from spatiallock.models.grounding import GATES
-from spatiallock.pipelines.diffusion import SpatialLockPipeline
-from spatiallock.sampling import adapter_like
+configure_threads()  # before torch loads, as each command does
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
+
+from spatiallock.base.configs import SD_V1_UNET  # noqa: E402
+from spatiallock.base.folders import CAPTION_TOKENS, small_scheduler, small_unet_config, small_vae_config  # noqa: E402
+from spatiallock.base.text import phrase_dim  # noqa: E402
+from spatiallock.layout import Layout  # noqa: E402
+from spatiallock.models.adapter import RECIPE, SpatialLockAdapter  # noqa: E402
+from spatiallock.models.grounding import GATES  # noqa: E402
+from spatiallock.pipelines.diffusion import SpatialLockPipeline  # noqa: E402
+from spatiallock.sampling import adapter_like  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYOUTS = [
@@ -115,7 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: 25 on CPU, 50 on GPU)")
     parser.add_argument("--images", type=int, default=None, help="images per call (default: 8 on CPU, 4 on GPU)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per model, after one warm-up call")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed calls per model, after one warm-up call (default: 3; --busy: 2)",
+    )
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even when a GPU is there")
     parser.add_argument(
         "--layout-control", action="store_true",
@@ -146,7 +165,17 @@ def main(argv: list[str] | None = None) -> None:
         help="compare each row's images with those a --save-images run kept (another version of the code): the "
         "largest difference per row goes into the results",
     )  # fmt: skip
+    parser.add_argument("--rows", default=None, metavar="NAME,...", help="time only these rows (default: all)")
+    parser.add_argument(
+        "--busy", action="store_true",
+        help="the shipped row quiet, beside a busy-loop process and two at once, each in a process of its own, "
+        "under the toolkit's thread settings and under torch's own; adds a `busy` section to the results file",
+    )  # fmt: skip
+    parser.add_argument("--wait-for", default=None, help=argparse.SUPPRESS)  # --busy's children: start together
     args = parser.parse_args(argv)
+    if args.busy:
+        return busy_run(args)
+    args.repeats = args.repeats or 3
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     gpu = device.type == "cuda"
@@ -178,6 +207,12 @@ def main(argv: list[str] | None = None) -> None:
         guided, init = {"layout_guidance_steps": 10}, {"layout_guidance_steps": 10, "init_from_layout": True}
         runs.update({"base+guidance": ("base", guided), "base+guidance+init": ("base", init)})
         runs["spatiallock+guidance+init"] = ("spatiallock", init)
+    if args.rows:
+        wanted = args.rows.split(",")
+        unknown = [name for name in wanted if name not in runs]
+        if unknown:
+            parser.error(f"--rows: unknown row {unknown[0]!r}; rows: {', '.join(runs)}")
+        runs = {name: runs[name] for name in wanted}
     layouts = [LAYOUTS[i % len(LAYOUTS)] for i in range(images)]
     size = pipe.native_size
     rows = []
@@ -196,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
             out = pipe(layouts=layouts, num_inference_steps=steps, generator=generator, output_type="np", **options)
             if gpu:
                 torch.cuda.synchronize()
+            if repeat == 0 and args.wait_for and name == list(runs)[-1]:
+                wait_for(args.wait_for, Path(args.out))
             if repeat:  # the first round warms up
                 times[name].append((time.perf_counter() - start) / images)
             else:
@@ -235,8 +272,150 @@ def main(argv: list[str] | None = None) -> None:
         "shipped": args.shipped,
         "shipped_recipe": {k: adapters["shipped"].config[k] for k in ("variant", "positions", *RECIPE[1:])},
         "rows": rows,
+        "threads": thread_settings(),
     }
     out = Path(args.out) if args.out else RESULTS / f"sample_speed_{device.type}.json"
+    if out.exists() and not args.wait_for and not args.rows:
+        kept_busy = json.loads(out.read_text()).get("busy")
+        if kept_busy:
+            result["busy"] = kept_busy
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def wait_for(go: str, out: Path) -> None:
+    """A --busy child after its warm-up: says it is ready, then waits for the parent's start signal."""
+    Path(f"{out}.ready").write_text(json.dumps(thread_settings()))
+    deadline = time.monotonic() + 1800
+    while not Path(go).exists():
+        if time.monotonic() > deadline:
+            raise SystemExit("sample_speed: no start signal from the --busy run in 30 minutes")
+        time.sleep(0.01)
+
+
+def thread_settings() -> dict:
+    names = ("SPATIALLOCK_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    return {"torch_threads": torch.get_num_threads(), **{n: os.environ[n] for n in names if n in os.environ}}
+
+
+BUSY_LOOP = "while True: pass"
+# extra environment of each child; `one-thread` is timed quiet only: the best there is with one core free
+SETTINGS = {"toolkit": {}, "torch": {"SPATIALLOCK_THREADS": "torch"}, "one-thread": {"SPATIALLOCK_THREADS": "1"}}
+BESIDE = ("toolkit", "torch")  # the settings timed beside a neighbour
+# busy: the loop is this benchmark's child; busy-session: in a session of its own, as a loop started in another
+# terminal is (Linux then shares the CPUs between sessions first, and between threads within a session)
+CONDITIONS = ("quiet", "busy", "busy-session", "two")
+
+
+QUIET_ROUNDS = 3  # quiet runs of each setting, alternating: the run-to-run spread is about 10 % here
+
+
+def time_children(args, work: Path, setting: str, condition: str, tag: str) -> dict:
+    """One measurement: fresh processes (two for `two`) timing the shipped row together after their warm-up,
+    with the busy loop started beside them for `busy*`."""
+    go = work / f"{tag}.go"
+    outs = [work / f"{tag}-{i}.json" for i in range(2 if condition == "two" else 1)]
+    env = {**os.environ, **SETTINGS[setting]}
+    command = [sys.executable, str(Path(__file__).resolve()), "--cpu", "--rows", "shipped", "--steps",
+               str(args.steps), "--images", str(args.images), "--repeats", str(args.repeats), "--shipped",
+               args.shipped, "--wait-for", str(go)]  # fmt: skip
+    neighbour, logs = None, []
+    try:
+        logs = [open(f"{out}.log", "w") for out in outs]  # noqa: SIM115 (closed below)
+        children = [
+            subprocess.Popen([*command, "--out", str(out)], env=env, stdout=log, stderr=log)
+            for out, log in zip(outs, logs)
+        ]
+        while not all(Path(f"{out}.ready").exists() for out in outs):
+            if any(child.poll() not in (None, 0) for child in children):
+                raise SystemExit(f"sample_speed: a {setting}/{condition} process failed")
+            time.sleep(0.05)
+        if condition.startswith("busy"):  # after the warm-up, before the timed calls
+            own_session = condition == "busy-session"
+            neighbour = subprocess.Popen([sys.executable, "-c", BUSY_LOOP], start_new_session=own_session)
+            time.sleep(0.5)
+        go.touch()
+        if any(child.wait() != 0 for child in children):
+            raise SystemExit(f"sample_speed: a {setting}/{condition} process failed")
+    except SystemExit:
+        for out in outs:
+            print(Path(f"{out}.log").read_text()[-3000:], file=sys.stderr)
+        raise
+    finally:
+        for log in logs:
+            log.close()
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
+    results = [json.loads(out.read_text()) for out in outs]
+    times = [result["rows"][0]["s_per_image"] for result in results]
+    print(f"  {setting:8s} {condition:12s} {' '.join(f'{t:.3f}' for t in times)} s/image", flush=True)
+    return {
+        "times": times,
+        "threads_at_start": json.loads(Path(f"{outs[0]}.ready").read_text()),
+        "threads_at_end": results[0]["threads"],
+    }
+
+
+def busy_run(args) -> None:
+    """Each (settings, condition) in fresh processes timing the shipped row: quiet (QUIET_ROUNDS times, the
+    settings alternating), beside a busy loop, beside it in its own session, two processes at once."""
+    if args.cpu is False and torch.cuda.is_available():
+        raise SystemExit("sample_speed: --busy measures CPU sampling; add --cpu on a machine with a GPU")
+    args.steps, args.images, args.repeats = args.steps or 25, args.images or 8, args.repeats or 2
+    work = Path(tempfile.mkdtemp(prefix="sample-speed-busy-"))
+    runs = [(setting, "quiet", n) for n in range(QUIET_ROUNDS) for setting in SETTINGS]
+    runs += [(setting, condition, 0) for setting in BESIDE for condition in CONDITIONS[1:]]
+    found: dict[tuple[str, str], list[dict]] = {}
+    for setting, condition, n in runs:
+        found.setdefault((setting, condition), []).append(
+            time_children(args, work, setting, condition, f"{setting}-{condition}-{n}")
+        )
+    measured: dict[str, dict] = {setting: {} for setting in SETTINGS}
+    for (setting, condition), records in found.items():
+        if condition == "two":
+            each = records[0]["times"]  # both processes of one run: their mean
+            value = statistics.mean(each)
+        else:
+            each = [record["times"][0] for record in records]  # the runs: their median
+            value = statistics.median(each)
+        measured[setting][condition] = {
+            "s_per_image": round(value, 4),
+            "s_per_image_each": each,
+            "threads_at_start": records[-1]["threads_at_start"],
+            "threads_at_end": records[-1]["threads_at_end"],
+        }
+    for rows in measured.values():
+        quiet = rows["quiet"]["s_per_image"]
+        for row in rows.values():
+            row["vs_quiet"] = round(row["s_per_image"] / quiet, 3)
+    torch_quiet = measured["torch"]["quiet"]["s_per_image"]
+    for row in measured["toolkit"].values():
+        row["vs_torch_quiet"] = round(row["s_per_image"] / torch_quiet, 3)
+    busy = {
+        "command": "python benchmarks/sample_speed.py --busy",
+        "device": device_name(torch.device("cpu")).rsplit(",", 1)[0],
+        "cpus": os.cpu_count(),
+        "steps": args.steps,
+        "images_per_call": args.images,
+        "repeats": args.repeats,
+        "quiet_rounds": QUIET_ROUNDS,
+        "neighbour": f"python -c '{BUSY_LOOP}', started after the warm-up; busy-session: in a session of its own",
+        "settings": {
+            "toolkit": "spatiallock.threads (SPATIALLOCK_THREADS unset)",
+            "torch": "SPATIALLOCK_THREADS=torch",
+            "one-thread": "SPATIALLOCK_THREADS=1, quiet only: the floor for one free core",
+        },
+        "rows": measured,
+        "toolkit_quiet_vs_torch_quiet": round(measured["toolkit"]["quiet"]["s_per_image"] / torch_quiet, 3),
+    }
+    for setting, rows in measured.items():
+        print(f"  {setting}: " + ", ".join(f"{c} {r['vs_quiet']:.2f}x quiet" for c, r in rows.items()))
+    print(f"  toolkit quiet / torch quiet: {busy['toolkit_quiet_vs_torch_quiet']:.2f}")
+    out = Path(args.out) if args.out else RESULTS / "sample_speed_cpu.json"
+    result = json.loads(out.read_text()) if out.exists() else {"benchmark": "sample_speed"}
+    result["busy"] = busy
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -59,12 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     from spatiallock.commands import locate as locate_cmd
     from spatiallock.commands import params as params_cmd
     from spatiallock.commands import train as train_cmd
+    from spatiallock.threads import HELP as THREADS_HELP
 
     parser = ArgumentParser(
         prog="spatiallock",
         description="Layout-controlled text-to-image generation: a caption plus boxes with labels in, images out.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run `spatiallock <command> --help` for the options of one command.",
+        epilog=f"Run `spatiallock <command> --help` for the options of one command.\n\n{THREADS_HELP}",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     params_cmd.register(sub)
@@ -76,10 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     insert_cmd.register(sub)
     demo_cmd.register(sub)
     app_cmd.register(sub)
+    for command in sub.choices.values():  # every command's --help ends with how to set its threads
+        if command.epilog is None:
+            command.epilog = THREADS_HELP
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from spatiallock.threads import configure_threads
+
+    configure_threads()  # before torch loads: thread settings that survive a busy machine
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

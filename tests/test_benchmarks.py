@@ -334,6 +334,56 @@ def test_sample_speed_times_every_row(model, tmp_path, capsys):
     assert set(np.load(images).files) == set(names)
 
 
+def test_sample_speed_busy_times_a_fresh_process_beside_a_busy_loop(model, tmp_path):
+    """One measurement of --busy for real: a child process started as a command starts, a busy loop beside it."""
+    import argparse
+
+    speed = script("sample_speed")
+    args = argparse.Namespace(steps=1, images=1, repeats=1, shipped=str(model))
+    record = speed.time_children(args, tmp_path, "toolkit", "busy", "toolkit-busy-0")
+    (seconds,) = record["times"]
+    assert math.isfinite(seconds) and seconds > 0
+    assert record["threads_at_start"]["torch_threads"] >= 1 and "SPATIALLOCK_THREADS" not in record["threads_at_end"]
+    record = speed.time_children(args, tmp_path, "torch", "two", "torch-two-0")
+    assert len(record["times"]) == 2 and record["threads_at_end"]["SPATIALLOCK_THREADS"] == "torch"
+
+
+def test_sample_speed_busy_writes_ratios_beside_the_rows(tmp_path, monkeypatch, capsys):
+    """--busy's results from its measurements (faked here): medians of the quiet rounds, the mean of the two
+    processes, ratios to quiet; the file's other rows kept."""
+    speed = script("sample_speed")
+    seconds = {("toolkit", "quiet"): [0.5, 0.4, 0.45], ("torch", "quiet"): [0.4, 0.44, 0.38],
+               ("toolkit", "busy"): [0.7], ("toolkit", "busy-session"): [0.8], ("toolkit", "two"): [0.7, 0.9],
+               ("torch", "busy"): [3.6], ("torch", "busy-session"): [14.0], ("torch", "two"): [2.5, 2.7],
+               ("one-thread", "quiet"): [0.7, 0.8, 0.75]}  # fmt: skip
+    calls = []
+
+    def fake(args, work, setting, condition, tag):
+        calls.append((setting, condition))
+        times = seconds[setting, condition]
+        n = calls.count((setting, condition)) - 1
+        picked = times if condition == "two" else [times[n]]
+        return {"times": picked, "threads_at_start": {"torch_threads": 2}, "threads_at_end": {"torch_threads": 1}}
+
+    monkeypatch.setattr(speed, "time_children", fake)
+    out = tmp_path / "sample_speed_cpu.json"
+    out.write_text(json.dumps({"benchmark": "sample_speed", "rows": [{"model": "base"}]}))
+    speed.main(["--busy", "--out", str(out)])
+    # quiet runs alternating, so that drift falls on all settings; one thread is timed quiet only
+    assert calls[:9] == [("toolkit", "quiet"), ("torch", "quiet"), ("one-thread", "quiet")] * 3
+    assert ("one-thread", "busy") not in calls and len(calls) == 15
+    result = json.loads(out.read_text())
+    assert result["rows"] == [{"model": "base"}]
+    busy = result["busy"]
+    rows = busy["rows"]
+    assert rows["toolkit"]["quiet"]["s_per_image"] == 0.45 and rows["torch"]["quiet"]["s_per_image"] == 0.4
+    assert rows["toolkit"]["two"]["s_per_image"] == 0.8 and rows["toolkit"]["two"]["vs_quiet"] == round(0.8 / 0.45, 3)
+    assert rows["torch"]["busy-session"]["vs_quiet"] == 35.0 and rows["toolkit"]["busy"]["vs_torch_quiet"] == 1.75
+    assert busy["toolkit_quiet_vs_torch_quiet"] == 1.125 and busy["steps"] == 25 and busy["repeats"] == 2
+    assert rows["one-thread"] == {"quiet": {**rows["one-thread"]["quiet"], "s_per_image": 0.75, "vs_quiet": 1.0}}
+    assert "toolkit quiet / torch quiet: 1.12" in capsys.readouterr().out
+
+
 def test_train_speed_trains_a_variant_in_a_process_of_its_own(tmp_path):
     """One variant through the real worker process (a fresh Python: the slow part, so one only)."""
     out = tmp_path / "results" / "train_speed.json"

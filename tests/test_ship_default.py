@@ -131,7 +131,8 @@ def test_ships_the_locator_alone_with_both_training_stages_and_locate_loads_it(t
     first, second = tmp_path / "loc", tmp_path / "loc-dpo"
     Locator(config, torch.randn(2, 8)).save_pretrained(first)
     Locator(config, torch.randn(2, 8)).save_pretrained(second)
-    for folder, stage in ((first, {"dpo": False, "init_from": None}), (second, {"dpo": True, "init_from": str(first)})):
+    stages = ((first, {"dpo": False, "init_from": None}), (second, {"dpo": True, "init_from": str(first)}))
+    for folder, stage in stages:
         (folder / "train").mkdir()
         (folder / "train" / "config.json").write_text(json.dumps({"out": str(folder), **stage}))
     (second / "eval.json").write_text(json.dumps({"top1_plausible": 0.5}))

@@ -12,9 +12,10 @@ MAX_SIDE = 1024  # --image: the insertion samples at the image's size
 
 HELP = """\
 Insert an object labelled --label into --image: in --box x0,y0,x1,y1 (image fractions) if given, else in the
-most likely of --n boxes the location model (--locator, default: the shipped one) samples. The SpatialLock model (--model) draws it by
-masked latent blending (the input image, re-noised, replaces the latents outside the box at every step), then
-the input's own pixels are put back outside the box (blended over --feather pixels). Prints the box used.
+most likely of --n boxes the location model (--locator, default: the shipped one) samples. The SpatialLock
+model (--model) draws it by masked latent blending (the input image, re-noised, replaces the latents outside the
+box at every step), then the input's own pixels are put back outside the box (blended over --feather pixels).
+Prints the box used.
 
 examples:
   spatiallock insert --image examples/scene.png --label "red circle" --out out.png

@@ -42,6 +42,7 @@ from spatiallock.pipelines.extensions.layout_init import LayoutInit
 from spatiallock.pipelines.extensions.perception import CandidateSelection, PerceptionGuidance
 from spatiallock.pipelines.loading import folder_kind, load_adapter, sampling_scheduler
 from spatiallock.pipelines.protocol import DIFFUSION
+from spatiallock.threads import adapt_threads
 
 
 @dataclass
@@ -354,6 +355,8 @@ class SpatialLockPipeline(DiffusionPipeline):
         # 3. denoising
         with self.progress_bar(total=len(call.timesteps)) as progress:
             for i, t in enumerate(call.timesteps):
+                if device.type == "cpu":
+                    adapt_threads()  # fewer threads while other processes take cores (spatiallock.threads)
                 for extension in extensions:
                     extension.before_step(self, call, i, t)
                 c = call.conditioning
