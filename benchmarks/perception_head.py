@@ -13,6 +13,16 @@ scored both against what is in the image and against what was asked, to see whet
 request instead of the image).
 
     python benchmarks/perception_head.py --limit 300 --timesteps 0 100 250 400 600 800 --grounding own none other
+
+The leak test (`--leak N`, `spatiallock.evaluation.leak`): on N images the model generates from the first N
+layouts, every perception part is scored against the layouts the images were made from and against a shuffled
+layout (another image's), each told to the part: the model's PoG head at --leak-timestep (reading what its
+perception input reads: the grounded U-Net's features on the noised latents, or, `rendered`, the U-Net's without
+grounding), the evaluation detector, and each --leak-detector NAME=DET. A part that reports the layout it is told
+scores the shuffled layouts as well as the real ones. Writes the `leak` entries into the results file, its other
+entries kept:
+
+    python benchmarks/perception_head.py --leak 300 --leak-detector reward=runs/det-reward
 """
 
 from __future__ import annotations
@@ -56,6 +66,86 @@ def head_detections(pipe, layouts, latents, t: int, seed: int, batch: int) -> li
     return found
 
 
+def encode(pipe, images) -> torch.Tensor:
+    processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor)
+    with torch.no_grad():
+        pixels = processor.preprocess(images, height=pipe.native_size, width=pipe.native_size)
+        return torch.cat([
+            pipe.vae.encode(pixels[i : i + 64]).latent_dist.mean for i in range(0, len(pixels), 64)
+        ]) * pipe.vae.config.scaling_factor  # fmt: skip
+
+
+def head_part(pipe, t: int, seed: int, batch: int, class_ids: torch.Tensor):
+    """The model's PoG head as a perception part: told the layout when it reads the grounded U-Net."""
+    from spatiallock.models.perception import rendered_features
+
+    head = pipe.adapter.perception
+    rendered = pipe.adapter.config.perception_input == "rendered"
+
+    def part(images, layouts) -> list[dict]:
+        latents = encode(pipe, images)
+        if rendered:
+            found = []
+            with torch.no_grad():
+                for start in range(0, len(images), batch):
+                    chunk = layouts[start : start + batch]
+                    made = pipe.condition(chunk, guided=False, ground_unconditional=False,
+                                          latent_size=tuple(latents.shape[-2:]), device=latents.device)  # fmt: skip
+                    features = rendered_features(pipe.unet, latents[start : start + batch], made.states,
+                                                 made.caption_mask)  # fmt: skip
+                    found += head.detect([f.float() for f in features], score_threshold=0.05)
+        else:
+            found = head_detections(pipe, layouts, latents, t, seed, batch)
+        for f in found:
+            f["labels"] = class_ids[f["labels"]]
+        return found
+
+    return part
+
+
+def leak_run(args, pipe) -> int:
+    """--leak: the leak entries of every perception part on images the model generates, into the results file."""
+    from spatiallock.evaluation.leak import detector_part, leak_score
+    from spatiallock.sampling.options import SamplingOptions
+    from spatiallock.sampling.run import sample
+
+    layouts = read_layouts(args.layouts)[: args.leak]
+    categories = json.loads(Path(args.layouts).read_text())["categories"]
+    category_of = {c["name"]: c["id"] for c in categories}
+    class_ids = torch.tensor([category_of[name] for name in pipe.adapter.config.class_names])
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(layouts), desc="generating", unit="img") as progress:
+        images, _, seconds = sample(pipe, layouts, SamplingOptions(seed=args.seed), progress=progress)
+    print(f"generated {len(images)} images ({seconds:.2f} s/image)", flush=True)
+    perception_input = pipe.adapter.config.perception_input
+    parts = [(f"pog-head ({perception_input}, t={args.leak_timestep})", head_part(pipe, args.leak_timestep,
+              args.seed, args.batch_size, class_ids), True)]  # fmt: skip
+    parts.append(("evaluation detector", detector_part(Detector.from_pretrained(resolve_detector(args.detector))),
+                  True))  # fmt: skip
+    for text in args.leak_detector:
+        name, _, folder = text.partition("=")
+        parts.append((name, detector_part(Detector.from_pretrained(resolve_detector(folder))), False))
+    entries = []
+    for component, part, default in parts:
+        score = leak_score(part, images, layouts, categories, component, default, seed=args.seed)
+        entries.append(score.as_dict())
+        print(f"  {component:32s} AP requested {score.ap_requested:.4f}  shuffled {score.ap_shuffled:.4f}"
+              + ("  LEAKS" if score.leaks else ""), flush=True)  # fmt: skip
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result["leak"] = entries
+    result["leak_setting"] = {
+        "images": len(images), "layouts": args.layouts, "seed": args.seed, "model": args.model,
+        "adapter": args.adapter or "the model's own", "timestep": args.leak_timestep,
+        "command": "python benchmarks/perception_head.py " + " ".join(args.argv),
+    }  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -68,12 +158,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grounding", nargs="+", default=["own"], choices=["own", "none", "other"])
     parser.add_argument("--detector", default="default", help="detector scored on the real images (default: shipped)")
     parser.add_argument("--out", default=str(RESULTS / "perception_head.json"))
+    parser.add_argument("--leak", type=int, default=0, metavar="N", help="the leak test on N generated images")
+    parser.add_argument("--leak-timestep", type=int, default=250, help="--leak: the PoG head's timestep")
+    parser.add_argument(
+        "--leak-detector", action="append", default=[], metavar="NAME=DET", help="--leak: one more detector"
+    )
     args = parser.parse_args(argv)
+    args.argv = argv if argv is not None else sys.argv[1:]
 
     pipe = load_pipeline(args.model, args.adapter, device="cpu")
     if pipe.adapter is None or pipe.adapter.perception is None:
         print("the adapter has no PoG head", file=sys.stderr)
         return 2
+    if args.leak:
+        pipe.set_progress_bar_config(disable=True)
+        return leak_run(args, pipe)
     layouts = read_layouts(args.layouts)[: args.limit]
     paths = real_image_paths(args.layouts, layouts)
     images = load_real_images(paths)
@@ -89,12 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     category_of = {c["name"]: c["id"] for c in instances["categories"]}
     class_ids = torch.tensor([category_of[name] for name in pipe.adapter.config.class_names])
 
-    processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor)
-    with torch.no_grad():
-        pixels = processor.preprocess(images, height=pipe.native_size, width=pipe.native_size)
-        latents = torch.cat([
-            pipe.vae.encode(pixels[i : i + 64]).latent_dist.mean for i in range(0, len(pixels), 64)
-        ]) * pipe.vae.config.scaling_factor  # fmt: skip
+    latents = encode(pipe, images)
 
     detector = Detector.from_pretrained(resolve_detector(args.detector))
     ceiling = coco_ap(instances, to_coco_results(detector.detect(images), image_ids, [sizes[i] for i in image_ids]))

@@ -311,6 +311,25 @@ def test_perception_head_scores_the_head_at_each_timestep_and_grounding(model, t
     assert result["command"].startswith("python benchmarks/perception_head.py --model")
 
 
+def test_perception_head_leak_scores_every_part_and_keeps_the_rows(model, tiny_shapes, detector, tmp_path, capsys):
+    out = tmp_path / "perception_head.json"
+    out.write_text(json.dumps({"rows": [{"grounding": "own", "timestep": 0, "ap": 0.5}]}))
+    argv = ["--model", str(model), "--layouts", str(tiny_shapes / "instances_val.json"), "--leak", "3",
+            "--leak-timestep", "100", "--detector", str(detector), "--leak-detector", f"other={detector}",
+            "--out", str(out)]  # fmt: skip
+    assert script("perception_head").main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["rows"] == [{"grounding": "own", "timestep": 0, "ap": 0.5}]  # kept
+    components = [entry["component"] for entry in result["leak"]]
+    assert components == ["pog-head (grounded, t=100)", "evaluation detector", "other"]
+    assert [entry["used_by_default"] for entry in result["leak"]] == [True, True, False]
+    for entry in result["leak"]:
+        assert_share(entry["ap_requested"])
+        assert_share(entry["ap_shuffled"])
+    assert result["leak_setting"]["images"] == 3 and result["leak_setting"]["timestep"] == 100
+    assert "AP requested" in capsys.readouterr().out
+
+
 # ---- the speed benchmarks: the smallest runs their options allow -------------------------------------------------
 
 
