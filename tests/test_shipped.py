@@ -159,3 +159,15 @@ def test_locate_and_insert_work_out_of_the_box(tmp_path, capsys):
     assert "inserted 'red circle' at" in capsys.readouterr().out
     before, after = Image.open(scene).convert("RGB"), Image.open(out).convert("RGB")
     assert after.size == before.size and after.tobytes() != before.tobytes()
+
+
+def test_training_takes_default_for_the_shipped_base(tiny_shapes, tmp_path, one_thread):
+    """`train adapter --base default` and `train decoder --base default` train on the shipped small base."""
+    from spatiallock.cli import main
+
+    common = ["--data", str(tiny_shapes), "--batch-size", "2", "--max-steps", "1", "--no-progress"]
+    assert main(["train", "adapter", "--base", "default", "--out", str(tmp_path / "adapter"), *common]) == 0
+    recorded = json.loads((tmp_path / "adapter" / "train" / "config.json").read_text())
+    assert Path(recorded["base"]) == default_model_path()
+    assert main(["train", "decoder", "--base", "default", "--out", str(tmp_path / "decoder"), *common]) == 0
+    assert (tmp_path / "decoder" / "model_index.json").is_file()

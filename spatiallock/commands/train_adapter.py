@@ -58,11 +58,13 @@ def add_recipe_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_adapter(args: argparse.Namespace) -> int:
+    from spatiallock.shipped import resolve_model
     from spatiallock.training.adapter import AdapterTrainConfig, train_adapter
 
     recipe = {spec.name: getattr(args, spec.name) for spec in recipe_options()}
     loop = loop_config(args, args.max_steps, args.batch_size, args.lr, warmup=50)
-    result = train_adapter(AdapterTrainConfig(base=args.base, data=args.data, out=args.out, loop=loop, **recipe))
+    base = resolve_model(args.base) if args.base == "default" else args.base  # the shipped small base
+    result = train_adapter(AdapterTrainConfig(base=base, data=args.data, out=args.out, loop=loop, **recipe))
     message = f"adapter written to {args.out} ({result.step} steps, last losses {result.last_losses})"
     return exit_code(result, message)
 
@@ -73,7 +75,7 @@ def register(sub) -> None:
         "adapter", help="train a SpatialLock or GLIGEN-style adapter", description=ADAPTER_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    adapter.add_argument("--base", required=True, metavar="MODEL", help="base model folder or hub id")
+    adapter.add_argument("--base", required=True, metavar="MODEL", help="base model folder, hub id or default")
     adapter.add_argument("--data", required=True, metavar="DIR", help="COCO-format layout folder")
     adapter.add_argument("--out", required=True, metavar="ADAPTER", help="adapter folder to write")
     add_recipe_options(adapter)

@@ -20,11 +20,13 @@ example:
 
 
 def run_decoder(args: argparse.Namespace) -> int:
+    from spatiallock.shipped import resolve_model
     from spatiallock.training.decoder import DecoderTrainConfig, train_decoder
 
     check_resolution("--resolution", args.resolution)
+    base = resolve_model(args.base) if args.base == "default" else args.base  # the shipped small base
     config = DecoderTrainConfig(
-        base=args.base, data=args.data, out=args.out, resolution=args.resolution, split=args.split,
+        base=base, data=args.data, out=args.out, resolution=args.resolution, split=args.split,
         mixed_precision=args.mixed_precision,
         loop=loop_config(args, args.max_steps, args.batch_size, args.lr, warmup=50),
     )  # fmt: skip
