@@ -94,25 +94,21 @@ def place_and_insert(args: argparse.Namespace, scene: Path, pipe, detector, out:
     import torch
     from torchvision.ops import box_iou
 
-    from spatiallock.commands.locate import load_locator
+    from spatiallock.commands.locate import load_locator, sample_boxes
     from spatiallock.data.draw import draw_boxes
     from spatiallock.files import read_image_option, save_image_atomic
     from spatiallock.location.insert import insert_object
-    from spatiallock.location.locator import load_background
 
     locator = load_locator(args.locator, "--locator")
     labels = locator.label_index([args.label] * PLACES, what="--label")
-    pixels = load_background(scene, locator.config.image_size, "--scene").to(locator.device)
-    boxes, scores = locator.sample(pixels.expand(PLACES, -1, -1, -1), labels, torch.Generator().manual_seed(args.seed))
-    order = scores.argsort(descending=True).tolist()
+    found = sample_boxes(locator, scene, labels, args.seed, option="--scene")
     image = read_image_option(scene, "--scene")
-    save_image_atomic(draw_boxes(image, [args.label] * PLACES, [boxes[i].tolist() for i in order]),
-                      out / "scene_locate.png")  # fmt: skip
-    best = boxes[order[0]]
+    save_image_atomic(draw_boxes(image, [args.label] * PLACES, [box for box, _ in found]), out / "scene_locate.png")
+    best = torch.tensor(found[0][0])
     print(f"{scene.name}: where a {args.label!r} could go (best first, log-probability):")
-    for i in order:
-        print(f"  box {[round(v, 2) for v in boxes[i].tolist()]}  log p {float(scores[i]):.2f}")
-    inserted = insert_object(pipe, image, tuple(best.tolist()), args.label, num_inference_steps=args.steps,
+    for box, score in found:
+        print(f"  box {[round(v, 2) for v in box]}  log p {score:.2f}")
+    inserted = insert_object(pipe, image, tuple(found[0][0]), args.label, num_inference_steps=args.steps,
                              generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
     save_image_atomic(inserted, out / "scene_insert.png")
     (found,) = detector.detect([inserted])

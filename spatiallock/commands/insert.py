@@ -27,11 +27,10 @@ examples:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from spatiallock.commands.locate import MAX_BOXES, load_locator, parse_box
+    from spatiallock.commands.locate import MAX_BOXES, load_locator, parse_box, sample_boxes
     from spatiallock.files import atomic_output, read_image_option, writable_folder
     from spatiallock.layout import quoted
     from spatiallock.location.insert import insert_object
-    from spatiallock.location.locator import load_background
     from spatiallock.pipelines.protocol import DIFFUSION
     from spatiallock.sampling import load_pipeline
     from spatiallock.sampling.options import BY_NAME
@@ -59,10 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if box is None:
         locator = load_locator(args.locator, "--locator")
         labels = locator.label_index([args.label] * args.n, what="--label")
-        pixels = load_background(args.image, locator.config.image_size, "--image").to(locator.device)
-        generator = torch.Generator().manual_seed(args.seed)
-        boxes, scores = locator.sample(pixels.expand(args.n, -1, -1, -1), labels, generator)
-        box = tuple(boxes[int(scores.argmax())].tolist())
+        box = tuple(sample_boxes(locator, args.image, labels, args.seed)[0][0])  # the most likely
     if pipe.adapter is None:
         raise SpatialLockError("--adapter none: insertion needs a SpatialLock adapter to place the object")
     known = pipe.adapter.config.class_names

@@ -51,11 +51,21 @@ def load_locator(model: str, option: str = "--model"):
     return Locator.from_pretrained(folder)
 
 
-def run(args: argparse.Namespace) -> int:
+def sample_boxes(locator, image, labels, seed: int, region=None, option: str = "--image") -> list[tuple[list, float]]:
+    """Boxes for a new object in the image file `image`, one per entry of `labels` (`locator.label_index`), with
+    their log-probabilities, most likely first."""
     import torch
 
-    from spatiallock.files import writable_folder
     from spatiallock.location.locator import load_background
+
+    pixels = load_background(image, locator.config.image_size, option).to(locator.device)
+    generator = torch.Generator().manual_seed(seed)
+    boxes, scores = locator.sample(pixels.expand(len(labels), -1, -1, -1), labels, generator, region=region)
+    return [(boxes[i].tolist(), float(scores[i])) for i in scores.argsort(descending=True).tolist()]
+
+
+def run(args: argparse.Namespace) -> int:
+    from spatiallock.files import writable_folder
     from spatiallock.sampling.options import BY_NAME
 
     if not 1 <= args.n <= MAX_BOXES:
@@ -73,11 +83,7 @@ def run(args: argparse.Namespace) -> int:
         bins = locator.config.bins
         if (region[2] - region[0]) * bins < 2 or (region[3] - region[1]) * bins < 2:
             raise SpatialLockError(f"--region: {args.region} has no room for a box (under 2/{bins} of the image)")
-    pixels = load_background(args.image, locator.config.image_size, "--image").to(locator.device)
-    generator = torch.Generator().manual_seed(args.seed)
-    boxes, scores = locator.sample(pixels.expand(args.n, -1, -1, -1), labels, generator, region=region)
-    order = scores.argsort(descending=True)
-    found = [(boxes[i].tolist(), float(scores[i])) for i in order.tolist()]
+    found = sample_boxes(locator, args.image, labels, args.seed, region)
     if out is not None:
         from spatiallock.data.draw import draw_boxes
         from spatiallock.files import atomic_output, read_image_option
