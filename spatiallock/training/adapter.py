@@ -16,6 +16,7 @@ from spatiallock.base.text import PhraseCache, encode_captions, phrase_dim
 from spatiallock.checkpoint import atomic_save_pretrained
 from spatiallock.data.coco import collate_layouts
 from spatiallock.errors import SpatialLockError, first_line
+from spatiallock.evaluation.reward import DetectionReward, ImageJudge
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.models.grounding import GATES
 from spatiallock.training.common import drop, latents_of, noisy_inputs, start_training
@@ -89,6 +90,20 @@ def warm_start(adapter: SpatialLockAdapter, source: str) -> tuple[int, int]:
     return len(taken), len(own) - len(taken)
 
 
+def load_reward(config: AdapterTrainConfig, class_names: list[str], device) -> DetectionReward | None:
+    """The frozen image-only reward of `--reward-detector` for data of `class_names`, or None; refusals in one
+    line naming the option."""
+    if config.reward_detector is None:
+        return None
+    from spatiallock.shipped import resolve_detector
+
+    try:
+        judge = ImageJudge.from_pretrained(resolve_detector(config.reward_detector), device)
+    except SpatialLockError as err:
+        raise SpatialLockError(f"--reward-detector: {str(err).partition(': ')[2]}") from None
+    return DetectionReward(judge, judge.class_map(class_names, "--reward-detector"), config.reward_timesteps)
+
+
 def native_resolution(base: BaseModel) -> int:
     factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
     return base.unet.config.sample_size * factor
@@ -119,6 +134,7 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
     if config.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     base.to(accelerator.device)
+    reward = load_reward(config, dataset.categories, accelerator.device)
     phrases = PhraseCache(base.text_encoder, base.tokenizer)
     run.record_config()
 
@@ -140,7 +156,15 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
             perception_rows=None if config.perception_timesteps is None else steps < config.perception_timesteps,
             scheduler=base.scheduler,
         )  # fmt: skip
-        return {"loss": output.loss, **output.losses}
+        losses = {"loss": output.loss, **output.losses}
+        if reward is not None:  # only the images whose layout the adapter was told
+            told = grounding.sum(dim=1) > 0
+            losses["reward"] = reward(
+                base.vae, base.scheduler, noisy[told], steps[told], output.sample[told], batch["boxes"][told.cpu()],
+                batch["category_ids"][told.cpu()], objects[told],
+            )  # fmt: skip
+            losses["loss"] = losses["loss"] + config.reward_weight * losses["reward"]
+        return losses
 
     def log_extra() -> dict:
         return {"weights": adapter.weighting.weights()}

@@ -217,6 +217,25 @@ class AdapterRecipe:
         allowed=Interval(0, open_low=True, whole=True),
         metavar="N",
     )
+    reward_detector: str | None = setting(
+        None,
+        "fine-tune with an image-only detection reward: this frozen detector folder (`train detector`, trained on "
+        "real images; not the one you evaluate with) scores the decoded clean estimate of the adapter's prediction "
+        "against the image's boxes, and `loss = diffusion + s * detection` (--reward-weight) on the images noised at "
+        "most to --reward-timesteps; unlike the PoG head it sees only what was drawn, never the layout (default: "
+        "off)",
+        metavar="DET",
+    )
+    reward_weight: float = setting(
+        0.5, "s, the detection reward's weight (default: 0.5)", allowed=Interval(0.0, open_low=True), metavar="S"
+    )
+    reward_timesteps: int = setting(
+        200,
+        "the reward only on the images noised at a timestep of at most T of 1000, where the one-step clean estimate "
+        "is sharp (default: 200, ControlNet++'s)",
+        allowed=Interval(0, 999, whole=True),
+        metavar="T",
+    )
     # no option: the defaults of every run
     caption_dropout: float = setting(0.1, None, allowed=Interval(0.0, 1.0))
     layout_dropout: float = setting(0.1, None, allowed=Interval(0.0, 1.0))
