@@ -49,7 +49,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from spatiallock.commands.options import check_out_folder, make_out_folder
+    from spatiallock.commands.options import check_out_folder, make_out_folder, set_judge
     from spatiallock.evaluation.detector import Detector
     from spatiallock.evaluation.scoring import category_ids, evaluate_pipeline, layout_picture
     from spatiallock.files import save_image_atomic, write_json_atomic
@@ -80,6 +80,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if not real:
             raise SpatialLockError("--fid-weights: FID needs real images of the domain (--real)")
     pipe = sampling.load_pipeline(args.model, args.adapter, options.dtype, options.scheduler)
+    set_judge(pipe, options)
     options.check_for(pipe, layouts)
     detector.to(pipe.device)
     total = len(layouts) * args.per_layout

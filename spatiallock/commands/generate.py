@@ -70,7 +70,7 @@ examples:
 def run_generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from spatiallock.commands.options import check_out_folder, make_out_folder
+    from spatiallock.commands.options import check_out_folder, make_out_folder, set_judge
     from spatiallock.data.draw import draw_boxes, grid
     from spatiallock.files import save_image_atomic
     from spatiallock.layout import read_layouts
@@ -93,6 +93,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if target.exists() and not target.is_file():
             raise SpatialLockError(f"--out: {target} exists and is not a file")
     pipe = sampling.load_pipeline(args.model, args.adapter, options.dtype, options.scheduler)
+    set_judge(pipe, options)
     options.check_for(pipe, layouts)
     if args.save_masks and pipe.kind != LAYOUT_GAN:
         raise SpatialLockError(f"--save-masks: only a LAMA model draws semantic masks; {args.model} is not one")
@@ -242,7 +243,7 @@ def run_generate_dataset(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from spatiallock.commands.options import check_out_folder
+    from spatiallock.commands.options import check_out_folder, set_judge
     from spatiallock.files import read_json, save_image_atomic, write_json_atomic
     from spatiallock.layout import is_coco_instances, read_layouts
     from spatiallock.sampling import run as sampling
@@ -279,6 +280,7 @@ def run_generate_dataset(args: argparse.Namespace) -> int:
             )
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes join too (`accelerate launch --cpu`)
     pipe = sampling.load_pipeline(args.model, args.adapter, options.dtype, options.scheduler, state.device)
+    set_judge(pipe, options)
     options.check_for(pipe, layouts)
     size = args.size or pipe.native_size
     if state.is_main_process:

@@ -45,3 +45,16 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     add_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def set_judge(pipe, options) -> None:
+    """Give `pipe` the image-only judge of `--judge` (a detector folder), if any; refusals name the option."""
+    if getattr(options, "judge", None) is None:
+        return
+    from spatiallock.evaluation.reward import ImageJudge
+    from spatiallock.shipped import resolve_detector
+
+    try:
+        pipe.set_judge(ImageJudge.from_pretrained(resolve_detector(options.judge)))
+    except SpatialLockError as err:
+        raise SpatialLockError(f"--judge: {str(err).partition(': ')[2]}") from None

@@ -78,9 +78,18 @@ class SpatialLockPipeline(DiffusionPipeline):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._phrases: PhraseCache | None = None
+        self.judge = None
         self.set_adapter(adapter)
 
     # ---- building and saving -----------------------------------------------------------------------------
+
+    def set_judge(self, judge) -> None:
+        """Score candidates and guide perception with `judge` (a frozen image-only detector, e.g.
+        `evaluation.reward.ImageJudge`) on the decoded clean estimate instead of the adapter's PoG head; None goes
+        back to the head. Not saved with the pipeline."""
+        if judge is not None:
+            judge = judge.to(self.unet.device).eval().requires_grad_(False)
+        self.judge = judge
 
     def set_adapter(self, adapter: SpatialLockAdapter | None) -> None:
         """Attach `adapter` to the U-Net (checked first), replacing any other; None detaches."""

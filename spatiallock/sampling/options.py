@@ -185,6 +185,15 @@ OPTIONS: tuple[Option, ...] = (
         active="perception_guidance_steps",
     ),  # fmt: skip
     Option(
+        "judge",
+        str,
+        None,
+        "score --candidates and steer --perception-guidance-steps with this frozen detector folder (`train "
+        "detector`; not the one you evaluate with) on the image each step's clean estimate decodes to, instead of "
+        "the adapter's PoG head: it sees only what was drawn, never the layout (default: the PoG head)",
+        "DET",
+    ),  # fmt: skip
+    Option(
         "size",
         int,
         None,

@@ -1,9 +1,17 @@
-"""Perception at sampling time: the adapter's PoG head (seed 000's detector on the U-Net's features) used to
-guide the latents (`PerceptionGuidance`) or to pick the best of several candidates (`CandidateSelection`).
+"""Perception at sampling time: the adapter's PoG head (seed 000's detector on the U-Net's features), or an
+image-only judge, used to guide the latents (`PerceptionGuidance`) or to pick the best of several candidates
+(`CandidateSelection`).
 
-Both score the requested layout against what the head finds: in the features of the step's U-Net call
-(`perception_input` "grounded"), or in those of the clean latents the step's prediction implies, seen without
-the layout ("rendered": one down pass more). The functions here take the pipeline as their first argument.
+Both score the requested layout against what is found. With the PoG head: in the features of the step's U-Net
+call (`perception_input` "grounded"), or in those of the clean latents the step's prediction implies, seen without
+the layout ("rendered": one down pass more). With a judge (`SpatialLockPipeline.set_judge`: a frozen detector
+that sees pixels only, `evaluation.reward.ImageJudge`): in the image the step's clean estimate decodes to, so that
+the score says what was drawn, never what was asked (the PoG head on grounded features leaks the layout: see
+`evaluation.leak`). The functions here take the pipeline as their first argument.
+
+A judge is any module with `targets(layouts) -> (boxes, labels, masks)`, `score(images, boxes, labels, masks)
+-> (B,)` (lower is better) and `loss(images, boxes, labels, masks, per_image=True) -> (B,)` differentiable in the
+images, (B, 3, H, W) in [0, 1].
 """
 
 from __future__ import annotations
@@ -65,6 +73,36 @@ def predicted_clean(pipe, model_input: torch.Tensor, t, prediction: torch.Tensor
     return clean_from_prediction(alphas, model_input, steps, prediction, pipe.scheduler.config.prediction_type)
 
 
+def decoded_clean(pipe, clean: torch.Tensor) -> torch.Tensor:
+    """Clean latents decoded to images (B, 3, H, W) in [0, 1], float: what a judge sees. Differentiable."""
+    pixels = pipe.vae.decode(clean.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return ((pixels.float() + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def judge_candidates(pipe, model_input, t, noise, layouts: Sequence[Layout]) -> torch.Tensor:
+    """Each row's score by the pipeline's judge (lower is better) on the image its step's prediction implies."""
+    images = decoded_clean(pipe, predicted_clean(pipe, model_input, t, noise))
+    return pipe.judge.score(images, *pipe.judge.targets(layouts))
+
+
+def judge_guidance(pipe, latents, t, states, caption_mask, grounding, layouts, scale: float):
+    """`latents` moved by `scale` (root mean square per image) down the gradient of the judge's detection loss on
+    the image their clean estimate decodes to, the U-Net's prediction held fixed (x_t moves with x0 by a positive
+    factor); each image's move depends on that image alone."""
+    model_input = pipe.scheduler.scale_model_input(latents, t)
+    with torch.no_grad():
+        prediction = pipe.predict(model_input, t, states, caption_mask, grounding)
+        clean = predicted_clean(pipe, model_input, t, prediction)
+    targets = [x.to(latents.device) for x in pipe.judge.targets(layouts)]
+    with torch.enable_grad():
+        x = clean.detach().requires_grad_(True)
+        loss = pipe.judge.loss(decoded_clean(pipe, x), *targets, per_image=True).sum()
+        (grad,) = torch.autograd.grad(loss, x)
+    rms = grad.float().pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp(min=1e-12)
+    return (latents - scale * (grad.float() / rms).to(latents.dtype)).detach()
+
+
 def candidate_features(pipe, tapped, model_input, t, noise, states, caption_mask) -> list[torch.Tensor]:
     """What the PoG head scores candidates from: the features tapped from this step's call (`grounded`), or the
     features of the clean latents the step's guided prediction implies, seen without the layout (`rendered`)."""
@@ -116,6 +154,14 @@ def perception_guidance(pipe, latents, t, states, caption_mask, grounding, layou
 
 def check_perception(pipe, layouts: Sequence[Layout], option: str) -> None:
     """Refuse, in one line naming `option`, perception this pipeline cannot do for these layouts."""
+    if getattr(pipe, "judge", None) is not None:
+        known = pipe.judge.names
+        if not any(label in known for layout in layouts for label in layout.labels):
+            raise SpatialLockError(
+                f"{option}: no label of the layouts is one of the judge's classes ({', '.join(list(known)[:8])}, "
+                "...): nothing to score them by"
+            )
+        return
     if pipe.adapter is None or pipe.adapter.perception is None:
         raise SpatialLockError(
             f"{option}: needs an adapter with a PoG perception head (variant spatiallock or poi-pog)"
@@ -162,8 +208,10 @@ def select_scheduler_rows(scheduler, keep: torch.Tensor, rows: int) -> None:
 class PerceptionGuidance(Extension):
     """For the first `perception_guidance_steps` steps, move the latents down the gradient of the PoG head's
     detection loss against the requested layout (`perception_guidance`) before the U-Net call; the head reads the
-    down blocks only, so the backward pass stops there. `perception_guidance_scale`: the size of each move in
-    latent units (the gradient normalised per image to a root mean square of 1)."""
+    down blocks only, so the backward pass stops there. With the pipeline's judge set, the judge's detection loss
+    on the decoded clean estimate instead (`judge_guidance`: the backward pass through the decoder only).
+    `perception_guidance_scale`: the size of each move in latent units (the gradient normalised per image to a
+    root mean square of 1)."""
 
     arguments = {"perception_guidance_steps": 0, "perception_guidance_scale": 0.1}
 
@@ -193,17 +241,17 @@ class PerceptionGuidance(Extension):
         if i < self.steps:
             c = call.conditioning
             grounding = call.grounding_at(i)
-            call.latents = perception_guidance(
-                pipe, call.latents, t, c.cond_states, c.cond_mask, grounding, call.rows, self.scale
-            )
+            guide = perception_guidance if getattr(pipe, "judge", None) is None else judge_guidance
+            call.latents = guide(pipe, call.latents, t, c.cond_states, c.cond_mask, grounding, call.rows, self.scale)
 
 
 class CandidateSelection(Extension):
     """Sample `candidates` candidates per image in one batch (each image's generator draws its candidates' noise
     one after another, so candidate 0 is the image without selection), score each with the adapter's PoG head
     against the requested layout after `select_at` of the steps (`score_candidates`, from that step's U-Net call,
-    no extra call) and finish only the best; the rest of the steps cost what one image costs. The pipeline's
-    `last_selection` keeps the scores and the choice."""
+    no extra call), or with the pipeline's judge on the image each candidate's clean estimate decodes to
+    (`judge_candidates`: one decoder call), and finish only the best; the rest of the steps cost what one image
+    costs. The pipeline's `last_selection` keeps the scores and the choice."""
 
     arguments = {"candidates": 1, "select_at": 0.3}
 
@@ -250,7 +298,8 @@ class CandidateSelection(Extension):
         self.select = min(max(1, round(self.select_at * steps)), steps - 1)
 
     def taps(self, pipe, call: SamplingCall, i: int) -> bool:
-        return i == self.select and pipe.adapter.config.perception_input != "rendered"
+        judged = getattr(pipe, "judge", None) is not None
+        return i == self.select and not judged and pipe.adapter.config.perception_input != "rendered"
 
     def score(self, pipe, features: list[torch.Tensor], layouts: Sequence[Layout]) -> torch.Tensor:
         """Each row's score (lower is better): `score_candidates`."""
@@ -260,9 +309,12 @@ class CandidateSelection(Extension):
         if i != self.select:
             return noise
         c, batch, k = call.conditioning, len(call.layouts), self.candidates
-        tapped = [f[c.cond_rows] for f in features]
-        found = candidate_features(pipe, tapped, model_input[c.cond_rows], t, noise, c.cond_states, c.cond_mask)
-        scores = self.score(pipe, found, call.rows).view(batch, k)
+        if getattr(pipe, "judge", None) is not None:
+            scores = judge_candidates(pipe, model_input[c.cond_rows], t, noise, call.rows).view(batch, k)
+        else:
+            tapped = [f[c.cond_rows] for f in features]
+            found = candidate_features(pipe, tapped, model_input[c.cond_rows], t, noise, c.cond_states, c.cond_mask)
+            scores = self.score(pipe, found, call.rows).view(batch, k)
         keep = (torch.arange(batch) * k + scores.argmin(dim=1).cpu()).to(call.latents.device)
         pipe.last_selection = {"scores": scores.cpu(), "kept": (keep % k).cpu()}
         call.latents, noise = call.latents[keep], noise[keep]
