@@ -37,6 +37,7 @@ from PIL import Image
 
 from spatiallock.baselines.lama import LamaPipeline, is_lama_folder, mask_picture, normalise
 from spatiallock.evaluation.detector import Detector
+from spatiallock.evaluation.reward import ImageJudge
 from spatiallock.evaluation.scoring import (
     DetectorFeatures,
     evaluate_pipeline,
@@ -60,6 +61,14 @@ def device_name() -> str:
     info = Path("/proc/cpuinfo")
     names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines() if "model name" in line]
     return f"{names[0] if names else platform.processor()} ({torch.get_num_threads()} threads), CPU"
+
+
+def second_opinion(second: Detector | None, images, layouts, folder: str | None) -> dict:
+    """`ap_second` (and the detector it is from) of `images` by the second evaluator, or nothing without one."""
+    if second is None:
+        return {}
+    scores, _, _ = score_images(second, images, layouts)
+    return {"ap_second": round(scores["ap"], 4), "second_detector": folder}
 
 
 def parse_row(text: str) -> tuple[str, str | None, dict]:
@@ -169,6 +178,12 @@ def main(argv: list[str] | None = None) -> None:
         "--report", action="append", default=[], metavar="NAME=REPORT.json",
         help="a `spatiallock evaluate` report (same layouts and detector) as row NAME; repeatable",
     )  # fmt: skip
+    parser.add_argument(
+        "--second-detector", metavar="DET",
+        help="a second evaluator (another architecture, trained on the real training images, used by nothing "
+        "else): each row computed also gets its AP as `ap_second`, so that a gain by a reward detector is not a "
+        "gain only in that detector's eyes",
+    )  # fmt: skip
     parser.add_argument("--no-base", action="store_true", help="skip the `base` row")
     parser.add_argument("--no-real", action="store_true", help="skip the `real-images` row")
     parser.add_argument("--limit", type=int, default=300, help="validation layouts used (default: 300)")
@@ -197,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     data = Path(args.data)
     layouts = read_layouts(data / "instances_val.json")[: args.limit]
     detector = Detector.from_pretrained(args.detector)
+    second = None if args.second_detector is None else Detector.from_pretrained(args.second_detector)
     real = load_real_images([data / "val" / layout.meta["file_name"] for layout in layouts])
     out = Path(args.out)
     common = {"layouts": len(layouts), "sampling_steps": args.steps, "guidance": args.guidance, "seed": args.seed}
@@ -207,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         scores, _, _ = score_images(detector, images, layouts)
         scores["fd"] = frechet_distance(reference, images, DetectorFeatures(detector))
         row = {"variant": name, **{k: round(v, 4) for k, v in scores.items()}, **common, "note": note}
+        row.update(second_opinion(second, images, layouts, args.second_detector))
         if name == "autoencoder":
             row["decoder"] = vae_fingerprint(Path(args.base))
         save_strip(images[: args.samples], layouts[: args.samples], name, samples_folder(out))
@@ -236,11 +253,13 @@ def main(argv: list[str] | None = None) -> None:
             lama_row(name, folder, options, layouts, detector, real, common, args)
             continue
         pipe.set_adapter(None if folder is None else load_adapter(folder))
+        pipe.set_judge(None if options.get("judge") is None else ImageJudge.from_pretrained(options["judge"]))
         sampling = SamplingOptions(seed=args.seed, steps=args.steps, guidance=args.guidance, **options)
         start = time.perf_counter()
         report, images, *_ = evaluate_pipeline(pipe, detector, layouts, sampling, 1, real)
         save_strip(images[: args.samples], layouts[: args.samples], name, samples_folder(out))
         row = {"variant": name, **{k: report[k] for k in METRICS}, "seconds_per_image": report["seconds_per_image"]}
+        row.update(second_opinion(second, images, layouts, args.second_detector))
         row.update(common, adapter=folder, options=options, decoder=decoder)
         if folder is not None:
             saved = Path(folder) / "train" / "config.json"
@@ -250,14 +269,17 @@ def main(argv: list[str] | None = None) -> None:
                 row["init_from"] = config["init_from"]
             row["recipe"] = adapter_recipe_of(pipe.adapter, config)
             row["sd_v1_4_ratio"] = round(sd_ratio(row["recipe"]), 4)
+            if config.get("reward_detector"):
+                row["reward"] = {k: config[k] for k in ("reward_detector", "reward_weight", "reward_timesteps")}
         write_row(out, row, args)
         print(f"{name}: {row}  ({time.perf_counter() - start:.0f} s)")
 
     result = json.loads(out.read_text())
-    header = f"{'variant':28s} " + " ".join(f"{m:>7s}" for m in METRICS) + "  s/image"
+    shown = (*METRICS, "ap_second")
+    header = f"{'variant':28s} " + " ".join(f"{m[:7]:>7s}" for m in shown) + "  s/image"
     print(header)
     for row in result["rows"]:
-        values = " ".join(f"{row[m]:7.3f}" if row.get(m) is not None else "    n/a" for m in METRICS)
+        values = " ".join(f"{row[m]:7.3f}" if row.get(m) is not None else "    n/a" for m in shown)
         print(f"{row['variant']:28s} {values}  {row.get('seconds_per_image', float('nan')):.3f}")
 
 

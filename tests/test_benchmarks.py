@@ -195,6 +195,55 @@ def test_synthetic_scores_every_kind_of_row_and_draws_its_figures(
     assert "wrote" in capsys.readouterr().out
 
 
+def test_synthetic_second_evaluator_and_judged_rows(tiny_small_base, tiny_shapes, detector, adapter, tmp_path):
+    """--second-detector: every row computed gets `ap_second` from that detector (on the same images: a copy of
+    the first detector agrees exactly); a row's `judge=DET` selects its candidates with that detector."""
+    import shutil
+
+    synthetic = script("synthetic")
+    out = tmp_path / "synthetic.json"
+    second = shutil.copytree(detector, tmp_path / "second")
+    argv = ["--data", str(tiny_shapes), "--base", str(tiny_small_base), "--detector", str(detector),
+            "--second-detector", str(second), "--no-real", "--no-base", "--row", f"plain={adapter}",
+            "--row", f"judged={adapter}:candidates=2:judge={second}", "--limit", "2", "--steps", "2",
+            "--samples", "1", "--out", str(out)]  # fmt: skip
+    synthetic.main(argv)
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["plain", "judged"]
+    for row in rows.values():  # the same weights as the first detector: the same AP
+        assert row["ap_second"] == row["ap"] and row["second_detector"] == str(second)
+    assert rows["judged"]["options"] == {"candidates": 2, "judge": str(second)}
+    synthetic.main([*argv[:6], "--no-real", "--no-base", "--row", f"plain={adapter}", "--limit", "2", "--steps", "2",
+                    "--samples", "1", "--out", str(tmp_path / "without.json")])  # fmt: skip
+    (row,) = json.loads((tmp_path / "without.json").read_text())["rows"]
+    assert "ap_second" not in row
+
+    # ap_second is the second detector's own verdict: one that finds every object scores 1, one that misses 0
+    from spatiallock.evaluation.detector import DetectorConfig
+    from spatiallock.layout import Layout
+
+    categories = [{"id": 1, "name": "red circle"}, {"id": 2, "name": "blue square"}]
+    layouts = [Layout("two", ("red circle", "blue square"), ((0.1, 0.1, 0.4, 0.4), (0.5, 0.5, 0.9, 0.9)))]
+
+    class Fixed:
+        config = DetectorConfig(categories=categories)
+
+        def __init__(self, boxes):
+            self.found = [{"boxes": torch.tensor(boxes), "labels": torch.tensor([1, 2]),
+                           "scores": torch.tensor([0.9, 0.9]), "names": ["red circle", "blue square"]}]  # fmt: skip
+
+        def detect(self, images):
+            return self.found
+
+    image = [Image.new("RGB", (64, 64))]
+    assert synthetic.second_opinion(Fixed(layouts[0].boxes), image, layouts, "s") == {
+        "ap_second": 1.0, "second_detector": "s"
+    }  # fmt: skip
+    missed = synthetic.second_opinion(Fixed(((0.6, 0.0, 0.9, 0.3), (0.0, 0.6, 0.3, 0.9))), image, layouts, "s")
+    assert missed["ap_second"] == 0.0
+    assert synthetic.second_opinion(None, image, layouts, None) == {}
+
+
 # ---- augmentation.py: detectors trained on real and generated images ------------------------------------------
 
 
