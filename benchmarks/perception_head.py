@@ -41,11 +41,15 @@ from spatiallock.evaluation.detector import Detector, coco_ap, to_coco_results
 from spatiallock.evaluation.scoring import load_real_images, real_image_paths
 from spatiallock.files import write_text_atomic
 from spatiallock.layout import read_layouts
+from spatiallock.models.perception import PERCEPTION_INPUTS
 from spatiallock.pipelines.extensions.perception import down_features
 from spatiallock.sampling import load_pipeline
 from spatiallock.shipped import resolve_detector
+from spatiallock.training.recipe import AdapterRecipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# what `train adapter` trains the PoG head on unless told otherwise: the head input used by default
+HEAD_INPUT_BY_DEFAULT = next(f.default for f in dataclasses.fields(AdapterRecipe) if f.name == "perception_input")
 
 
 @torch.no_grad()
@@ -75,12 +79,13 @@ def encode(pipe, images) -> torch.Tensor:
         ]) * pipe.vae.config.scaling_factor  # fmt: skip
 
 
-def head_part(pipe, t: int, seed: int, batch: int, class_ids: torch.Tensor):
-    """The model's PoG head as a perception part: told the layout when it reads the grounded U-Net."""
+def head_part(pipe, t: int, seed: int, batch: int, class_ids: torch.Tensor, perception_input: str | None = None):
+    """The model's PoG head as a perception part: told the layout when it reads the grounded U-Net.
+    `perception_input`: what it reads (default: what it was trained on, the adapter's config)."""
     from spatiallock.models.perception import rendered_features
 
     head = pipe.adapter.perception
-    rendered = pipe.adapter.config.perception_input == "rendered"
+    rendered = (perception_input or pipe.adapter.config.perception_input) == "rendered"
 
     def part(images, layouts) -> list[dict]:
         latents = encode(pipe, images)
@@ -118,9 +123,14 @@ def leak_run(args, pipe) -> int:
     with tqdm(total=len(layouts), desc="generating", unit="img") as progress:
         images, _, seconds = sample(pipe, layouts, SamplingOptions(seed=args.seed), progress=progress)
     print(f"generated {len(images)} images ({seconds:.2f} s/image)", flush=True)
-    perception_input = pipe.adapter.config.perception_input
-    parts = [(f"pog-head ({perception_input}, t={args.leak_timestep})", head_part(pipe, args.leak_timestep,
-              args.seed, args.batch_size, class_ids), True)]  # fmt: skip
+    trained_on = pipe.adapter.config.perception_input
+    parts = []
+    for perception_input in args.leak_head_input or [trained_on]:
+        name = f"pog-head ({perception_input}, t={args.leak_timestep})"
+        if perception_input != trained_on:
+            name = f"pog-head ({perception_input}; trained on {trained_on})"
+        part = head_part(pipe, args.leak_timestep, args.seed, args.batch_size, class_ids, perception_input)
+        parts.append((name, part, perception_input == HEAD_INPUT_BY_DEFAULT))
     parts.append(("evaluation detector", detector_part(Detector.from_pretrained(resolve_detector(args.detector))),
                   True))  # fmt: skip
     for text in args.leak_detector:
@@ -134,7 +144,9 @@ def leak_run(args, pipe) -> int:
               + ("  LEAKS" if score.leaks else ""), flush=True)  # fmt: skip
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
-    result["leak"] = entries
+    # entries of parts scored before and not now are kept (another model's head, another run's detector)
+    scored = {entry["component"] for entry in entries}
+    result["leak"] = [e for e in result.get("leak", []) if e["component"] not in scored] + entries
     result["leak_setting"] = {
         "images": len(images), "layouts": args.layouts, "seed": args.seed, "model": args.model,
         "adapter": args.adapter or "the model's own", "timestep": args.leak_timestep,
@@ -160,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "perception_head.json"))
     parser.add_argument("--leak", type=int, default=0, metavar="N", help="the leak test on N generated images")
     parser.add_argument("--leak-timestep", type=int, default=250, help="--leak: the PoG head's timestep")
+    parser.add_argument(
+        "--leak-head-input", action="append", choices=PERCEPTION_INPUTS,
+        help="--leak: what the PoG head reads, repeatable (default: what it was trained on)",
+    )  # fmt: skip
     parser.add_argument(
         "--leak-detector", action="append", default=[], metavar="NAME=DET", help="--leak: one more detector"
     )

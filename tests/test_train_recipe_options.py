@@ -115,9 +115,15 @@ def test_the_recipe_builds_what_the_adapter_records_and_like_carries(unet):
     options = AdapterRecipe().adapter_options(["a", "b"])
     assert set(options) - {"class_names"} <= set(RECIPE)  # `like` and `params --config-from` carry every one
     assert set(FEED_FORWARD_CHOICES.values()) == set(FEED_FORWARD)
-    # the default recipe is the adapter's own defaults: the same config.json, byte for byte
+    # the default recipe is the adapter's own defaults, the same config.json byte for byte, but for what the PoG
+    # head reads: `train adapter` trains it on what was drawn; the adapter's default stays the paper's grounded
+    # input, which adapters saved before the setting existed were trained on
+    assert options["perception_input"] == "rendered"
     plain = SpatialLockAdapter.from_unet(unet, "spatiallock", None, 24, 2, class_names=["a", "b"])
+    assert plain.config.perception_input == "grounded"
     built = SpatialLockAdapter.from_unet(unet, "spatiallock", None, 24, 2, **options)
+    plain = SpatialLockAdapter.from_unet(unet, "spatiallock", None, 24, 2, class_names=["a", "b"],
+                                         perception_input="rendered")  # fmt: skip
     assert built.to_json_string() == plain.to_json_string()
     lean = AdapterRecipe(box_attention=True, feed_forward="none", attention_width=0.5, loss_weights=(0.5, 0.5))
     config = SpatialLockAdapter.from_unet(unet, "spatiallock", "all", 24, 2, **lean.adapter_options("ab")).config
