@@ -266,3 +266,24 @@ def test_judge_on_the_command_line(tiny_small_base, tmp_path, capsys):
     assert not (tmp_path / "a").exists()
     assert main([*common, "--out", str(tmp_path / "b"), "--judge", str(tmp_path / "judge")]) == 0
     assert list((tmp_path / "b").glob("*.png"))
+
+
+def test_the_judges_score_is_one_minus_iou_times_score_of_the_right_class(monkeypatch):
+    from helpers import NAMES
+
+    from spatiallock.layout import Layout
+
+    judge = judge_for(NAMES)
+    triangle = NAMES.index("green triangle") + 1  # the category id of the judge's class
+    box = [[0.2, 0.1, 0.8, 0.6]]
+
+    def found(boxes, label):
+        n = len(boxes)
+        return {"boxes": torch.tensor(boxes).reshape(n, 4), "scores": torch.full((n,), 0.9),
+                "labels": torch.full((n,), label, dtype=torch.long)}  # fmt: skip
+
+    detections = [found(box, triangle), found(box, 1), found([[0.0, 0.7, 0.3, 1.0]], triangle), found([], triangle)]
+    monkeypatch.setattr(judge.detector, "detect", lambda images, score_threshold: detections)
+    layouts = [Layout("a green triangle", ("green triangle",), ((0.2, 0.1, 0.8, 0.6),))] * 4
+    scores = judge.score(torch.zeros(4, 3, 32, 32), *judge.targets(layouts))
+    torch.testing.assert_close(scores, torch.tensor([0.1, 1.0, 1.0, 1.0]))  # right class, right box: 1 - 0.9

@@ -48,6 +48,7 @@ class ImageJudge(nn.Module):
         super().__init__()
         self.detector = detector.requires_grad_(False)
         self.names = {name: k for k, name in enumerate(detector.names)}
+        self.category_ids = torch.tensor([c["id"] for c in detector.config.categories])  # of each class index
 
     @classmethod
     def from_pretrained(cls, folder, device: str | torch.device = "cpu") -> ImageJudge:
@@ -109,11 +110,10 @@ class ImageJudge(nn.Module):
         from torchvision.ops import box_iou
 
         found = self.detector.detect(list(images.float()), score_threshold=0.05)
-        categories = self.detector._label_ids.cpu()
         scores = []
         for b, detections in enumerate(found):
             keep = (masks[b] > 0.5) & (labels[b] >= 0)
-            asked, classes = boxes[b][keep].cpu().float(), categories[labels[b][keep].cpu()]
+            asked, classes = boxes[b][keep].cpu().float(), self.category_ids[labels[b][keep].cpu()]
             if not len(asked) or not len(detections["boxes"]):
                 scores.append(1.0)
                 continue
