@@ -20,6 +20,7 @@ COLUMNS = (
     ("miou", "mIoU", 3),
     ("miou_any", "mIoU any class", 3),
     ("fd", "fd", 2),
+    ("ap_second", "AP, second evaluator", 3),
 )
 
 

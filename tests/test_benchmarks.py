@@ -127,6 +127,13 @@ def test_table_prints_the_rows_as_markdown(tmp_path, capsys):
     assert len(lines) == 4
     with pytest.raises(SystemExit, match="no row nothing"):
         table.main([str(results), "--rows", "nothing"])
+    # a second evaluator's AP gets its column where a row has one
+    rows = [*ROWS[:2], {**ROWS[2], "ap_second": 0.66}, ROWS[3]]
+    results.write_text(json.dumps({"device": "cpu", "train_steps": 2, "rows": rows}))
+    table.main([str(results), "--rows", "spatiallock,gligen"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].endswith("| fd | AP, second evaluator |")
+    assert lines[2].endswith("| 9.00 | 0.660 |") and lines[3].endswith("| - | - |")
 
 
 def test_params_plot_draws_each_adapter_row_at_its_ratio(tmp_path, capsys):
