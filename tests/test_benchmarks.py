@@ -377,13 +377,22 @@ def test_perception_head_leak_scores_every_part_and_keeps_the_rows(model, tiny_s
     result = json.loads(out.read_text())
     assert result["rows"] == [{"grounding": "own", "timestep": 0, "ap": 0.5}]  # kept
     components = [entry["component"] for entry in result["leak"]]
-    assert components == ["pog-head (grounded, t=100)", "evaluation detector", "other"]
+    assert components == ["pog-head (rendered, t=100)", "evaluation detector", "other"]
+    # `train adapter` trains the head on what was drawn (rendered) by default
     assert [entry["used_by_default"] for entry in result["leak"]] == [True, True, False]
     for entry in result["leak"]:
         assert_share(entry["ap_requested"])
         assert_share(entry["ap_shuffled"])
     assert result["leak_setting"]["images"] == 3 and result["leak_setting"]["timestep"] == 100
     assert "AP requested" in capsys.readouterr().out
+    # the head on the other input; the entries not scored again are kept
+    argv = [*argv[:10], "--leak-head-input", "grounded", "--out", str(out)]
+    assert script("perception_head").main(argv) == 0
+    leak = json.loads(out.read_text())["leak"]
+    assert [(e["component"], e["used_by_default"]) for e in leak] == [
+        ("pog-head (rendered, t=100)", True), ("other", False), ("pog-head (grounded; trained on rendered)", False),
+        ("evaluation detector", True),
+    ]  # fmt: skip
 
 
 # ---- the speed benchmarks: the smallest runs their options allow -------------------------------------------------
