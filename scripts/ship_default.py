@@ -2,9 +2,11 @@
 
     python scripts/ship_default.py --base models/base --adapter models/spatiallock --detector models/detector
     python scripts/ship_default.py --locator runs/locator-dpo        # only the location model
+    python scripts/ship_default.py --judge runs/det-reward           # only the judge
 
-Each part given is written: `default` (--base with its --adapter), `detector`, `locator`; the others stay as they
-are. `--model default`, `--detector default` and `locate`/`insert` without --model/--locator load them (in fp32).
+Each part given is written: `default` (--base with its --adapter), `detector`, `judge`, `locator`; the others stay
+as they are. `--model default`, `--detector default`, `--judge default` (and `train adapter --reward-detector
+default`) and `locate`/`insert` without --model/--locator load them (in fp32).
 Each part gets its provenance: the folders it came from and their training configs (for a locator trained in two
 stages, both). The whole of `spatiallock/assets/` must stay under 40 MB: the script prints the sizes and refuses to
 write more.
@@ -26,7 +28,7 @@ from spatiallock.pipelines.diffusion import SpatialLockPipeline
 
 ASSETS = Path(__file__).resolve().parent.parent / "spatiallock" / "assets"
 LIMIT_MB = 40.0
-PARTS = ("default", "detector", "locator")
+PARTS = ("default", "detector", "judge", "locator")
 
 
 def folder_mb(folder: Path) -> float:
@@ -50,10 +52,18 @@ def ship_model(args, staging: Path) -> None:
     (staging / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
 
-def ship_detector(args, staging: Path) -> None:
-    Detector.from_pretrained(args.detector).half().save_pretrained(staging)
-    if (Path(args.detector) / "eval.json").is_file():
-        shutil.copy(Path(args.detector) / "eval.json", staging / "eval.json")
+def ship_detector(args, staging: Path, folder: str | None = None) -> None:
+    folder = folder or args.detector
+    Detector.from_pretrained(folder).half().save_pretrained(staging)
+    if (Path(folder) / "eval.json").is_file():
+        shutil.copy(Path(folder) / "eval.json", staging / "eval.json")
+    config = training_config(folder)
+    if config is not None:
+        (staging / "provenance.json").write_text(json.dumps({"detector": folder, "training": config}, indent=2) + "\n")
+
+
+def ship_judge(args, staging: Path) -> None:
+    ship_detector(args, staging, args.judge)
 
 
 def ship_locator(args, staging: Path) -> None:
@@ -82,17 +92,20 @@ def main() -> None:
     parser.add_argument("--base", help="small base model folder (with --adapter)")
     parser.add_argument("--adapter", help="adapter folder trained on that base")
     parser.add_argument("--detector", help="detector folder")
+    parser.add_argument("--judge", help="detector folder for the judge (trained apart from --detector's)")
     parser.add_argument("--locator", help="location model folder (`spatiallock train locator`)")
     parser.add_argument("--benchmark", help="with --locator: where its measured numbers are (kept in provenance)")
     parser.add_argument("--out", default=str(ASSETS), help=f"assets folder (default: {ASSETS})")
     args = parser.parse_args()
     if bool(args.base) != bool(args.adapter):
         parser.error("--base and --adapter go together")
-    writers = {"default": ship_model if args.base else None, "detector": ship_detector if args.detector else None,
-               "locator": ship_locator if args.locator else None}  # fmt: skip
+    writers = {
+        "default": ship_model if args.base else None, "detector": ship_detector if args.detector else None,
+        "judge": ship_judge if args.judge else None, "locator": ship_locator if args.locator else None,
+    }  # fmt: skip
     writers = {name: write for name, write in writers.items() if write is not None}
     if not writers:
-        parser.error("nothing to ship: give --base and --adapter, --detector or --locator")
+        parser.error("nothing to ship: give --base and --adapter, --detector, --judge or --locator")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

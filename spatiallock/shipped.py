@@ -1,6 +1,7 @@
 """The models shipped inside the package, under the name `default`: the small base with its SpatialLock adapter, the
-detector of the synthetic domain and the location model. Every command that takes a model, detector or locator
-folder takes `default` for these."""
+detector of the synthetic domain (the evaluator), the judge (another detector of that domain, trained apart, for an
+image-only reward and for `--judge`) and the location model. Every command that takes a model, detector, judge or
+locator folder takes `default` for these."""
 
 from __future__ import annotations
 
@@ -39,11 +40,22 @@ def default_locator_path() -> Path:
     return ASSETS / "locator"
 
 
-def resolve_detector(name: str) -> Path:
-    """`default` -> the shipped detector; otherwise a folder that must exist."""
-    path = default_detector_path() if name == "default" else Path(name)
+def default_judge_path() -> Path:
+    """The judge shipped inside the package: a detector of the synthetic domain trained on the real training images
+    apart from the evaluation detector (another seed), so that what it rewards is not what is scored."""
+    return ASSETS / "judge"
+
+
+def resolve_judge(name: str) -> Path:
+    """`default` -> the shipped judge (never the evaluation detector); otherwise a detector folder that must exist."""
+    return resolve_detector(name, default_judge_path(), "judge")
+
+
+def resolve_detector(name: str, default: Path | None = None, what_default: str = "detector") -> Path:
+    """`default` -> the shipped detector (or `default`); otherwise a folder that must exist."""
+    path = (default or default_detector_path()) if name == "default" else Path(name)
     if not path.exists():
-        what = "the shipped default detector is missing from" if name == "default" else "not found:"
+        what = f"the shipped default {what_default} is missing from" if name == "default" else "not found:"
         raise SpatialLockError(f"detector: {what} {path}")
     if not path.is_dir():
         raise SpatialLockError(

@@ -166,3 +166,24 @@ def test_nothing_to_ship_is_a_usage_error(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         run(ship_default(), monkeypatch, "--out", str(tmp_path / "assets"))
     assert not (tmp_path / "assets").exists()
+
+
+def test_ships_the_judge_apart_and_judge_default_loads_it_not_the_evaluator(trained, tmp_path, monkeypatch, capsys):
+    from spatiallock.evaluation.reward import ImageJudge
+
+    _, detector = trained
+    out = tmp_path / "assets"
+    run(ship_default(), monkeypatch, "--judge", str(detector), "--out", str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["judge"]
+    assert dtypes(out / "judge" / "model.safetensors") == {"F16"}
+    assert json.loads((out / "judge" / "provenance.json").read_text())["detector"] == str(detector)
+    monkeypatch.setattr(shipped, "ASSETS", out)
+    assert shipped.resolve_judge("default") == out / "judge"
+    judge = ImageJudge.from_pretrained(shipped.resolve_judge("default"))
+    original = Detector.from_pretrained(detector).state_dict()
+    for key, value in judge.detector.state_dict().items():
+        if value.is_floating_point():
+            assert torch.equal(value, original[key].half().float()), key
+    (out / "judge").rename(out / "gone")  # without it, `default` names what is missing, not the evaluator
+    with pytest.raises(shipped.SpatialLockError, match="the shipped default judge is missing from"):
+        shipped.resolve_judge("default")

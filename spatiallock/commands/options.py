@@ -52,9 +52,9 @@ def set_judge(pipe, options) -> None:
     if getattr(options, "judge", None) is None:
         return
     from spatiallock.evaluation.reward import ImageJudge
-    from spatiallock.shipped import resolve_detector
+    from spatiallock.shipped import resolve_judge
 
     try:
-        pipe.set_judge(ImageJudge.from_pretrained(resolve_detector(options.judge)))
+        pipe.set_judge(ImageJudge.from_pretrained(resolve_judge(options.judge)))
     except SpatialLockError as err:
         raise SpatialLockError(f"--judge: {str(err).partition(': ')[2]}") from None

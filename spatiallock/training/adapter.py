@@ -95,10 +95,10 @@ def load_reward(config: AdapterTrainConfig, class_names: list[str], device) -> D
     line naming the option."""
     if config.reward_detector is None:
         return None
-    from spatiallock.shipped import resolve_detector
+    from spatiallock.shipped import resolve_judge
 
     try:
-        judge = ImageJudge.from_pretrained(resolve_detector(config.reward_detector), device)
+        judge = ImageJudge.from_pretrained(resolve_judge(config.reward_detector), device)
     except SpatialLockError as err:
         raise SpatialLockError(f"--reward-detector: {str(err).partition(': ')[2]}") from None
     return DetectionReward(judge, judge.class_map(class_names, "--reward-detector"), config.reward_timesteps)

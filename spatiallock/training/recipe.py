@@ -221,11 +221,11 @@ class AdapterRecipe:
     )
     reward_detector: str | None = setting(
         None,
-        "fine-tune with an image-only detection reward: this frozen detector folder (`train detector`, trained on "
-        "real images; not the one you evaluate with) scores the decoded clean estimate of the adapter's prediction "
-        "against the image's boxes, and `loss = diffusion + s * detection` (--reward-weight) on the images noised at "
-        "most to --reward-timesteps; unlike the PoG head it sees only what was drawn, never the layout (default: "
-        "off)",
+        "fine-tune with an image-only detection reward: this frozen detector (`default`: the shipped judge; or a "
+        "`train detector` folder trained on real images, not the one you evaluate with) scores the decoded clean "
+        "estimate of the adapter's prediction against the image's boxes, and `loss = diffusion + s * detection` "
+        "(--reward-weight) on the images noised at most to --reward-timesteps; unlike the PoG head it sees only "
+        "what was drawn, never the layout (default: off)",
         metavar="DET",
     )
     reward_weight: float = setting(
