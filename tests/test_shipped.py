@@ -44,25 +44,33 @@ def shipped():
 def test_the_shipped_assets_are_small_safetensors_and_say_where_they_come_from():
     root = default_model_path().parent
     files = [f for f in root.rglob("*") if f.is_file()]
-    assert sum(f.stat().st_size for f in files) < 30 * 2**20
+    assert sum(f.stat().st_size for f in files) < 40 * 2**20  # scripts/ship_default.py's limit
     weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")]
     assert weights and all(f.suffix == ".safetensors" for f in weights)
     provenance = json.loads((default_model_path() / "provenance.json").read_text())
     assert provenance["adapter_training"]["variant"] == "spatiallock"
 
 
-def test_the_shipped_detector_finds_the_synthetic_objects_as_its_record_says(tmp_path):
+@pytest.mark.parametrize("part", ["detector", "judge"])
+def test_the_shipped_detectors_find_the_synthetic_objects_as_their_records_say(tmp_path, part):
     """Measured here on 32 images of the synthetic domain's validation split (seed 0, never trained on): AP at
-    least 0.8, and within 0.05 of the AP the detector folder records."""
+    least 0.8, and within 0.05 of the AP the detector folder records. The judge is another detector than the
+    evaluator (trained apart), with weights of its own."""
     from spatiallock.cli import main
     from spatiallock.evaluation.detector import evaluate_detector
+    from spatiallock.shipped import resolve_detector, resolve_judge
 
+    folder = resolve_detector("default") if part == "detector" else resolve_judge("default")
     args = ["data", "synth", "--out", str(tmp_path), "--train", "0", "--val", "32", "--size", "64", "--seed", "0"]
     assert main([*args, "--workers", "1", "--no-progress"]) == 0
-    measured = evaluate_detector(Detector.from_pretrained(default_detector_path()), tmp_path, "val")
+    measured = evaluate_detector(Detector.from_pretrained(folder), tmp_path, "val")
     assert measured["ap"] > 0.8 and measured["ap50"] > 0.95, measured
-    recorded = json.loads((default_detector_path() / "eval.json").read_text())
+    recorded = json.loads((folder / "eval.json").read_text())
     assert abs(measured["ap"] - recorded["ap"]) < 0.05, (measured, recorded)
+    if part == "judge":
+        evaluator = Detector.from_pretrained(resolve_detector("default")).state_dict()
+        judge = Detector.from_pretrained(folder).state_dict()
+        assert any(not torch.equal(judge[k], evaluator[k]) for k in judge)
 
 
 def test_every_requested_object_lands_in_its_box(shipped):
@@ -74,6 +82,24 @@ def test_every_requested_object_lands_in_its_box(shipped):
     assert len(objects) == 4
     missed = [(o["label"], o["iou"]) for o in objects if o["iou"] < 0.5]
     assert not missed, f"objects not found in their boxes (label, best IoU): {missed}"
+
+
+def test_judge_guidance_works_out_of_the_box_and_keeps_every_object_in_its_box(shipped):
+    from spatiallock.evaluation.reward import ImageJudge
+    from spatiallock.shipped import resolve_judge
+
+    pipe, detector = shipped
+    pipe.set_judge(ImageJudge.from_pretrained(resolve_judge("default")))
+    try:
+        generators = [image_generator(0, i, 0) for i in range(len(LAYOUTS))]
+        options = dict(num_inference_steps=25, perception_guidance_steps=10, perception_guidance_scale=0.1)
+        with torch.no_grad():
+            images = pipe(layouts=LAYOUTS, generator=generators, **options).images
+    finally:
+        pipe.set_judge(None)
+    _, objects, _ = score_images(detector, images, LAYOUTS)
+    missed = [(o["label"], o["iou"]) for o in objects if o["iou"] < 0.5]
+    assert len(objects) == 4 and not missed, f"objects not found in their boxes (label, best IoU): {missed}"
 
 
 def test_the_shipped_provenance_describes_the_shipped_adapter():
