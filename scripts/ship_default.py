@@ -40,15 +40,35 @@ def training_config(folder: str | Path) -> dict | None:
     return json.loads(log.read_text()) if log.is_file() else None
 
 
+ADAPTER_RECORDS = ("adapter", "adapter_training", "previous_adapter_training", "earlier_adapter_training")
+
+
 def ship_model(args, staging: Path) -> None:
+    """The base with its adapter. A new adapter on the shipped base itself (--base spatiallock/assets/default)
+    keeps the base's record and the sampling defaults the shipped adapter was given (`adapter_config_added`), and
+    moves the adapter it replaces into the record of earlier adapters."""
+    shipped = Path(args.out) / "default"
+    old_record = shipped / "provenance.json"
+    same_base = Path(args.base).resolve() == shipped.resolve() and old_record.is_file()
+    old = json.loads(old_record.read_text()) if same_base else {}
     pipe = SpatialLockPipeline.from_pretrained(args.base, adapter=args.adapter)
+    added = {k: v for k, v in old.get("adapter_config_added", {}).items() if k in ("ground_unconditional",)}
+    if added:
+        pipe.adapter.register_to_config(**added)
     pipe.to(dtype=torch.float16)
     pipe.save_pretrained(staging)
-    provenance = {"base": args.base, "adapter": args.adapter, "detector": args.detector}
+    provenance = {k: v for k, v in old.items() if k not in ADAPTER_RECORDS}
+    provenance.update({"base": old.get("base", args.base), "adapter": args.adapter, "detector": args.detector})
     for name in ("adapter", "detector"):
         config = training_config(getattr(args, name)) if getattr(args, name) else None
         if config is not None:
             provenance[f"{name}_training"] = config
+    if old.get("adapter_training"):
+        provenance["previous_adapter_training"] = old["adapter_training"]
+        earlier = old.get("earlier_adapter_training", [])
+        provenance["earlier_adapter_training"] = earlier + [old[k] for k in ("previous_adapter_training",) if k in old]
+    if args.benchmark:
+        provenance["benchmark"] = args.benchmark
     (staging / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
 
@@ -94,7 +114,9 @@ def main() -> None:
     parser.add_argument("--detector", help="detector folder")
     parser.add_argument("--judge", help="detector folder for the judge (trained apart from --detector's)")
     parser.add_argument("--locator", help="location model folder (`spatiallock train locator`)")
-    parser.add_argument("--benchmark", help="with --locator: where its measured numbers are (kept in provenance)")
+    parser.add_argument(
+        "--benchmark", help="with --locator or --adapter: where its measured numbers are (kept in provenance)"
+    )
     parser.add_argument("--out", default=str(ASSETS), help=f"assets folder (default: {ASSETS})")
     args = parser.parse_args()
     if bool(args.base) != bool(args.adapter):

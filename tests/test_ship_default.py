@@ -187,3 +187,29 @@ def test_ships_the_judge_apart_and_judge_default_loads_it_not_the_evaluator(trai
     (out / "judge").rename(out / "gone")  # without it, `default` names what is missing, not the evaluator
     with pytest.raises(shipped.SpatialLockError, match="the shipped default judge is missing from"):
         shipped.resolve_judge("default")
+
+
+def test_a_new_adapter_on_the_shipped_base_keeps_the_base_record_and_moves_the_old_adapters(
+    tiny_small_base, trained, tmp_path, monkeypatch, capsys
+):
+    adapter, _ = trained
+    out = tmp_path / "assets"
+    run(ship_default(), monkeypatch, "--base", str(tiny_small_base), "--adapter", str(adapter), "--out", str(out))
+    record = out / "default" / "provenance.json"
+    first = json.loads(record.read_text())
+    first.update(base="the base as trained", decoder_training={"steps": 8000},
+                 adapter_config_added={"ground_unconditional": False, "why": "measured"})  # fmt: skip
+    record.write_text(json.dumps(first))
+    argv = ["--base", str(out / "default"), "--adapter", str(adapter), "--benchmark", "synthetic.json"]
+    run(ship_default(), monkeypatch, *argv, "--out", str(out))
+    second = json.loads(record.read_text())
+    assert second["base"] == "the base as trained" and second["decoder_training"] == {"steps": 8000}
+    assert second["adapter"] == str(adapter) and second["benchmark"] == "synthetic.json"
+    assert second["previous_adapter_training"] == first["adapter_training"]
+    assert second["earlier_adapter_training"] == []
+    # the sampling default the shipped adapter was given is given to the new one
+    assert json.loads((out / "default" / "adapter" / "config.json").read_text())["ground_unconditional"] is False
+    assert json.loads((adapter / "config.json").read_text())["ground_unconditional"] is True  # its folder untouched
+    run(ship_default(), monkeypatch, *argv, "--out", str(out))
+    third = json.loads(record.read_text())
+    assert third["earlier_adapter_training"] == [first["adapter_training"]]
