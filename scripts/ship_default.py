@@ -58,7 +58,8 @@ def ship_model(args, staging: Path) -> None:
     pipe.to(dtype=torch.float16)
     pipe.save_pretrained(staging)
     provenance = {k: v for k, v in old.items() if k not in ADAPTER_RECORDS}
-    provenance.update({"base": old.get("base", args.base), "adapter": args.adapter, "detector": args.detector})
+    detector = args.detector or old.get("detector")  # the detector its numbers were scored with
+    provenance.update({"base": old.get("base", args.base), "adapter": args.adapter, "detector": detector})
     for name in ("adapter", "detector"):
         config = training_config(getattr(args, name)) if getattr(args, name) else None
         if config is not None:

@@ -205,6 +205,7 @@ def test_a_new_adapter_on_the_shipped_base_keeps_the_base_record_and_moves_the_o
     second = json.loads(record.read_text())
     assert second["base"] == "the base as trained" and second["decoder_training"] == {"steps": 8000}
     assert second["adapter"] == str(adapter) and second["benchmark"] == "synthetic.json"
+    assert second["detector"] == first["detector"]
     assert second["previous_adapter_training"] == first["adapter_training"]
     assert second["earlier_adapter_training"] == []
     # the sampling default the shipped adapter was given is given to the new one
