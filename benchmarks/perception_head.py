@@ -139,7 +139,8 @@ def leak_run(args, pipe) -> int:
     entries = []
     for component, part, default in parts:
         score = leak_score(part, images, layouts, categories, component, default, seed=args.seed)
-        entries.append(score.as_dict())
+        images_from = args.model + (f" with adapter {args.adapter}" if args.adapter else "")
+        entries.append({**score.as_dict(), "images_from": images_from})
         print(f"  {component:32s} AP requested {score.ap_requested:.4f}  shuffled {score.ap_shuffled:.4f}"
               + ("  LEAKS" if score.leaks else ""), flush=True)  # fmt: skip
     out = Path(args.out)

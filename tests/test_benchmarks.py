@@ -389,6 +389,7 @@ def test_perception_head_leak_scores_every_part_and_keeps_the_rows(model, tiny_s
     argv = [*argv[:10], "--leak-head-input", "grounded", "--out", str(out)]
     assert script("perception_head").main(argv) == 0
     leak = json.loads(out.read_text())["leak"]
+    assert all(e["images_from"] == str(model) for e in leak)
     assert [(e["component"], e["used_by_default"]) for e in leak] == [
         ("pog-head (rendered, t=100)", True), ("other", False), ("pog-head (grounded; trained on rendered)", False),
         ("evaluation detector", True),
