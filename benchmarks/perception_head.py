@@ -45,11 +45,11 @@ from spatiallock.models.perception import PERCEPTION_INPUTS
 from spatiallock.pipelines.extensions.perception import down_features
 from spatiallock.sampling import load_pipeline
 from spatiallock.shipped import resolve_detector
-from spatiallock.training.recipe import AdapterRecipe
+from spatiallock.training.recipe import DEFAULT_PERCEPTION_INPUT
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # what `train adapter` trains the PoG head on unless told otherwise: the head input used by default
-HEAD_INPUT_BY_DEFAULT = next(f.default for f in dataclasses.fields(AdapterRecipe) if f.name == "perception_input")
+HEAD_INPUT_BY_DEFAULT = DEFAULT_PERCEPTION_INPUT
 
 
 @torch.no_grad()

@@ -130,3 +130,11 @@ def test_the_recipe_builds_what_the_adapter_records_and_like_carries(unet):
     assert config.feed_forward is False and config.attention_width == 0.5 and config.box_attention is True
     assert config.loss_weighting == "fixed" and list(config.loss_weights) == [0.5, 0.5]
     assert list(config.class_names) == ["a", "b"]
+
+
+def test_a_variant_without_a_pog_head_takes_the_default_head_input_and_refuses_another():
+    AdapterRecipe(variant="poi").check()  # the default (a head reads what was drawn) says nothing to it
+    assert AdapterRecipe(variant="poi").adapter_options(["a"])["perception_input"] == "grounded"
+    assert AdapterRecipe(variant="poi-pog").adapter_options(["a"])["perception_input"] == "rendered"
+    with pytest.raises(SpatialLockError, match="--perception-input: variant gligen has no PoG"):
+        AdapterRecipe(variant="gligen", perception_input="rendered").check()

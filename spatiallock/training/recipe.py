@@ -24,6 +24,9 @@ from spatiallock.models.perception import PERCEPTION_INPUTS
 MAX_RESOLUTION = 2048  # image side in pixels; Stable Diffusion v1 trains at 512
 TIMESTEP_SAMPLING = ("uniform", "cubic")  # `training.common.noisy_inputs`
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# what `train adapter` trains the PoG head on unless told: what was drawn, never the layout (the paper's `grounded`
+# features carry the requested boxes: see `evaluation.leak`)
+DEFAULT_PERCEPTION_INPUT = "rendered"
 # `--feed-forward` -> the adapter config's `feed_forward` (`spatiallock.models.adapter.FEED_FORWARD`)
 FEED_FORWARD_CHOICES = {"all": True, "finest": "finest", "none": False}
 
@@ -182,15 +185,15 @@ class AdapterRecipe:
         allowed=Interval(0, open_low=True, whole=True),
         metavar="T",
     )
-    perception_input: str = setting(
-        "rendered",
+    perception_input: str | None = setting(
+        None,
         "what the PoG head reads: `rendered` (the U-Net's down-block features, without grounding, of the clean "
         "latents the adapter's prediction implies: the head sees only what was drawn, so its loss rewards objects "
         "drawn where asked; costs one down pass more per step) or `grounded` (the paper's: the grounded U-Net's "
         "down-block features of the noisy latents; they carry the requested boxes themselves, so the head reports "
         "the layout it is told whatever is drawn: AP 0.61 against another image's layout in the leak test, "
         "benchmarks/results/perception_head.json); saved in the config, and candidate selection and perception "
-        "guidance read the same (default: rendered)",
+        "guidance read the same (default: rendered; a variant without a PoG head takes neither)",
         choices=PERCEPTION_INPUTS,
         adapter=True,
     )
@@ -256,7 +259,7 @@ class AdapterRecipe:
                 raise SpatialLockError(f"{flag_of(spec.name)}: one of {choices}, got {value!r}")
             if meta["allowed"] is not None and value not in meta["allowed"]:
                 raise SpatialLockError(f"{flag_of(spec.name)}: expected {meta['allowed'].words}, got {value!r}")
-        if self.perception_input != "grounded" and not VARIANTS[self.variant][1]:
+        if self.perception_input not in (None, "grounded") and not VARIANTS[self.variant][1]:
             raise SpatialLockError(f"--perception-input: variant {self.variant} has no PoG perception head")
 
     def adapter_options(self, class_names: Sequence[str]) -> dict[str, Any]:
@@ -268,6 +271,8 @@ class AdapterRecipe:
             if to_adapter:
                 value = getattr(self, spec.name)
                 options[spec.name] = value if to_adapter is True else to_adapter[value]
+        if self.perception_input is None:  # a head reads what was drawn; a variant without one records the default
+            options["perception_input"] = DEFAULT_PERCEPTION_INPUT if VARIANTS[self.variant][1] else "grounded"
         if self.loss_weights is not None:  # else the adapter's own: learned (uncertainty) weights
             options.update(loss_weighting="fixed", loss_weights=self.loss_weights)
         options["class_names"] = list(class_names)
