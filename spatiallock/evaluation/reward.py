@@ -25,6 +25,7 @@ from spatiallock.errors import SpatialLockError
 from spatiallock.evaluation.detector import Detector
 from spatiallock.layout import Layout
 from spatiallock.models.perception import predicted_clean
+from spatiallock.pipelines.extensions.perception import layout_targets, placement_scores
 
 REWARD_TIMESTEPS = 200  # ControlNet++: the reward only where the one-step clean estimate is sharp (t <= 200 of 1000)
 
@@ -68,14 +69,7 @@ class ImageJudge(nn.Module):
     def targets(self, layouts: Sequence[Layout]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layouts as (boxes (B, N, 4) normalised xyxy, detector class indices (B, N), masks (B, N)); objects of a
         label the detector does not know are masked out."""
-        slots = max(1, max((len(layout) for layout in layouts), default=1))
-        boxes, labels = torch.zeros(len(layouts), slots, 4), torch.zeros(len(layouts), slots, dtype=torch.long)
-        masks = torch.zeros(len(layouts), slots)
-        for b, layout in enumerate(layouts):
-            for n, (label, box) in enumerate(zip(layout.labels, layout.boxes)):
-                if label in self.names:
-                    boxes[b, n], labels[b, n], masks[b, n] = torch.tensor(box), self.names[label], 1.0
-        return boxes, labels, masks
+        return layout_targets(layouts, self.names)
 
     @staticmethod
     def _pixel_targets(images, boxes, labels, masks) -> list[dict]:
@@ -106,21 +100,10 @@ class ImageJudge(nn.Module):
     @torch.no_grad()
     def score(self, images, boxes, labels, masks) -> torch.Tensor:
         """(B,) lower is better: 1 - the mean over the requested objects of the best IoU x score of a detection of
-        their class (1 for an image with no requested object found or asked)."""
-        from torchvision.ops import box_iou
-
+        their class (1 for an image with no requested object found or asked): `placement_scores`."""
         found = self.detector.detect(list(images.float()), score_threshold=0.05)
-        scores = []
-        for b, detections in enumerate(found):
-            keep = (masks[b] > 0.5) & (labels[b] >= 0)
-            asked, classes = boxes[b][keep].cpu().float(), self.category_ids[labels[b][keep].cpu()]
-            if not len(asked) or not len(detections["boxes"]):
-                scores.append(1.0)
-                continue
-            quality = box_iou(asked, detections["boxes"].float()) * detections["scores"].float()[None]
-            quality = quality * (classes[:, None] == detections["labels"][None])
-            scores.append(1.0 - quality.max(dim=1).values.mean().item())
-        return torch.tensor(scores)
+        keep = (masks > 0.5) & (labels >= 0)
+        return placement_scores(found, boxes, self.category_ids[labels.cpu().clamp(min=0)], keep)
 
 
 class DetectionReward(nn.Module):

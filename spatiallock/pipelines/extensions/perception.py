@@ -28,42 +28,52 @@ from spatiallock.models.perception import predicted_clean as clean_from_predicti
 from spatiallock.pipelines.extensions.base import Extension, SamplingCall
 
 
-def perception_targets(pipe, layouts: Sequence[Layout]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The requested layouts as the PoG head's targets: boxes (B, N, 4), class indices (B, N) and masks (B, N) of
-    the objects whose label is one of the head's classes (the others are not scored)."""
-    names = {name: k for k, name in enumerate(pipe.adapter.config.class_names)}
-    slots = max(1, max(len(layout) for layout in layouts))
+def layout_targets(layouts: Sequence[Layout], classes: dict[str, int]) -> tuple[torch.Tensor, ...]:
+    """Layouts as detection targets: boxes (B, N, 4) normalised xyxy, class indices (B, N) by `classes` (label ->
+    index) and masks (B, N) of the objects whose label is one of `classes` (the others are not scored)."""
+    slots = max(1, max((len(layout) for layout in layouts), default=1))
     boxes = torch.zeros(len(layouts), slots, 4)
     labels = torch.zeros(len(layouts), slots, dtype=torch.long)
     masks = torch.zeros(len(layouts), slots)
     for b, layout in enumerate(layouts):
         for n, (label, box) in enumerate(zip(layout.labels, layout.boxes)):
-            if label in names:
-                boxes[b, n], labels[b, n], masks[b, n] = torch.tensor(box), names[label], 1.0
+            if label in classes:
+                boxes[b, n], labels[b, n], masks[b, n] = torch.tensor(box), classes[label], 1.0
     return boxes, labels, masks
+
+
+def perception_targets(pipe, layouts: Sequence[Layout]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The requested layouts as the PoG head's targets (`layout_targets` by the head's class names)."""
+    return layout_targets(layouts, {name: k for k, name in enumerate(pipe.adapter.config.class_names)})
+
+
+def placement_scores(detections: Sequence[dict], boxes, classes, keep) -> torch.Tensor:
+    """(B,) lower is better: per image, 1 - the mean over its requested objects (`keep` (B, N) bool) of the best
+    IoU x score of a detection of their class (`classes` (B, N), in the label space of the detections' "labels");
+    1 for an image with no requested object or no detection."""
+    from torchvision.ops import box_iou
+
+    scores = []
+    for b, found in enumerate(detections):
+        chosen = keep[b].cpu()
+        asked, wanted = boxes[b].cpu().float()[chosen], classes[b].cpu()[chosen]
+        if not len(asked) or not len(found["boxes"]):
+            scores.append(1.0)
+            continue
+        quality = box_iou(asked, found["boxes"].cpu().float()) * found["scores"].cpu().float()[None]
+        quality = quality * (wanted[:, None] == found["labels"].cpu()[None])
+        scores.append(1.0 - quality.max(dim=1).values.mean().item())
+    return torch.tensor(scores)
 
 
 @torch.no_grad()
 def score_candidates(pipe, features: list[torch.Tensor], layouts: Sequence[Layout]) -> torch.Tensor:
     """Per image, how badly the PoG head finds its requested objects, from the U-Net's down-block `features` of
-    those images: 1 - the mean over the objects of a class the head knows of the best IoU x score of a detection
-    of that class (0 when none). Lower is better."""
-    from torchvision.ops import box_iou
-
+    those images (`placement_scores` of the head's detections). Lower is better."""
     boxes, labels, masks = perception_targets(pipe, layouts)
     head = pipe.adapter.perception
     detections = head.detect([f.to(next(head.parameters()).dtype) for f in features], score_threshold=0.05)
-    scores = []
-    for b, found in enumerate(detections):
-        keep = masks[b] > 0.5
-        asked, classes = boxes[b, keep], labels[b, keep]
-        if not len(asked) or not len(found["boxes"]):
-            scores.append(1.0)
-            continue
-        quality = box_iou(asked, found["boxes"].cpu().float()) * found["scores"].cpu().float()[None]
-        quality = quality * (classes[:, None] == found["labels"].cpu()[None])
-        scores.append(1.0 - quality.max(dim=1).values.mean().item())
-    return torch.tensor(scores)
+    return placement_scores(detections, boxes, labels, masks > 0.5)
 
 
 def predicted_clean(pipe, model_input: torch.Tensor, t, prediction: torch.Tensor) -> torch.Tensor:
@@ -71,6 +81,12 @@ def predicted_clean(pipe, model_input: torch.Tensor, t, prediction: torch.Tensor
     steps = torch.full((len(model_input),), int(t), dtype=torch.long, device=model_input.device)
     alphas = pipe.scheduler.alphas_cumprod
     return clean_from_prediction(alphas, model_input, steps, prediction, pipe.scheduler.config.prediction_type)
+
+
+def normalised_step(grad: torch.Tensor, scale: float) -> torch.Tensor:
+    """`scale` times `grad` normalised per image to a root mean square of 1 (float)."""
+    rms = grad.float().pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp(min=1e-12)
+    return scale * grad.float() / rms
 
 
 def decoded_clean(pipe, clean: torch.Tensor) -> torch.Tensor:
@@ -99,8 +115,7 @@ def judge_guidance(pipe, latents, t, states, caption_mask, grounding, layouts, s
         x = clean.detach().requires_grad_(True)
         loss = pipe.judge.loss(decoded_clean(pipe, x), *targets, per_image=True).sum()
         (grad,) = torch.autograd.grad(loss, x)
-    rms = grad.float().pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp(min=1e-12)
-    return (latents - scale * (grad.float() / rms).to(latents.dtype)).detach()
+    return (latents - normalised_step(grad, scale).to(latents.dtype)).detach()
 
 
 def candidate_features(pipe, tapped, model_input, t, noise, states, caption_mask) -> list[torch.Tensor]:
@@ -146,8 +161,7 @@ def perception_guidance(pipe, latents, t, states, caption_mask, grounding, layou
         # the head's loss is a mean over the batch's images: times their number, each image's own term
         loss = sum(head.loss(features, boxes, labels, masks).values()) * len(layouts)
         (grad,) = torch.autograd.grad(loss, x)
-    rms = grad.float().pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp(min=1e-12)
-    step = scale * (grad.float() / rms).to(x.dtype)
+    step = normalised_step(grad, scale).to(x.dtype)
     # rendered: x_t moves with x0 by a positive factor (the prediction held fixed), and the step is normalised
     return (original - step if rendered else x - step).detach()
 
