@@ -368,3 +368,19 @@ def accelerate_launch(args: list[str], folder: Path, processes: int = 2, timeout
         "HF_HOME": str(Path(folder) / "hf-home"),
     }  # fmt: skip
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def clean_estimate_at(pipe, steps: int, step: int, layouts=LAYOUTS):
+    """What sampling-time guidance starts from at step `step` of `steps`: (t, latents (2, 4, 8, 8) seeded 0, caption
+    states, caption mask, grounding of `layouts`, the clean latents the grounded prediction implies)."""
+    from spatiallock.pipelines.extensions.perception import predicted_clean
+
+    pipe.scheduler.set_timesteps(steps)
+    t = pipe.scheduler.timesteps[step]
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    states, mask = pipe.encode_prompts([layout.caption for layout in layouts])
+    grounding = pipe.adapter.encode_grounding(*pipe.encode_layouts(layouts), (8, 8))
+    model_input = pipe.scheduler.scale_model_input(latents, t)
+    with torch.no_grad():
+        clean = predicted_clean(pipe, model_input, t, pipe.predict(model_input, t, states, mask, grounding))
+    return t, latents, states, mask, grounding, clean

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import LAYOUTS, NAMES, adapter_for, box_adapter, error_line, pog_pipeline
+from helpers import LAYOUTS, NAMES, adapter_for, box_adapter, clean_estimate_at, error_line, pog_pipeline
 
 from spatiallock.cli import main
 from spatiallock.errors import SpatialLockError
@@ -20,7 +20,6 @@ from spatiallock.pipelines.extensions.perception import (
     down_features,
     perception_guidance,
     perception_targets,
-    predicted_clean,
     score_candidates,
 )
 
@@ -241,14 +240,8 @@ def test_a_rendered_head_guides_and_selects_by_the_clean_latents_the_prediction_
     """`perception_input="rendered"`: guidance moves the latents by the normalised gradient of the head's loss
     at the predicted clean latents seen without the layout, and selection scores those same features."""
     pipe = pog_pipeline(tiny_small_base, perception_input="rendered")
-    pipe.scheduler.set_timesteps(STEPS)
-    t = pipe.scheduler.timesteps[1]
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    states, mask = pipe.encode_prompts([layout.caption for layout in LAYOUTS])
-    grounding = pipe.adapter.encode_grounding(*pipe.encode_layouts(LAYOUTS), (8, 8))
+    t, latents, states, mask, grounding, clean = clean_estimate_at(pipe, STEPS, 1)
     model_input = pipe.scheduler.scale_model_input(latents, t)
-    with torch.no_grad():
-        clean = predicted_clean(pipe, model_input, t, pipe.predict(model_input, t, states, mask, grounding))
     x = clean.clone().requires_grad_(True)
     boxes, labels, masks = perception_targets(pipe, LAYOUTS)
     loss = sum(

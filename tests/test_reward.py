@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import adapter_for, error_line, run_train_adapter
+from helpers import adapter_for, clean_estimate_at, error_line, run_train_adapter
 from safetensors.torch import load_file
 
 from spatiallock.base.folders import load_base
@@ -213,17 +213,10 @@ def test_the_judge_picks_candidates_by_the_image_their_clean_estimate_decodes_to
 def test_judge_guidance_moves_each_image_down_the_judges_loss_at_its_clean_estimate(tiny_small_base):
     from helpers import LAYOUTS
 
-    from spatiallock.pipelines.extensions.perception import decoded_clean, judge_guidance, predicted_clean
+    from spatiallock.pipelines.extensions.perception import decoded_clean, judge_guidance
 
     pipe = judged_pipeline(tiny_small_base)
-    pipe.scheduler.set_timesteps(4)
-    t = pipe.scheduler.timesteps[2]
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    states, mask = pipe.encode_prompts([layout.caption for layout in LAYOUTS])
-    grounding = pipe.adapter.encode_grounding(*pipe.encode_layouts(LAYOUTS), (8, 8))
-    model_input = pipe.scheduler.scale_model_input(latents, t)
-    with torch.no_grad():
-        clean = predicted_clean(pipe, model_input, t, pipe.predict(model_input, t, states, mask, grounding))
+    t, latents, states, mask, grounding, clean = clean_estimate_at(pipe, 4, 2)
     x = clean.clone().requires_grad_(True)
     loss = pipe.judge.loss(decoded_clean(pipe, x), *pipe.judge.targets(LAYOUTS), per_image=True)
     (grad,) = torch.autograd.grad(loss.sum(), x)
