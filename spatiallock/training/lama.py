@@ -1,13 +1,17 @@
 """`spatiallock train lama`: the LAMA baseline (`spatiallock.baselines.lama`) on a COCO-format data set.
 
-Adversarial training as the paper's (hinge losses, Adam with betas (0, 0.999), the discriminator at 3x the
-generator's learning rate, horizontal flips), with both players updated at every step on the same batch: the
-discriminator on real images and detached generated ones, the generator through the discriminator with the
-discriminator's parameters out of its graph, so each loss moves only its own player's parameters.
+Trained as the authors' `train.py` (ZejianLi/LAMA): hinge losses, Adam with betas (0, 0.999), the discriminator
+at 3x the generator's learning rate, horizontal flips, and alternating updates: each step updates the
+discriminator on real images and detached generated ones, then the generator through the updated discriminator
+on the same generated images. The generator is held for the first 31 steps of every epoch (the discriminator
+alone learns there). The GN shares rho and the style MLP learn at 0.1x the generator's rate, the
+discriminator's gates at 0.2x its own; every learning rate drops 10x at 60 % and again at 80 % of the run (the
+authors' epochs 120 and 160 of 200).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -26,6 +30,10 @@ from spatiallock.training.common import start_training
 from spatiallock.training.loop import LoopConfig, LoopResult, train_loop
 
 STAGE = "lama"
+GENERATOR_DELAY = 31  # the authors hold the generator while idx <= 30 of every epoch
+LR_DROPS = (0.6, 0.8)  # the authors' epochs 120 and 160 of 200
+# the authors' per-parameter learning rates: rho and the style MLP at 0.1x, the discriminator's gates at 0.2x
+LR_SCALES = (("generator.*.rho", 0.1), ("generator.style_mapping.*", 0.1), ("discriminator.*.gate", 0.2))
 
 
 @dataclass
@@ -37,29 +45,62 @@ class LamaTrainConfig:
     split: str = "train"
     flip_prob: float = 0.5
     adaption: bool = True
+    local_query: bool = True
     resolution: int = 64
     max_objects: int = 8
     channels: int = 16
     d_channels: int = 16
     alpha_lr_scale: float = 1.0  # the adaption strength learns at this times the generator's learning rate
+    generator_delay: int = GENERATOR_DELAY  # steps of every epoch in which the generator is held
     loop: LoopConfig = field(
         default_factory=lambda: LoopConfig(
             max_steps=3000, batch_size=32, learning_rate=1e-4, betas=(0.0, 0.999), max_grad_norm=0.0,
-            model_lr_scales=(("discriminator", 3.0),),
+            model_lr_scales=(("discriminator", 3.0),), lr_scales=LR_SCALES, lr_milestones=(1800, 2400),
         )
     )  # fmt: skip
 
 
-def lama_losses(generator, discriminator, batch: dict, rng: torch.Generator) -> dict[str, torch.Tensor]:
-    """One step's losses: the discriminator's and the generator's, summed under "loss" (each reaches only its own
-    player's parameters), with their parts."""
+def lr_milestones(max_steps: int) -> tuple[int, ...]:
+    """The steps at which the learning rates drop 10x: 60 % and 80 % of the run."""
+    return tuple(round(f * max_steps) for f in LR_DROPS)
+
+
+def generator_trains(step: int, steps_per_epoch: int, delay: int = GENERATOR_DELAY) -> bool:
+    """Whether the generator is updated at (0-based) `step`: not in the first `delay` steps of an epoch."""
+    return step % max(steps_per_epoch, 1) >= delay
+
+
+def lama_step(
+    generator,
+    discriminator,
+    batch: dict,
+    rng: torch.Generator,
+    optimizer: torch.optim.Optimizer,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    train_generator: bool = True,
+) -> dict[str, torch.Tensor]:
+    """One alternating step: the discriminator's update on real and (detached) generated images, then, when
+    `train_generator`, the generator's through the updated discriminator on the same generated images.
+    `optimizer` holds both players; each loss reaches only its own player's parameters. Returns the losses
+    (their sum under "loss", the generator's 0 when it is held)."""
     labels, boxes, valid = batch["category_ids"], batch["boxes"], batch["masks"]
     noise = getattr(generator, "module", generator).noise(labels.shape[0], rng)
     fake, _, _ = generator(labels, boxes, valid, noise)
+    optimizer.zero_grad(set_to_none=True)
     d = discriminator_loss(discriminator, batch["pixel_values"], fake, labels, boxes, valid)
-    g = generator_loss(discriminator, fake, labels, boxes, valid)
-    parts = {k: v for k, v in {**d, **g}.items() if k != "loss"}
-    return {"loss": d["loss"] + g["loss"], "d_loss": d["loss"].detach(), "g_loss": g["loss"].detach(), **parts}
+    backward(d["loss"])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    parts = {k: v for k, v in d.items() if k != "loss"}
+    g_loss = torch.zeros((), device=fake.device)
+    if train_generator:
+        g = generator_loss(discriminator, fake, labels, boxes, valid)
+        backward(g["loss"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        g_loss = g["loss"].detach()
+        parts.update({k: v for k, v in g.items() if k != "loss"})
+    return {"loss": d["loss"].detach() + g_loss, "d_loss": d["loss"].detach(), "g_loss": g_loss, **parts}
 
 
 def train_lama(config: LamaTrainConfig) -> LoopResult:
@@ -72,24 +113,29 @@ def train_lama(config: LamaTrainConfig) -> LoopResult:
     model_config = LamaConfig(
         categories=list(dataset.categories), image_size=config.resolution, max_objects=config.max_objects,
         channels=config.channels, d_channels=config.d_channels, adaption=config.adaption,
+        local_query=config.local_query,
     )  # fmt: skip
     models = {"generator": LamaGenerator(model_config), "discriminator": LamaDiscriminator(model_config)}
     run.record_config()
     device = run.accelerator.device
+    steps_per_epoch = len(dataset) // (config.loop.batch_size * run.accelerator.num_processes)
 
-    def losses(prepared: dict, batch: dict, rng: torch.Generator) -> dict[str, torch.Tensor]:
+    def update(prepared: dict, batch: dict, rng: torch.Generator, step: int, optimizer, backward):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        return lama_losses(prepared["generator"], prepared["discriminator"], batch, rng)
+        train_generator = generator_trains(step, steps_per_epoch, config.generator_delay)
+        return lama_step(
+            prepared["generator"], prepared["discriminator"], batch, rng, optimizer, backward, train_generator
+        )
 
     def collate(samples: list[dict]) -> dict:
         return collate_layouts(samples, max_boxes=config.max_objects)
 
     loop = config.loop
     if config.alpha_lr_scale != 1.0:
-        loop = replace(loop, lr_scales=(*loop.lr_scales, ("adaption.alpha", config.alpha_lr_scale)))
+        loop = replace(loop, lr_scales=(("generator.adaption.alpha", config.alpha_lr_scale), *loop.lr_scales))
     result = train_loop(
         accelerator=run.accelerator, stage=STAGE, folder=run.folder, models=models, dataset=dataset,
-        collate_fn=collate, compute_losses=losses, config=loop,
+        collate_fn=collate, config=loop, update=update,
     )  # fmt: skip
     if not result.interrupted and run.accelerator.is_main_process:
         atomic_save_pretrained(result.models["generator"].eval(), run.out)

@@ -7,6 +7,7 @@ scheduler, so a run stopped after k steps and resumed ends where an uninterrupte
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import signal
@@ -78,11 +79,13 @@ class LoopConfig:
     num_workers: int = 0
     resume: bool = False
     progress: bool = True
-    # parameters whose names end with one of these suffixes learn at `learning_rate * factor`
+    # parameters whose names ("<model>.<parameter>") end with one of these suffixes, or match one of these
+    # patterns (with * or ?), learn at `learning_rate * factor`; the first that applies counts
     lr_scales: tuple[tuple[str, float], ...] = ()
     # the parameters of these models (by their names in `train_loop`'s `models`) learn at `learning_rate * factor`
     model_lr_scales: tuple[tuple[str, float], ...] = ()
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW's; GANs use (0, 0.999)
+    lr_milestones: tuple[int, ...] = ()  # from each of these steps on, the learning rate is another 0.1x
 
 
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
@@ -211,22 +214,33 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def name_matches(name: str, key: str) -> bool:
+    """Whether parameter `name` is one `key` of `LoopConfig.lr_scales` names: a pattern with * or ?, else a
+    suffix."""
+    return fnmatch.fnmatchcase(name, key) if any(c in key for c in "*?[") else name.endswith(key)
+
+
 def param_groups(named: list[tuple[str, nn.Parameter]], config: LoopConfig) -> list[dict]:
     """One optimiser group at the base learning rate, one per factor of `lr_scales` (by parameter name suffix)
     and `model_lr_scales` (by model: names are "<model>.<parameter>") that applies to any parameter."""
     groups = {1.0: []}
     for name, param in named:
-        factor = next((f for suffix, f in config.lr_scales if name.endswith(suffix)), 1.0)
+        factor = next((f for key, f in config.lr_scales if name_matches(name, key)), 1.0)
         factor *= next((f for model, f in config.model_lr_scales if name.startswith(f"{model}.")), 1.0)
         groups.setdefault(factor, []).append(param)
     return [{"params": ps, "lr": config.learning_rate * f} for f, ps in groups.items() if ps]
 
 
-def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the base learning rate, then constant."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-    )
+def constant_with_warmup(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, milestones: tuple[int, ...] = ()
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the base learning rate, then constant; 0.1x more from each step of `milestones` on."""
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        return warm * 0.1 ** sum(step >= m for m in milestones)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _ema_shadow(shadow: dict[str, torch.Tensor], model: nn.Module, checkpoints: Path) -> list[torch.Tensor]:
@@ -256,14 +270,17 @@ def train_loop(
     models: dict[str, nn.Module],
     dataset,
     collate_fn: Callable,
-    compute_losses: Callable[[dict, dict, torch.Generator], dict[str, torch.Tensor]],
+    compute_losses: Callable[[dict, dict, torch.Generator], dict[str, torch.Tensor]] | None = None,
     config: LoopConfig,
     log_extra: Callable[[], dict] | None = None,
+    update: Callable | None = None,
 ) -> LoopResult:
     """Train `models` (all of them trainable) for `config.max_steps` steps of `compute_losses`.
 
     `compute_losses(models, batch, generator)` gets the prepared (possibly DDP-wrapped) models and returns a
-    dict with the total under "loss" and its parts.
+    dict with the total under "loss" and its parts. A stage whose players take turns (a GAN) gives `update`
+    instead: `update(models, batch, generator, step, optimizer, backward)` makes the step's updates itself (each
+    `backward(loss)` then `optimizer.step()`, the gradients cleared between) and returns the same dict.
     Checkpoints go to `folder/checkpoints/<stage>/`, the log to `folder/log.jsonl`.
     """
     checkpoints = folder / "checkpoints" / stage
@@ -273,7 +290,7 @@ def train_loop(
     optimizer = torch.optim.AdamW(
         groups, lr=config.learning_rate, weight_decay=config.weight_decay, betas=tuple(map(float, config.betas))
     )
-    lr_scheduler = constant_with_warmup(optimizer, config.warmup_steps)
+    lr_scheduler = constant_with_warmup(optimizer, config.warmup_steps, tuple(config.lr_milestones))
     start, files = (
         resume(checkpoints, models, optimizer, lr_scheduler, accelerator.is_main_process) if config.resume else (0, {})
     )
@@ -336,17 +353,22 @@ def train_loop(
             while step < config.max_steps and not stop.requested:
                 batch = next(batches)
                 generator = step_generator(config.seed, step, accelerator.process_index, accelerator.device)
-                with accelerator.autocast():
-                    losses = compute_losses(wrapped, batch, generator)
+                if update is not None:
+                    with accelerator.autocast():
+                        losses = update(wrapped, batch, generator, step, optimizer, accelerator.backward)
+                else:
+                    with accelerator.autocast():
+                        losses = compute_losses(wrapped, batch, generator)
                 loss = losses["loss"]
                 if not torch.isfinite(loss.detach()).all():
                     kept = list_checkpoints(checkpoints)
                     where = f"{kept[-1]} is kept" if kept else "no checkpoint had been written yet"
                     raise NonFiniteLoss(f"loss: became {loss.item()} at step {step + 1}; stopped, {where}")
-                accelerator.backward(loss)
-                if config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
+                if update is None:
+                    accelerator.backward(loss)
+                    if config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 for name, average in ema.items():

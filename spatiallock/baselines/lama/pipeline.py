@@ -13,7 +13,7 @@ import torch
 
 from spatiallock.baselines.lama.config import CLASS_NAME
 from spatiallock.baselines.lama.generator import LamaGenerator
-from spatiallock.baselines.lama.masks import mask_entropy, normalise
+from spatiallock.baselines.lama.masks import entropy_terms, normalise
 from spatiallock.errors import SpatialLockError
 from spatiallock.layout import quoted
 from spatiallock.pipelines.protocol import LAYOUT_GAN
@@ -104,9 +104,11 @@ class LamaPipeline:
                     )
 
     def _noise(self, count: int, generator) -> dict[str, torch.Tensor]:
+        """The noise of `count` images, truncated as the model's config says (the authors' sampling)."""
         if generator is None:
             generator = [torch.Generator().manual_seed(i) for i in range(count)]
-        return self.generator.noise(count, generator if isinstance(generator, (list, tuple)) else [generator] * count)
+        generators = generator if isinstance(generator, (list, tuple)) else [generator] * count
+        return self.generator.noise(count, generators, truncation=self.generator.config.truncation)
 
     @torch.no_grad()
     def masks(self, layouts: Sequence, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +117,7 @@ class LamaPipeline:
         noise = self._noise(len(layouts), generator)
         labels, boxes, valid = self.generator.layout_tensors(labels, boxes, valid)
         mask, raw, _ = self.generator.masks(labels, boxes, valid, noise)
-        return mask, raw
+        return normalise(mask), raw
 
     @torch.no_grad()
     def __call__(self, layouts: Sequence, generator=None, **ignored) -> LamaOutput:
@@ -127,21 +129,30 @@ class LamaPipeline:
         return LamaOutput(pictures, mask, raw)
 
     def mask_entropy(self, layouts: Sequence, seed: int, per_layout: int = 1, batch: int = 64) -> dict[str, float]:
-        """Mean per-pixel mask entropy of the images `sampling.sample` draws for `layouts` with `seed`: of the
-        final (adapted, or only normalised) masks and of the raw masks normalised."""
+        """Mean per-pixel mask entropy (the paper's Eq. 5) of the images `sampling.sample` draws for `layouts`
+        with `seed`: of the final (adapted, or only normalised) masks and of the raw masks normalised, each with
+        the background object's part (its -p log p terms) apart: `mask_entropy` = `mask_entropy_objects` +
+        `mask_entropy_background` (the authors' COCO layouts have no whole-image object)."""
         from spatiallock.pipelines.seeding import image_generator, jobs_of
 
         jobs = jobs_of(layouts, per_layout)
-        adapted, raw = [], []
+        sums = {"": [], "_background": [], "_raw": [], "_raw_background": []}
         for start in range(0, len(jobs), batch):
             part = jobs[start : start + batch]
             mask, raw_mask = self.masks([layouts[i] for i, _ in part], [image_generator(seed, i, k) for i, k in part])
-            adapted.append(mask_entropy(mask))
-            raw.append(mask_entropy(normalise(raw_mask)))
-        return {
-            "mask_entropy": round(float(torch.cat(adapted).mean()), 4),
-            "mask_entropy_raw": round(float(torch.cat(raw).mean()), 4),
-        }
+            for suffix, m in (("", mask), ("_raw", normalise(raw_mask))):
+                terms = entropy_terms(m).mean(dim=(2, 3))  # (B, O + 1): each object's part, the background first
+                sums[suffix].append(terms.sum(dim=1))
+                sums[f"{suffix}_background"].append(terms[:, 0])
+        means = {key: float(torch.cat(values).mean()) for key, values in sums.items()}
+        report = {}
+        for suffix in ("", "_raw"):
+            report[f"mask_entropy{suffix}"] = round(means[suffix], 4)
+            report[f"mask_entropy{suffix}_background"] = round(means[f"{suffix}_background"], 4)
+            report[f"mask_entropy{suffix}_objects"] = round(means[suffix] - means[f"{suffix}_background"], 4)
+        if self.generator.adaption is not None:
+            report["adaption_strength"] = round(float(self.generator.adaption.alpha.detach().clamp(-1, 1)), 4)
+        return report
 
     def check_options(self, options, layouts: Sequence) -> None:
         """Refuse, in one line, the options only a diffusion model takes (`SamplingOptions.refuse_for`), another
