@@ -8,7 +8,10 @@ computes in benchmarks/results/synthetic.json (others are kept), so the table ca
 sessions, and redraws benchmarks/results/synthetic.png. A report of `spatiallock evaluate` on the same layouts
 and detector becomes a row with --report NAME=REPORT.json (the training-free rows are scored that way). A
 folder written by `train lama` in --row is the LAMA baseline (seed 003), scored the same way, with the mean
-per-pixel entropy of its semantic masks (`mask_entropy`; `mask_entropy_raw` before the adaption).
+per-pixel entropy of its semantic masks (`mask_entropy`; `mask_entropy_raw` before the adaption; each split
+into the background object's part and the objects') and its adaption strength. `--also-at 0.25` scores every
+row it computes a second time counting only detections from 0.25, the authors' protocol of LAMA
+(`ap_t025`, `miou_t025`).
 
     python benchmarks/synthetic.py --data data/shapes --base models/base --detector models/detector \\
         --row gligen=runs/gligen --row spatiallock=runs/spatiallock --limit 300 --train-steps 2000
@@ -39,6 +42,7 @@ from spatiallock.baselines.lama import LamaPipeline, is_lama_folder, mask_pictur
 from spatiallock.evaluation.detector import Detector
 from spatiallock.evaluation.reward import ImageJudge
 from spatiallock.evaluation.scoring import (
+    AUTHORS_THRESHOLD,
     DetectorFeatures,
     evaluate_pipeline,
     frechet_distance,
@@ -69,6 +73,16 @@ def second_opinion(second: Detector | None, images, layouts, folder: str | None)
         return {}
     scores, _, _ = score_images(second, images, layouts)
     return {"ap_second": round(scores["ap"], 4), "second_detector": folder}
+
+
+def at_threshold(detector: Detector, images, layouts, threshold: float | None) -> dict:
+    """`ap_tXXX` and `miou_tXXX` of `images` counting only detections scoring at least `threshold` (XXX its
+    hundredths: `ap_t025` at 0.25), or nothing without a threshold."""
+    if threshold is None:
+        return {}
+    scores, _, _ = score_images(detector, images, layouts, threshold)
+    suffix = f"t{round(threshold * 100):03d}"
+    return {f"ap_{suffix}": round(scores["ap"], 4), f"miou_{suffix}": round(scores["miou"], 4)}
 
 
 def parse_row(text: str) -> tuple[str, str | None, dict]:
@@ -184,6 +198,11 @@ def main(argv: list[str] | None = None) -> None:
         "else): each row computed also gets its AP as `ap_second`, so that a gain by a reward detector is not a "
         "gain only in that detector's eyes",
     )  # fmt: skip
+    parser.add_argument(
+        "--also-at", type=float, default=None, metavar="T",
+        help=f"score each row computed again counting only detections from T (ap_tXXX, miou_tXXX); "
+        f"{AUTHORS_THRESHOLD} is the authors' protocol of LAMA",
+    )  # fmt: skip
     parser.add_argument("--no-base", action="store_true", help="skip the `base` row")
     parser.add_argument("--no-real", action="store_true", help="skip the `real-images` row")
     parser.add_argument("--limit", type=int, default=300, help="validation layouts used (default: 300)")
@@ -224,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         scores["fd"] = frechet_distance(reference, images, DetectorFeatures(detector))
         row = {"variant": name, **{k: round(v, 4) for k, v in scores.items()}, **common, "note": note}
         row.update(second_opinion(second, images, layouts, args.second_detector))
+        row.update(at_threshold(detector, images, layouts, args.also_at))
         if name == "autoencoder":
             row["decoder"] = vae_fingerprint(Path(args.base))
         save_strip(images[: args.samples], layouts[: args.samples], name, samples_folder(out))
@@ -250,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     todo = ([] if args.no_base else [("base", None, {})]) + [parse_row(text) for text in args.row]
     for name, folder, options in todo:
         if folder is not None and is_lama_folder(folder):
-            lama_row(name, folder, options, layouts, detector, real, common, args)
+            lama_row(name, folder, options, layouts, detector, real, common, args, second)
             continue
         pipe.set_adapter(None if folder is None else load_adapter(folder))
         pipe.set_judge(None if options.get("judge") is None else ImageJudge.from_pretrained(options["judge"]))
@@ -260,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         save_strip(images[: args.samples], layouts[: args.samples], name, samples_folder(out))
         row = {"variant": name, **{k: report[k] for k in METRICS}, "seconds_per_image": report["seconds_per_image"]}
         row.update(second_opinion(second, images, layouts, args.second_detector))
+        row.update(at_threshold(detector, images, layouts, args.also_at))
         row.update(common, adapter=folder, options=options, decoder=decoder)
         if folder is not None:
             saved = Path(folder) / "train" / "config.json"
@@ -283,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{row['variant']:28s} {values}  {row.get('seconds_per_image', float('nan')):.3f}")
 
 
-def lama_row(name, folder, options, layouts, detector, real, common: dict, args) -> None:
+def lama_row(name, folder, options, layouts, detector, real, common: dict, args, second=None) -> None:
     """Score the LAMA model in `folder` as row `name`: the same layouts, seed and detector as every row."""
     pipe = LamaPipeline.from_pretrained(folder)
     sampling = SamplingOptions(seed=args.seed, **options)
@@ -294,15 +315,20 @@ def lama_row(name, folder, options, layouts, detector, real, common: dict, args)
     save_mask_strips(pipe, layouts[: args.samples], args.seed, name, samples_folder(out))
     lama_figure(samples_folder(out), out.with_name("lama.png"))
     row = {"variant": name, **{k: report[k] for k in METRICS}, "seconds_per_image": report["seconds_per_image"]}
+    row.update(at_threshold(detector, images, layouts, args.also_at))
+    row.update(second_opinion(second, images, layouts, args.second_detector))
     row.update(common, sampling_steps=None, guidance=None, model=folder, options=options)
-    row.update(mask_entropy=report["mask_entropy"], mask_entropy_raw=report["mask_entropy_raw"])
-    row["adaption_strength"] = (
-        round(float(pipe.generator.adaption.alpha.detach()), 4) if pipe.generator.adaption is not None else None
-    )
+    row.update({k: v for k, v in report.items() if k.startswith("mask_entropy")})
+    row["adaption_strength"] = report.get("adaption_strength")  # clamped to [-1, 1], as the model uses it
     saved = Path(folder) / "train" / "config.json"
     config = json.loads(saved.read_text()) if saved.is_file() else {}
     row["train_steps"] = config.get("loop", {}).get("max_steps")
-    row["recipe"] = {"model": "lama", "adaption": pipe.generator.config.adaption}
+    model = pipe.generator.config
+    row["recipe"] = {
+        "model": "lama", "architecture": model.architecture, "adaption": model.adaption,
+        "local_query": model.local_query if model.adaption else None, "truncation": model.truncation,
+        "channels": model.channels, "d_channels": model.d_channels,
+    }  # fmt: skip
     write_row(out, row, args)
     print(f"{name}: {row}  ({time.perf_counter() - start:.0f} s)")
 

@@ -169,7 +169,7 @@ def test_synthetic_scores_every_kind_of_row_and_draws_its_figures(
     out = tmp_path / "results" / "synthetic.json"
     argv = ["--data", str(tiny_shapes), "--base", str(tiny_small_base), "--detector", str(detector),
             "--row", f"spatiallock={adapter}", "--row", f"lama={lama}", "--limit", "2", "--steps", "2",
-            "--samples", "2", "--train-steps", "2", "--out", str(out)]  # fmt: skip
+            "--samples", "2", "--train-steps", "2", "--out", str(out), "--also-at", "0.25"]  # fmt: skip
     synthetic.main(argv)
     result = json.loads(out.read_text())
     assert result["train_steps"] == 2 and result["detector"] == str(detector)
@@ -187,6 +187,14 @@ def test_synthetic_scores_every_kind_of_row_and_draws_its_figures(
     assert trained["recipe"]["variant"] == "spatiallock" and 0.0 < trained["sd_v1_4_ratio"] < 2.0
     assert trained["seconds_per_image"] > 0
     assert rows["lama"]["recipe"]["model"] == "lama" and math.isfinite(rows["lama"]["mask_entropy"])
+    lama_row = rows["lama"]
+    assert lama_row["mask_entropy_objects"] + lama_row["mask_entropy_background"] == pytest.approx(
+        lama_row["mask_entropy"], abs=2e-4
+    )
+    assert lama_row["adaption_strength"] == 0.0 and lama_row["recipe"]["local_query"] is True
+    for name in rows:  # the authors' protocol beside this project's: counting only detections from 0.25
+        assert_share(rows[name]["ap_t025"])
+        assert_share(rows[name]["miou_t025"])
     assert_chart(out.with_suffix(".png"))
     samples = out.with_name("synthetic_samples")
     strips = {"real-images", "autoencoder", "base", "spatiallock", "lama", "lama_masks", "lama_raw_masks", "layouts"}

@@ -79,6 +79,16 @@ def test_low_scores_do_not_count_for_miou():
     assert scores["ap"] == pytest.approx(1.0)  # AP ranks by score and uses every detection
 
 
+def test_a_score_threshold_counts_only_detections_from_it_for_ap_and_miou():
+    weak = [found(LAYOUTS[0].boxes, [1, 2], [0.2, 0.9]), found(LAYOUTS[1].boxes, [7], [0.27])]
+    default, _, _ = score_images(FixedDetector(weak), images(), LAYOUTS)
+    authors, objects, counted = score_images(FixedDetector(weak), images(), LAYOUTS, score_threshold=0.25)
+    assert default["ap"] == pytest.approx(1.0) and default["miou"] == pytest.approx(1 / 3)  # mIoU from 0.3
+    assert authors["ap"] < 0.9  # the circle at 0.2 is no longer found
+    assert [o["iou"] for o in objects] == pytest.approx([0.0, 1.0, 1.0])  # the triangle at 0.27 now counts
+    assert [len(found["scores"]) for found in counted] == [1, 1] and counted[0]["names"] == ["blue square"]
+
+
 def test_a_label_the_detector_does_not_know_is_named():
     layouts = [Layout("a purple star", ("purple star",), ((0.1, 0.1, 0.5, 0.5),))]
     with pytest.raises(SpatialLockError, match=r"layouts\[0\]\.objects\[0\]\.label: 'purple star' is not a category"):

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from spatiallock.baselines.lama import (
+    BatchGroupNorm,
+    IslaNorm,
     LamaConfig,
     LamaDiscriminator,
     LamaGenerator,
@@ -53,21 +55,141 @@ def test_masks_land_in_their_boxes_only() -> None:
     assert placed[0, 1, 8:, :8].min() > 0.2 and placed[0, 1, :8].abs().max() == 0
 
 
-def test_adaption_at_strength_zero_is_the_raw_mask_normalised_and_always_a_distribution() -> None:
+def test_adaption_starts_as_the_raw_mask_and_its_strength_is_used_clamped() -> None:
     torch.manual_seed(0)
-    adaption = MaskAdaption(object_dim=12)
+    adaption = MaskAdaption(object_dim=18).eval()  # eval: the spectral norms' power iteration holds still
     raw = torch.rand(2, 4, 16, 16)
     raw[:, 0] += 0.01  # the background covers every pixel
     raw[1, 3] = 0  # a padded slot
-    objects = torch.randn(2, 4, 12)
-    assert float(adaption.alpha.detach()) == 0.0  # how it starts
-    assert torch.equal(adaption(raw, objects), normalise(raw))
-    with torch.no_grad():
-        adaption.alpha.fill_(3.0)
-    adapted = adaption(raw, objects)
-    assert not torch.allclose(adapted, normalise(raw), atol=1e-3)  # the strength changes it
+    objects = torch.randn(2, 4, 18)
+    assert float(adaption.alpha.detach()) == 0.0  # how it starts: tanh(0) + 1 = 1
+    assert torch.equal(adaption(raw, objects), raw)
+    outputs = {}
+    for alpha in (0.5, 1.0, 3.0, -1.0, -3.0):
+        with torch.no_grad():
+            adaption.alpha.fill_(alpha)
+        outputs[alpha] = adaption(raw, objects)
+    assert not torch.allclose(outputs[0.5], raw, atol=1e-3)  # the strength changes it
+    assert not torch.allclose(outputs[0.5], outputs[1.0], atol=1e-4)
+    assert torch.equal(outputs[3.0], outputs[1.0]) and torch.equal(outputs[-3.0], outputs[-1.0])  # clamped
+    adapted = normalise(outputs[1.0])
     torch.testing.assert_close(adapted.sum(dim=1), torch.ones(2, 16, 16))
     assert adapted.min() >= 0 and adapted[1, 3].abs().max() == 0  # nothing goes to an object that is not there
+
+
+def test_local_query_is_the_pixel_query_at_first_and_a_5x5_neighbourhood_once_the_gates_open() -> None:
+    torch.manual_seed(0)
+    adaption = MaskAdaption(object_dim=18).eval()  # d' = 4 query channels
+    side, c = 63, 31
+    query = torch.randn(1, 4, side, side)
+    assert torch.equal(adaption.local(query), query)  # gates at 0: matching on the pixel query alone
+    with torch.no_grad():
+        for block in adaption.local:
+            block.gate.fill_(1.0)
+        centre = adaption.local(query)[..., c, c]
+    assert not torch.allclose(centre, query[..., c, c], atol=1e-3)  # open gates: no longer the pixel query
+
+    @torch.no_grad()
+    def change_at_centre(y: int, x: int) -> float:
+        """How much the centre's local query moves when pixel (y, x) of the pixel query trades places with the
+        corner's: the map's values stay the same, so GroupNorm's statistics over the whole map barely move."""
+        swapped = query.clone()
+        swapped[..., y, x], swapped[..., 0, 0] = query[..., 0, 0], query[..., y, x]
+        return float((adaption.local(swapped)[..., c, c] - centre).abs().max())
+
+    for dy, dx in ((2, 2), (-2, 0), (0, 2), (1, -2), (-2, -2)):  # inside the 5 x 5 neighbourhood
+        assert change_at_centre(c + dy, c + dx) > 1e-2, (dy, dx)
+    for dy, dx in ((3, 3), (-3, 0), (0, 3), (2, -3), (5, 0), (-9, 4)):  # outside: only through the statistics
+        assert change_at_centre(c + dy, c + dx) < 1e-3, (dy, dx)
+
+
+def test_the_pixel_query_ablation_matches_without_a_local_query() -> None:
+    torch.manual_seed(0)
+    adaption = MaskAdaption(object_dim=18, local_query=False).eval()
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in adaption.modules())
+    raw, objects = torch.rand(1, 3, 8, 8), torch.randn(1, 3, 18)
+    with torch.no_grad():
+        adaption.alpha.fill_(1.0)
+    match = torch.einsum("bok,bkhw->bohw", adaption.key(objects), adaption.pixel_query(raw, objects))
+    torch.testing.assert_close(adaption(raw, objects), (torch.tanh(match) + 1) * raw)
+
+
+def test_batch_group_norm_is_batch_norm_at_rho_0_and_group_norm_at_rho_1() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 6, 6) * 3 + 1
+    norm = BatchGroupNorm(16)
+    assert float(norm.rho.detach()) == pytest.approx(0.1) and norm.group.num_groups == 4  # the authors' start
+    batch = torch.nn.BatchNorm2d(16, affine=False)(x)
+    group = torch.nn.GroupNorm(4, 16, affine=False)(x)
+    for rho, expected in ((0.0, batch), (1.0, group), (-0.5, batch), (1.5, group)):  # rho used in [0, 1]
+        with torch.no_grad():
+            norm.rho.fill_(rho)
+        torch.testing.assert_close(norm(x), expected)
+    with torch.no_grad():
+        norm.rho.fill_(0.25)
+    torch.testing.assert_close(norm(x), 0.75 * batch + 0.25 * group)
+
+
+def test_isla_norm_is_the_plain_normalisation_until_its_gate_opens() -> None:
+    torch.manual_seed(0)
+    isla = IslaNorm(8, style_dim=6).eval()  # eval: the spectral norms' power iteration holds still
+    x, styles = torch.randn(2, 8, 8, 8), torch.randn(2, 3, 6)
+    mask = torch.rand(2, 3, 16, 16)
+    assert float(isla.gate.detach()) == 0.0
+    assert torch.equal(isla(x, styles, mask), isla.norm(x))  # the modulation at gate 0 is the identity
+    with torch.no_grad():
+        isla.gate.fill_(0.5)
+    assert not torch.allclose(isla(x, styles, mask), isla.norm(x), atol=1e-3)
+    with torch.no_grad():
+        isla.gate.fill_(4.0)
+    high = isla(x, styles, mask)
+    with torch.no_grad():
+        isla.gate.fill_(1.0)
+    torch.testing.assert_close(high, isla(x, styles, mask))  # the gate is used clamped to [-1, 1]
+
+
+def test_spectral_norm_is_on_every_convolution_and_linear_layer_of_both_players() -> None:
+    from torch.nn.utils import parametrize
+
+    config = tiny_config()
+    for model in (LamaGenerator(config), LamaDiscriminator(config)):
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        assert len(layers) > 10
+        for name, layer in layers:
+            assert parametrize.is_parametrized(layer, "weight"), name
+            assert type(layer.parametrizations.weight[0]).__name__ == "_SpectralNorm", name
+    discriminator = LamaDiscriminator(config)
+    assert parametrize.is_parametrized(discriminator.projection, "weight")  # the class projection too
+
+
+def test_orthogonal_initialisation_and_the_authors_starting_values() -> None:
+    generator = LamaGenerator(tiny_config())
+    weight = generator.fc.parametrizations.weight.original  # (out, in), out > in: orthonormal columns
+    torch.testing.assert_close(weight.T @ weight, torch.eye(weight.shape[1]), atol=1e-5, rtol=0)
+    assert float(generator.fc.bias.detach().abs().max()) == 0.0
+    # the noise weights are softplus(s); s is made zero, then (four dimensions: (1, C, 1, 1)) the orthogonal
+    # initialisation makes it a random unit vector, as the authors' init_parameter does: weights near log 2
+    noise = generator.blocks[0].noise1
+    assert float(noise.seed.detach().norm()) == pytest.approx(1.0, abs=1e-5)
+    x = torch.zeros(1, noise.seed.shape[1], 4, 4)
+    weights = noise(x, torch.ones(1, 1, 4, 4))[0, :, 0, 0]
+    assert torch.all((weights > math.log1p(math.exp(-1))) & (weights < math.log1p(math.e)))
+    gates = [m.gate for m in generator.modules() if hasattr(m, "gate")]
+    assert len(gates) > 5 and all(float(g.detach()) == 0.0 for g in gates)
+
+
+def test_sampling_noise_is_truncated_as_the_authors_sample() -> None:
+    generator = LamaGenerator(tiny_config(max_objects=8, z_dim=64, image_z_dim=64))
+    plain = generator.noise(64, torch.Generator().manual_seed(0))
+    cut = generator.noise(64, torch.Generator().manual_seed(0), truncation=0.5)
+    for key in ("objects", "image"):
+        beyond_plain = float((plain[key].abs() > 0.5).float().mean())
+        beyond_cut = float((cut[key].abs() > 0.5).float().mean())
+        assert beyond_plain == pytest.approx(0.617, abs=0.03)  # P(|z| > 0.5)
+        assert beyond_cut == pytest.approx(0.617**2, abs=0.03)  # drawn again once: beyond twice
+    maps = float((cut["block0"].abs() > 0.5).float().mean())
+    assert maps == pytest.approx(0.617, abs=0.03)  # the noise injection maps are not truncated
+    assert generator.config.truncation == 2.0
 
 
 def test_mask_entropy_is_zero_for_a_clear_mask_and_log_m_for_a_uniform_one() -> None:
@@ -125,8 +247,9 @@ def test_save_and_load_reproduce_an_image_exactly(tmp_path: Path, one_thread) ->
     generator = LamaGenerator(tiny_config())
     with torch.no_grad():  # trained-looking weights: strength and residuals away from their zero start
         generator.adaption.alpha.fill_(0.7)
-        for block in generator.blocks:
-            block.rezero.fill_(0.5)
+        for module in generator.modules():
+            if hasattr(module, "gate"):
+                module.gate.fill_(0.5)
     generator.eval().save_pretrained(tmp_path / "lama")
     layouts = [Layout("", ["red circle", "green triangle"], [(0.1, 0.1, 0.5, 0.6), (0.4, 0.3, 0.9, 0.9)])]
     seeds = lambda: [torch.Generator().manual_seed(5)]  # noqa: E731
@@ -135,6 +258,18 @@ def test_save_and_load_reproduce_an_image_exactly(tmp_path: Path, one_thread) ->
     assert first.size == (32, 32) and first.tobytes() == again.tobytes()
     other = LamaPipeline(generator)(layouts, generator=[torch.Generator().manual_seed(6)]).images[0]
     assert other.tobytes() != first.tobytes()  # the noise matters: the test could fail
+
+
+def test_a_folder_of_the_earlier_lama_build_is_refused_in_one_line(tmp_path: Path) -> None:
+    generator = LamaGenerator(tiny_config())
+    generator.save_pretrained(tmp_path / "lama")
+    LamaGenerator.from_pretrained(tmp_path / "lama")  # this build's folder loads
+    config = json.loads((tmp_path / "lama" / "config.json").read_text())
+    del config["architecture"]  # as the build before the authors' modules wrote it
+    (tmp_path / "lama" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SpatialLockError, match="earlier build of LAMA .* train it again") as caught:
+        LamaGenerator.from_pretrained(tmp_path / "lama")
+    assert "\n" not in str(caught.value)
 
 
 def test_pipeline_refuses_unknown_labels_and_too_many_objects() -> None:
@@ -147,13 +282,18 @@ def test_pipeline_refuses_unknown_labels_and_too_many_objects() -> None:
 
 def test_train_lama_then_generate_with_masks_and_evaluate(tiny_shapes: Path, tmp_path: Path, capsys, one_thread):
     out = tmp_path / "lama"
-    small = ["--max-steps", "2", "--batch-size", "4", "--no-progress", "--resolution", "32", "--channels", "4"]
+    small = ["--max-steps", "2", "--batch-size", "4", "--no-progress", "--resolution", "32", "--channels", "4",
+             "--generator-delay", "1"]  # fmt: skip
     train = ["train", "lama", "--data", str(tiny_shapes)]
+    # 16 images at batch 4: an epoch of 4 steps, which the authors' 31 held steps would leave the generator none of
+    assert main([*train, "--out", str(tmp_path / "held"), *small[:-2]]) == 2
+    assert "--generator-delay: holding the generator for 31 steps" in capsys.readouterr().err
     assert main([*train, "--out", str(out), "--checkpoint-every", "1", *small]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["_class_name"] == "LamaGenerator" and config["adaption"] is True and config["image_size"] == 32
     log = [json.loads(line) for line in (out / "train" / "log.jsonl").read_text().splitlines()]
-    assert {"d_loss", "g_loss", "d_object", "g_object"} <= set(log[-1])
+    assert {"d_loss", "g_loss", "d_object", "g_object"} <= set(log[-1])  # step 2: the generator's turn
+    assert config["d_channels"] == 2 and config["local_query"] is True and config["truncation"] == 2.0
     # resumed with more steps: continues from step 2
     assert main(["train", "lama", "--data", str(tiny_shapes), "--out", str(out), "--resume", *small[2:],
                  "--max-steps", "3"]) == 0  # fmt: skip
@@ -163,6 +303,9 @@ def test_train_lama_then_generate_with_masks_and_evaluate(tiny_shapes: Path, tmp
     control = tmp_path / "control"
     assert main(["train", "lama", "--data", str(tiny_shapes), "--out", str(control), "--no-adaption", *small]) == 0
     assert json.loads((control / "config.json").read_text())["adaption"] is False
+    pixel = tmp_path / "pixel"
+    assert main([*train, "--out", str(pixel), "--pixel-query", *small[2:], "--max-steps", "1"]) == 0
+    assert json.loads((pixel / "config.json").read_text())["local_query"] is False
 
     val = tiny_shapes / "instances_val.json"
     images = tmp_path / "images"
@@ -174,10 +317,16 @@ def test_train_lama_then_generate_with_masks_and_evaluate(tiny_shapes: Path, tmp
         p.name for p in images.iterdir()
     }
     report = tmp_path / "report.json"
-    assert main(["evaluate", "--model", str(out), "--detector", "default", "--layouts", str(val), "--out", str(report),
-                 "--no-progress"]) == 0  # fmt: skip
+    evaluate = ["evaluate", "--model", str(out), "--detector", "default", "--layouts", str(val), "--out", str(report)]
+    assert main([*evaluate, "--no-progress", "--score-threshold", "0.25"]) == 0
     scores = json.loads(report.read_text())
     assert 0.0 <= scores["mask_entropy"] <= math.log(9) and scores["steps"] is None
+    assert scores["score_threshold"] == 0.25  # the authors' protocol, recorded
+    parts = scores["mask_entropy_objects"] + scores["mask_entropy_background"]
+    assert parts == pytest.approx(scores["mask_entropy"], abs=2e-4) and scores["adaption_strength"] == 0.0
+    capsys.readouterr()
+    assert main([*evaluate, "--no-progress", "--score-threshold", "1.5"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--score-threshold: must be 0 to 1, got 1.5")
     dataset = tmp_path / "dataset"
     assert main(["generate-dataset", "--model", str(out), "--layouts", str(val), "--out", str(dataset),
                  "--no-progress"]) == 0  # fmt: skip
@@ -190,7 +339,8 @@ def test_train_lama_then_generate_with_masks_and_evaluate(tiny_shapes: Path, tmp
     assert not refused.exists()
 
 
-def test_learning_rates_per_player_and_for_the_adaption_strength() -> None:
+def test_learning_rates_per_player_and_per_parameter_as_the_authors_set_them() -> None:
+    from spatiallock.training.lama import LR_SCALES
     from spatiallock.training.loop import LoopConfig, param_groups
 
     generator, discriminator = LamaGenerator(tiny_config()), LamaDiscriminator(tiny_config())
@@ -199,10 +349,75 @@ def test_learning_rates_per_player_and_for_the_adaption_strength() -> None:
     config = LoopConfig(
         max_steps=1,
         learning_rate=1e-4,
-        lr_scales=(("adaption.alpha", 100.0),),
+        lr_scales=(("generator.adaption.alpha", 100.0), *LR_SCALES),
         model_lr_scales=(("discriminator", 3.0),),
     )
     rates = {id(p): group["lr"] for group in param_groups(named, config) for p in group["params"]}
     assert rates[id(generator.adaption.alpha)] == pytest.approx(1e-2)
-    assert rates[id(generator.fc.weight)] == pytest.approx(1e-4)
-    assert all(rates[id(p)] == pytest.approx(3e-4) for p in discriminator.parameters())
+    assert rates[id(generator.fc.parametrizations.weight.original)] == pytest.approx(1e-4)
+    assert rates[id(generator.blocks[0].norm1.norm.rho)] == pytest.approx(1e-5)  # rho at 0.1x
+    assert all(rates[id(p)] == pytest.approx(1e-5) for p in generator.style_mapping.parameters())
+    assert rates[id(generator.blocks[0].gate)] == pytest.approx(1e-4)
+    gates = {id(m.gate) for m in discriminator.modules() if hasattr(m, "gate")}
+    assert len(gates) == len(discriminator.trunk) + 1
+    for p in discriminator.parameters():  # 3x the generator's; its gates at 0.2x of that
+        assert rates[id(p)] == pytest.approx(6e-5 if id(p) in gates else 3e-4)
+
+
+def test_learning_rates_drop_tenfold_at_60_and_80_percent_and_the_generator_waits_each_epoch() -> None:
+    from spatiallock.training.lama import generator_trains, lr_milestones
+    from spatiallock.training.loop import constant_with_warmup
+
+    assert lr_milestones(3000) == (1800, 2400)
+    parameter = torch.nn.Parameter(torch.zeros(()))
+    optimizer = torch.optim.Adam([parameter], lr=1.0)
+    scheduler = constant_with_warmup(optimizer, 0, lr_milestones(10))
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([1.0] * 6 + [0.1] * 2 + [0.01] * 2)
+    trains = [generator_trains(step, steps_per_epoch=40, delay=31) for step in range(80)]
+    assert trains == ([False] * 31 + [True] * 9) * 2  # held for the first 31 steps of every epoch
+
+
+def test_a_training_step_updates_the_discriminator_then_the_generator_through_the_updated_one(one_thread) -> None:
+    import copy
+
+    from spatiallock.training.lama import lama_step
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    generator, discriminator = LamaGenerator(config), LamaDiscriminator(config)
+    labels, boxes, valid = layout_batch()
+    batch = {"category_ids": labels, "boxes": boxes, "masks": valid, "pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1}
+    copies = [(copy.deepcopy(generator), copy.deepcopy(discriminator)) for _ in range(2)]
+
+    def adam(*modules):
+        return torch.optim.Adam([p for m in modules for p in m.parameters()], lr=1e-2, betas=(0.0, 0.999))
+
+    lama_step(generator, discriminator, batch, torch.Generator().manual_seed(3), adam(generator, discriminator))
+
+    def manual(g, d, generator_first: bool):
+        """Two steps by hand: the discriminator's on real and detached fakes, then the generator's on the same
+        fakes; `generator_first` scores the fakes with the discriminator before its update instead."""
+        fake, _, _ = g(labels, boxes, valid, g.noise(2, torch.Generator().manual_seed(3)))
+        g_opt, d_opt = adam(g), adam(d)
+        stale = generator_loss(d, fake, labels, boxes, valid)["loss"] if generator_first else None
+        discriminator_loss(d, batch["pixel_values"], fake, labels, boxes, valid)["loss"].backward()
+        d_opt.step()
+        g_opt.zero_grad()
+        (stale if generator_first else generator_loss(d, fake, labels, boxes, valid)["loss"]).backward()
+        g_opt.step()
+
+    manual(*copies[0], generator_first=False)
+    manual(*copies[1], generator_first=True)
+    for name, model, alternating, stale in (
+        ("discriminator", discriminator, copies[0][1], copies[1][1]),
+        ("generator", generator, copies[0][0], copies[1][0]),
+    ):
+        for (n, p), q in zip(model.named_parameters(), alternating.parameters()):
+            torch.testing.assert_close(p, q, msg=f"{name}.{n}")
+    moved = [not torch.allclose(p, q) for p, q in zip(generator.parameters(), copies[1][0].parameters())]
+    assert any(moved)  # through a stale discriminator the generator would have moved elsewhere

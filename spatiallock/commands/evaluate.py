@@ -19,7 +19,12 @@ LAYOUTS is a layout JSON (one or a list) or a COCO instances file. Real images f
 split folder beside a COCO file (data/shapes/instances_val.json -> data/shapes/val/) or from --real DIR.
 Writes REPORT.json and a picture REPORT.png: each requested layout beside the generated image with its
 detections drawn. MODEL may be a LAMA folder (`train lama`); its report adds mask_entropy, the mean per-pixel
-entropy of its semantic masks (mask_entropy_raw: before the adaption).
+entropy of its semantic masks (mask_entropy_raw: before the adaption; each also split into the background
+object's part and the objects'), and adaption_strength.
+
+By default AP counts every detection the detector keeps (from 0.05, ranked by score) and miou those scoring
+0.3. --score-threshold T counts only detections scoring at least T, for both; LAMA's authors score with T =
+0.25 (darknet's default confidence). The report records which (score_threshold: null for the default).
 
 examples:
   spatiallock evaluate --model default --detector default --layouts examples/two_shapes.json --out r.json
@@ -63,6 +68,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise SpatialLockError(f"--per-layout: must be at least 1, got {args.per_layout}")
     if args.limit is not None and args.limit < 1:
         raise SpatialLockError(f"--limit: must be at least 1, got {args.limit}")
+    if args.score_threshold is not None and not 0.0 <= args.score_threshold <= 1.0:
+        raise SpatialLockError(f"--score-threshold: must be 0 to 1, got {args.score_threshold}")
     out = Path(args.out)
     if out.suffix.lower() != ".json":
         raise SpatialLockError(f"--out: {out} should name a .json report")
@@ -86,7 +93,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     total = len(layouts) * args.per_layout
     with tqdm(total=total, unit="img", desc="evaluate", disable=args.no_progress) as bar:
         report, images, asked, objects, detections = evaluate_pipeline(
-            pipe, detector, layouts, options, args.per_layout, real, args.fid_weights, bar
+            pipe, detector, layouts, options, args.per_layout, real, args.fid_weights, bar, args.score_threshold
         )
     report = {
         "model": args.model, "adapter": args.adapter, "detector": args.detector, "layouts": str(args.layouts),
@@ -119,6 +126,11 @@ def register(subparsers) -> None:
     parser.add_argument("--per-layout", type=int, default=1, metavar="K", help="images per layout (default: 1)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N layouts")
     parser.add_argument("--real", default=None, metavar="DIR", help="folder of real images of the domain, for fd")
+    parser.add_argument(
+        "--score-threshold", type=float, default=None, metavar="T",
+        help="count only detections scoring at least T, for ap and miou (LAMA's authors: 0.25; default: every "
+        "detection for ap, 0.3 for miou)",
+    )  # fmt: skip
     parser.add_argument(
         "--fid-weights", default=None, metavar="PATH", help="local Inception weights file: also report FID"
     )

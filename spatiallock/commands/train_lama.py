@@ -28,8 +28,33 @@ example:
 """
 
 
+def lr_drops(args: argparse.Namespace) -> tuple[int, ...]:
+    """The steps from which the learning rates drop 10x: --lr-drops; else those a resumed run recorded (so that
+    a longer --max-steps on --resume does not move them); else 60 % and 80 % of --max-steps."""
+    import json
+    from pathlib import Path
+
+    from spatiallock.training.lama import lr_milestones
+
+    if args.lr_drops is not None:
+        try:
+            steps = tuple(int(part) for part in args.lr_drops.split(",") if part.strip())
+        except ValueError:
+            raise SpatialLockError(f"--lr-drops: comma-separated step numbers, got {args.lr_drops!r}") from None
+        if any(step < 1 for step in steps):
+            raise SpatialLockError(f"--lr-drops: steps must be at least 1, got {args.lr_drops!r}")
+        return steps
+    recorded = Path(args.out) / "train" / "config.json"
+    if args.resume and recorded.is_file():
+        try:
+            return tuple(json.loads(recorded.read_text(encoding="utf-8"))["loop"]["lr_milestones"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable: the resume check names the problem
+    return lr_milestones(args.max_steps)
+
+
 def run_lama(args: argparse.Namespace) -> int:
-    from spatiallock.training.lama import LR_SCALES, LamaTrainConfig, lr_milestones, train_lama
+    from spatiallock.training.lama import LR_SCALES, LamaTrainConfig, train_lama
 
     check_number("--flip-prob", args.flip_prob, 0.0, 1.0)
     check_number("--d-lr-scale", args.d_lr_scale, 0.0, 1e3, open_low=True)
@@ -48,7 +73,7 @@ def run_lama(args: argparse.Namespace) -> int:
         raise SpatialLockError(f"--resolution: one of 32, 64, 128, 256, got {args.resolution}")
     loop = loop_config(args, args.max_steps, args.batch_size, args.lr)
     loop.betas, loop.max_grad_norm, loop.model_lr_scales = (0.0, 0.999), 0.0, (("discriminator", args.d_lr_scale),)
-    loop.lr_scales, loop.lr_milestones = LR_SCALES, lr_milestones(args.max_steps)
+    loop.lr_scales, loop.lr_milestones = LR_SCALES, lr_drops(args)
     config = LamaTrainConfig(
         data=args.data, out=args.out, split=args.split, flip_prob=args.flip_prob, adaption=not args.no_adaption,
         local_query=not args.pixel_query, resolution=args.resolution, max_objects=args.max_objects,
@@ -94,6 +119,11 @@ def register(sub) -> None:
     lama.add_argument(
         "--generator-delay", type=int, default=31, metavar="N",
         help="steps at the start of every epoch in which only the discriminator learns (default: 31, the authors')",
+    )  # fmt: skip
+    lama.add_argument(
+        "--lr-drops", default=None, metavar="STEP,STEP",
+        help="steps from which the learning rates drop 10x each (default: 60 %% and 80 %% of --max-steps, the "
+        "authors' epochs 120 and 160 of 200; a resumed run keeps the ones it recorded)",
     )  # fmt: skip
     add_loop_options(lama, steps=3000, batch=32, lr=1e-4)
     lama.set_defaults(func=run_lama)

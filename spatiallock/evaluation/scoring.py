@@ -1,7 +1,10 @@
 """Layout fidelity of generated images, scored by a detector against the layouts they were asked for.
 
 - `ap`, `ap50`, `ap75`: COCO box AP (pycocotools) of the detections against the requested boxes (the
-  "YOLO score" of LAMA / seed 003, with the project's own detector for the synthetic domain);
+  "YOLO score" of LAMA / seed 003, with the project's own detector for the synthetic domain). By default every
+  detection the detector keeps (from its config's threshold, 0.05) counts, ranked by score; with a
+  `score_threshold` T only those scoring at least T count, for AP and mIoU alike (T = 0.25 is the authors' of
+  LAMA: darknet's default confidence);
 - `miou`: per requested object, the best IoU with a detection of its class (scoring at least
   `score_threshold`), 0 when there is none, averaged over all requested objects;
 - `miou_any`: the same with a detection of any class: where objects land, whether or not the detector can
@@ -28,6 +31,16 @@ from spatiallock.layout import Layout, quoted
 from spatiallock.sampling import SamplingOptions, sample
 
 SCORE_THRESHOLD = 0.3  # detections below it do not count for miou (AP uses them all, ranked by score)
+AUTHORS_THRESHOLD = 0.25  # LAMA's YOLO score keeps detections from darknet's default confidence
+
+
+def confident(found: dict, threshold: float) -> dict:
+    """The detections of one image that score at least `threshold`."""
+    keep = found["scores"] >= threshold
+    out = {k: v[keep] for k, v in found.items() if torch.is_tensor(v) and v.shape[:1] == keep.shape}
+    if "names" in found:
+        out["names"] = [name for name, k in zip(found["names"], keep.tolist()) if k]
+    return {**found, **out}
 
 
 class DetectorFeatures(nn.Module):
@@ -57,33 +70,39 @@ def score_images(
     detector: Detector,
     images: Sequence[Image.Image],
     layouts: Sequence[Layout],
-    score_threshold: float = SCORE_THRESHOLD,
+    score_threshold: float | None = None,
 ) -> tuple[dict, list[dict], list[dict]]:
     """Detect on `images` (one per layout) and score against the layouts.
 
-    Returns ({"ap", "ap50", "ap75", "miou", "miou_any"}, per-object records, the detections).
+    `score_threshold`: None for this project's protocol (AP from every detection the detector keeps, mIoU from
+    those scoring `SCORE_THRESHOLD`); a number T keeps only detections scoring at least T for both (the
+    authors' of LAMA: `AUTHORS_THRESHOLD`). Returns ({"ap", "ap50", "ap75", "miou", "miou_any"}, per-object
+    records, the detections counted).
     """
     if len(images) != len(layouts):
         raise ValueError(f"{len(images)} images for {len(layouts)} layouts")
     ids = category_ids(detector, layouts)
     detections = detector.detect(list(images))
+    if score_threshold is not None:
+        detections = [confident(found, score_threshold) for found in detections]
+    miou_threshold = SCORE_THRESHOLD if score_threshold is None else score_threshold
     sizes = [image.size for image in images]
     instances = {"images": [], "annotations": [], "categories": detector.config.categories}
     objects = []
     for n, (layout, found, (width, height)) in enumerate(zip(layouts, detections, sizes)):
         instances["images"].append({"id": n + 1, "width": width, "height": height})
-        confident = found["scores"] >= score_threshold
+        sure = found["scores"] >= miou_threshold
         for label, box in zip(layout.labels, layout.boxes):
             x0, y0, x1, y1 = box
             bbox = [x0 * width, y0 * height, (x1 - x0) * width, (y1 - y0) * height]
             instances["annotations"].append({"image_id": n + 1, "category_id": ids[label], "bbox": bbox})
             ious = box_iou(torch.tensor([box], dtype=torch.float32), found["boxes"].float().reshape(-1, 4))[0]
-            same = confident & (found["labels"] == ids[label])
+            same = sure & (found["labels"] == ids[label])
             iou, score = 0.0, None
             if same.any():
                 best = int(torch.where(same, ious, -1.0).argmax())
                 iou, score = float(ious[best]), float(found["scores"][best])
-            iou_any = float(ious[confident].max()) if confident.any() else 0.0
+            iou_any = float(ious[sure].max()) if sure.any() else 0.0
             objects.append(
                 {
                     "image": n,
@@ -180,14 +199,16 @@ def evaluate_pipeline(
     real_images: Sequence[Image.Image] | None = None,
     fid_weights: str | Path | None = None,
     progress=None,
+    score_threshold: float | None = None,
 ) -> tuple[dict, list[Image.Image], list[Layout], list[dict], list[dict]]:
-    """Generate (with every option of `options`), detect and score.
+    """Generate (with every option of `options`), detect and score (`score_images`'s `score_threshold`).
 
     Returns (report, images, their layouts, per-object records, detections)."""
     category_ids(detector, layouts)  # unknown labels fail before any sampling
     images, asked, seconds = sample(pipe, layouts, options or SamplingOptions(), per_layout, progress)
-    scores, objects, detections = score_images(detector, images, asked)
+    scores, objects, detections = score_images(detector, images, asked, score_threshold)
     report = {**{k: round(v, 4) for k, v in scores.items()}, "seconds_per_image": round(seconds, 4)}
+    report["score_threshold"] = score_threshold
     report.update(pipe.extra_scores(layouts, (options or SamplingOptions()).seed, per_layout))  # LAMA: mask entropy
     report["fd"] = None
     if real_images:

@@ -119,6 +119,12 @@ def train_lama(config: LamaTrainConfig) -> LoopResult:
     run.record_config()
     device = run.accelerator.device
     steps_per_epoch = len(dataset) // (config.loop.batch_size * run.accelerator.num_processes)
+    if steps_per_epoch <= config.generator_delay:
+        raise SpatialLockError(
+            f"--generator-delay: holding the generator for {config.generator_delay} steps of every epoch leaves it "
+            f"none here ({len(dataset)} images at batch {config.loop.batch_size}: {steps_per_epoch} steps an "
+            "epoch); pass a smaller one (0: never held)"
+        )
 
     def update(prepared: dict, batch: dict, rng: torch.Generator, step: int, optimizer, backward):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
