@@ -319,7 +319,8 @@ def lama_row(name, folder, options, layouts, detector, real, common: dict, args,
     row.update(second_opinion(second, images, layouts, args.second_detector))
     row.update(common, sampling_steps=None, guidance=None, model=folder, options=options)
     row.update({k: v for k, v in report.items() if k.startswith("mask_entropy")})
-    row["adaption_strength"] = report.get("adaption_strength")  # clamped to [-1, 1], as the model uses it
+    row["alpha"] = report.get("alpha")  # as learnt; adaption_strength: clamped to [-1, 1], as the model uses it
+    row["adaption_strength"] = report.get("adaption_strength")
     saved = Path(folder) / "train" / "config.json"
     config = json.loads(saved.read_text()) if saved.is_file() else {}
     row["train_steps"] = config.get("loop", {}).get("max_steps")

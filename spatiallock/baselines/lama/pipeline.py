@@ -150,8 +150,10 @@ class LamaPipeline:
             report[f"mask_entropy{suffix}"] = round(means[suffix], 4)
             report[f"mask_entropy{suffix}_background"] = round(means[f"{suffix}_background"], 4)
             report[f"mask_entropy{suffix}_objects"] = round(means[suffix] - means[f"{suffix}_background"], 4)
-        if self.generator.adaption is not None:
-            report["adaption_strength"] = round(float(self.generator.adaption.alpha.detach().clamp(-1, 1)), 4)
+        if self.generator.adaption is not None:  # alpha as learnt, and as used (clamped to [-1, 1])
+            alpha = self.generator.adaption.alpha.detach()
+            report["alpha"] = round(float(alpha), 4)
+            report["adaption_strength"] = round(float(alpha.clamp(-1, 1)), 4)
         return report
 
     def check_options(self, options, layouts: Sequence) -> None:
