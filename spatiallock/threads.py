@@ -60,17 +60,18 @@ def configure_threads(environ=None) -> str:
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _busy_ticks() -> int | None:
-    """Clock ticks all CPUs spent busy since boot (/proc/stat), or None where there is no /proc; also counts
-    the CPUs it lists (in a container: the host's, whose load is what the threads compete with)."""
+def _busy_ticks() -> tuple[int, int] | None:
+    """(clock ticks all CPUs spent busy since boot, the number of CPUs) from /proc/stat, or None where there is
+    no /proc. The CPUs are those it lists (in a container: the host's, whose load is what the threads compete
+    with)."""
     try:
         with open("/proc/stat") as f:
             lines = f.read().splitlines()
         values = [int(v) for v in lines[0].split()[1:]]
     except (OSError, ValueError, IndexError):
         return None
-    _state["cpus"] = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit()) or 1
-    return sum(values) - values[3] - values[4]  # all but idle and iowait
+    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit()) or 1
+    return sum(values) - values[3] - values[4], cpus  # all but idle and iowait
 
 
 def _own_seconds() -> float:
@@ -86,10 +87,11 @@ def adapt_threads() -> None:
     last = _state.get("last")
     if last is not None and now - last[0] < INTERVAL_S:
         return
-    busy = _busy_ticks()
-    if busy is None:
+    measured = _busy_ticks()
+    if measured is None:
         _state["adaptive"] = False
         return
+    busy, cpus = measured
     own = _own_seconds()
     _state["last"] = (now, busy, own)
     if last is None:
@@ -99,7 +101,7 @@ def adapt_threads() -> None:
     if "most" not in _state:
         _state["most"] = torch.get_num_threads()  # torch's choice for this machine: the most ever used
     others = ((busy - last[1]) / _TICKS_PER_S - (own - last[2])) / (now - last[0])  # cores others used
-    free = _state["cpus"] - int(others + 1 - BUSY_CORE)
+    free = cpus - int(others + 1 - BUSY_CORE)
     threads = max(1, min(_state["most"], free))
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)

@@ -94,11 +94,7 @@ class Clock:
         monkeypatch.setattr(threads, "_own_seconds", lambda: self.own)
         monkeypatch.setattr(threads, "_TICKS_PER_S", 100)
 
-        def ticks():
-            threads._state["cpus"] = cpus
-            return self.busy
-
-        monkeypatch.setattr(threads, "_busy_ticks", ticks)
+        monkeypatch.setattr(threads, "_busy_ticks", lambda: (self.busy, cpus))
 
     def advance(self, seconds: float, own: float, others: float) -> None:
         self.t += seconds
