@@ -413,9 +413,9 @@ def test_a_training_step_updates_the_discriminator_then_the_generator_through_th
 
     manual(*copies[0], generator_first=False)
     manual(*copies[1], generator_first=True)
-    for name, model, alternating, stale in (
-        ("discriminator", discriminator, copies[0][1], copies[1][1]),
-        ("generator", generator, copies[0][0], copies[1][0]),
+    for name, model, alternating in (
+        ("discriminator", discriminator, copies[0][1]),
+        ("generator", generator, copies[0][0]),
     ):
         for (n, p), q in zip(model.named_parameters(), alternating.parameters()):
             torch.testing.assert_close(p, q, msg=f"{name}.{n}")

@@ -49,8 +49,7 @@ def run_demo(args: argparse.Namespace) -> int:
     options = sampling.SamplingOptions(seed=args.seed, steps=args.steps)
     options.check()
     scene = scene_path(args)
-    if scene is not None:
-        read_image_option(scene, "--scene")  # before any work
+    scene_image = read_image_option(scene, "--scene") if scene is not None else None  # before any work
     out = check_out_folder(args.out)
     pipe = sampling.load_pipeline(args.model, args.adapter)
     detector = Detector.from_pretrained(resolve_detector(args.detector)).to(pipe.device)
@@ -74,7 +73,7 @@ def run_demo(args: argparse.Namespace) -> int:
     mean = sum(o["iou"] for o in objects) / max(len(objects), 1)
     print(f"mean IoU {mean:.2f} over {len(objects)} objects")
     if scene is not None:
-        place_and_insert(args, scene, pipe, detector, out)
+        place_and_insert(args, scene, scene_image, pipe, detector, out)
     print(f"images in {out}/ ({time.perf_counter() - start:.1f} s)")
     return 0
 
@@ -89,20 +88,20 @@ def scene_path(args: argparse.Namespace) -> Path | None:
     return Path(args.scene)
 
 
-def place_and_insert(args: argparse.Namespace, scene: Path, pipe, detector, out: Path) -> None:
-    """The shipped locator's boxes for a new --label object in `scene`, and the object drawn into the best one."""
+def place_and_insert(args: argparse.Namespace, scene: Path, image, pipe, detector, out: Path) -> None:
+    """The shipped locator's boxes for a new --label object in `scene` (read as `image`), and the object drawn
+    into the best one."""
     import torch
     from torchvision.ops import box_iou
 
     from spatiallock.commands.locate import load_locator, sample_boxes
     from spatiallock.data.draw import draw_boxes
-    from spatiallock.files import read_image_option, save_image_atomic
+    from spatiallock.files import save_image_atomic
     from spatiallock.location.insert import insert_object
 
     locator = load_locator(args.locator, "--locator")
     labels = locator.label_index([args.label] * PLACES, what="--label")
-    found = sample_boxes(locator, scene, labels, args.seed, option="--scene")
-    image = read_image_option(scene, "--scene")
+    found = sample_boxes(locator, image, labels, args.seed, option="--scene")
     save_image_atomic(draw_boxes(image, [args.label] * PLACES, [box for box, _ in found]), out / "scene_locate.png")
     best = torch.tensor(found[0][0])
     print(f"{scene.name}: where a {args.label!r} could go (best first, log-probability):")

@@ -52,8 +52,8 @@ def load_locator(model: str, option: str = "--model"):
 
 
 def sample_boxes(locator, image, labels, seed: int, region=None, option: str = "--image") -> list[tuple[list, float]]:
-    """Boxes for a new object in the image file `image`, one per entry of `labels` (`locator.label_index`), with
-    their log-probabilities, most likely first."""
+    """Boxes for a new object in `image` (a file, or an RGB image already read), one per entry of `labels`
+    (`locator.label_index`), with their log-probabilities, most likely first."""
     import torch
 
     from spatiallock.location.locator import load_background

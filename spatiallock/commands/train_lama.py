@@ -66,7 +66,8 @@ def run_lama(args: argparse.Namespace) -> int:
     if not 0 <= args.generator_delay <= 10_000:
         raise SpatialLockError(f"--generator-delay: must be 0 to 10000, got {args.generator_delay}")
     d_channels = args.d_channels if args.d_channels is not None else max(args.channels // 2, 1)
-    for name, value in (("--max-objects", args.max_objects), ("--channels", args.channels), ("--d-channels", d_channels)):
+    sizes = (("--max-objects", args.max_objects), ("--channels", args.channels), ("--d-channels", d_channels))
+    for name, value in sizes:
         if not 1 <= value <= 256:
             raise SpatialLockError(f"{name}: must be 1 to 256, got {value}")
     if args.resolution not in (32, 64, 128, 256):

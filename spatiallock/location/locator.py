@@ -413,14 +413,14 @@ class Placements:
         return kept
 
 
-def load_background(path: str | os.PathLike, image_size: int, name: str = "image") -> torch.Tensor:
-    """An image file as (3, S, S) in [-1, 1] at the locator's size; `SpatialLockError` naming it when it is
-    missing or not an image."""
+def load_background(path, image_size: int, name: str = "image") -> torch.Tensor:
+    """An image file (or an RGB image already read) as (3, S, S) in [-1, 1] at the locator's size;
+    `SpatialLockError` naming it when the file is missing or not an image."""
     from PIL import Image
 
     from spatiallock.files import read_image_option
 
-    image = read_image_option(path, name)
+    image = path if isinstance(path, Image.Image) else read_image_option(path, name)
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1

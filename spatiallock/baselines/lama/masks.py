@@ -108,9 +108,7 @@ class MaskGenerator(nn.Module):
         super().__init__()
         self.width = width
         self.fc = sn(nn.Linear(object_dim, width * 16))
-        self.blocks = nn.ModuleList(
-            GatedBlock(width, nn.BatchNorm2d(width)) for _ in range(int(math.log2(size // 4)))
-        )
+        self.blocks = nn.ModuleList(GatedBlock(width, nn.BatchNorm2d(width)) for _ in range(int(math.log2(size // 4))))
         self.final = nn.Sequential(nn.BatchNorm2d(width), nn.LeakyReLU(SLOPE), sn(nn.Conv2d(width, 1, 1)))
 
     def forward(self, objects: torch.Tensor) -> torch.Tensor:
