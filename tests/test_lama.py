@@ -364,6 +364,24 @@ def test_learning_rates_per_player_and_per_parameter_as_the_authors_set_them() -
         assert rates[id(p)] == pytest.approx(6e-5 if id(p) in gates else 3e-4)
 
 
+def test_gates_may_learn_faster_than_the_authors_let_them() -> None:
+    from spatiallock.training.lama import LR_SCALES, gate_lr_scales
+    from spatiallock.training.loop import LoopConfig, param_groups
+
+    generator, discriminator = LamaGenerator(tiny_config()), LamaDiscriminator(tiny_config())
+    named = [(f"generator.{n}", p) for n, p in generator.named_parameters()]
+    named += [(f"discriminator.{n}", p) for n, p in discriminator.named_parameters()]
+    config = LoopConfig(max_steps=1, learning_rate=1e-4, lr_scales=(*gate_lr_scales(10.0, alpha=2.0), *LR_SCALES),
+                        model_lr_scales=(("discriminator", 3.0),))  # fmt: skip
+    rates = {id(p): group["lr"] for group in param_groups(named, config) for p in group["params"]}
+    gates = [m.gate for m in generator.modules() if hasattr(m, "gate")]
+    assert len(gates) > 8 and all(rates[id(g)] == pytest.approx(1e-3) for g in gates)
+    assert rates[id(generator.adaption.alpha)] == pytest.approx(2e-3)
+    assert rates[id(generator.blocks[0].norm1.norm.rho)] == pytest.approx(1e-5)  # the rest as the authors'
+    assert rates[id(discriminator.trunk[0].gate)] == pytest.approx(6e-4)  # 10 x 0.2 x 3 x 1e-4
+    assert gate_lr_scales(1.0) == ()  # the authors' rates: nothing in front of theirs
+
+
 def test_learning_rates_drop_tenfold_at_60_and_80_percent_and_the_generator_waits_each_epoch() -> None:
     from spatiallock.training.lama import generator_trains, lr_milestones
     from spatiallock.training.loop import constant_with_warmup

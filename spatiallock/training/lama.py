@@ -51,6 +51,7 @@ class LamaTrainConfig:
     channels: int = 16
     d_channels: int = 16
     alpha_lr_scale: float = 1.0  # the adaption strength learns at this times the generator's learning rate
+    gate_lr_scale: float = 1.0  # ours, not the authors': every gate that starts at 0 learns this much faster
     generator_delay: int = GENERATOR_DELAY  # steps of every epoch in which the generator is held
     loop: LoopConfig = field(
         default_factory=lambda: LoopConfig(
@@ -58,6 +59,16 @@ class LamaTrainConfig:
             model_lr_scales=(("discriminator", 3.0),), lr_scales=LR_SCALES, lr_milestones=(1800, 2400),
         )
     )  # fmt: skip
+
+
+def gate_lr_scales(gate: float, alpha: float = 1.0) -> tuple[tuple[str, float], ...]:
+    """The learning-rate factors in front of `LR_SCALES` for `gate_lr_scale` and `alpha_lr_scale`: every gate that
+    starts at 0 (the generator's residual, ISLA, mask-generator and local-query gates; the discriminator's, which
+    keep their 0.2) at `gate` times its rate, the adaption strength at `gate * alpha`."""
+    scales = [("generator.adaption.alpha", gate * alpha)] if gate * alpha != 1.0 else []
+    if gate != 1.0:
+        scales += [("generator.*.gate", gate), ("discriminator.*.gate", 0.2 * gate)]
+    return tuple(scales)
 
 
 def lr_milestones(max_steps: int) -> tuple[int, ...]:
@@ -137,8 +148,9 @@ def train_lama(config: LamaTrainConfig) -> LoopResult:
         return collate_layouts(samples, max_boxes=config.max_objects)
 
     loop = config.loop
-    if config.alpha_lr_scale != 1.0:
-        loop = replace(loop, lr_scales=(("generator.adaption.alpha", config.alpha_lr_scale), *loop.lr_scales))
+    extra = gate_lr_scales(config.gate_lr_scale, config.alpha_lr_scale)
+    if extra:
+        loop = replace(loop, lr_scales=(*extra, *loop.lr_scales))
     result = train_loop(
         accelerator=run.accelerator, stage=STAGE, folder=run.folder, models=models, dataset=dataset,
         collate_fn=collate, config=loop, update=update,
