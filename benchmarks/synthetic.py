@@ -329,6 +329,7 @@ def lama_row(name, folder, options, layouts, detector, real, common: dict, args,
         "model": "lama", "architecture": model.architecture, "adaption": model.adaption,
         "local_query": model.local_query if model.adaption else None, "truncation": model.truncation,
         "channels": model.channels, "d_channels": model.d_channels,
+        "gate_lr_scale": config.get("gate_lr_scale", 1.0),  # 1: the authors' learning rates
     }  # fmt: skip
     write_row(out, row, args)
     print(f"{name}: {row}  ({time.perf_counter() - start:.0f} s)")

@@ -192,6 +192,7 @@ def test_synthetic_scores_every_kind_of_row_and_draws_its_figures(
         lama_row["mask_entropy"], abs=2e-4
     )
     assert lama_row["adaption_strength"] == 0.0 and lama_row["recipe"]["local_query"] is True
+    assert lama_row["recipe"]["gate_lr_scale"] == 1.0  # no training record: the authors' rates
     for name in rows:  # the authors' protocol beside this project's: counting only detections from 0.25
         assert_share(rows[name]["ap_t025"])
         assert_share(rows[name]["miou_t025"])
