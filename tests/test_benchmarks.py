@@ -248,7 +248,7 @@ def test_synthetic_second_evaluator_and_judged_rows(tiny_small_base, tiny_shapes
             self.found = [{"boxes": torch.tensor(boxes), "labels": torch.tensor([1, 2]),
                            "scores": torch.tensor([0.9, 0.9]), "names": ["red circle", "blue square"]}]  # fmt: skip
 
-        def detect(self, images):
+        def detect(self, images, score_threshold=None):
             return self.found
 
     image = [Image.new("RGB", (64, 64))]

@@ -31,9 +31,17 @@ class FixedDetector:
         self.config = DetectorConfig(categories=CATEGORIES)
         self.detections = detections
 
-    def detect(self, images):
+    def detect(self, images, score_threshold=None):
         assert len(images) == len(self.detections)
-        return self.detections
+        if score_threshold is None:
+            return self.detections
+        kept = []
+        for found in self.detections:
+            keep = found["scores"] >= score_threshold
+            names = [name for name, k in zip(found["names"], keep.tolist()) if k]
+            kept.append({"boxes": found["boxes"][keep], "labels": found["labels"][keep],
+                         "scores": found["scores"][keep], "names": names})  # fmt: skip
+        return kept
 
 
 def found(boxes, labels, scores=None) -> dict:

@@ -34,15 +34,6 @@ SCORE_THRESHOLD = 0.3  # detections below it do not count for miou (AP uses them
 AUTHORS_THRESHOLD = 0.25  # LAMA's YOLO score keeps detections from darknet's default confidence
 
 
-def confident(found: dict, threshold: float) -> dict:
-    """The detections of one image that score at least `threshold`."""
-    keep = found["scores"] >= threshold
-    out = {k: v[keep] for k, v in found.items() if torch.is_tensor(v) and v.shape[:1] == keep.shape}
-    if "names" in found:
-        out["names"] = [name for name, k in zip(found["names"], keep.tolist()) if k]
-    return {**found, **out}
-
-
 class DetectorFeatures(nn.Module):
     """The detector's pooled pyramid features as a torchmetrics feature extractor (images in [0, 1])."""
 
@@ -82,9 +73,7 @@ def score_images(
     if len(images) != len(layouts):
         raise ValueError(f"{len(images)} images for {len(layouts)} layouts")
     ids = category_ids(detector, layouts)
-    detections = detector.detect(list(images))
-    if score_threshold is not None:
-        detections = [confident(found, score_threshold) for found in detections]
+    detections = detector.detect(list(images), score_threshold=score_threshold)  # None: the detector's own
     miou_threshold = SCORE_THRESHOLD if score_threshold is None else score_threshold
     sizes = [image.size for image in images]
     instances = {"images": [], "annotations": [], "categories": detector.config.categories}

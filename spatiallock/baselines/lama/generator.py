@@ -154,10 +154,12 @@ class LamaGenerator(nn.Module):
         generators[i] (objects first, so its masks depend on that generator alone, whatever the batch).
         `truncation`: the object and image noise truncated at it (`truncated`), as the authors sample."""
         shapes = self.noise_shapes()
-        truncate = {"objects", "image"} if truncation is not None else set()
 
-        def draw(shape, g, device):
-            return torch.randn(shape, generator=g, device=device)
+        def draw(key: str, shape, g, device) -> torch.Tensor:
+            z = torch.randn(shape, generator=g, device=device)
+            if truncation is None or key not in ("objects", "image"):
+                return z
+            return truncated(z, torch.randn(shape, generator=g, device=device), truncation)
 
         if isinstance(generators, (list, tuple)):
             if len(generators) != batch:
@@ -165,20 +167,11 @@ class LamaGenerator(nn.Module):
             drawn = {k: [] for k in shapes}
             for g in generators:
                 for key, shape in shapes.items():
-                    z = draw(shape, g, g.device)
-                    if key in truncate:
-                        z = truncated(z, draw(shape, g, g.device), truncation)
-                    drawn[key].append(z)
+                    drawn[key].append(draw(key, shape, g, g.device))
             return {k: torch.stack(v).to(self.device) for k, v in drawn.items()}
         g = generators
         device = g.device if g is not None else self.device
-        out = {}
-        for key, shape in shapes.items():
-            z = draw((batch, *shape), g, device)
-            if key in truncate:
-                z = truncated(z, draw((batch, *shape), g, device), truncation)
-            out[key] = z.to(self.device)
-        return out
+        return {k: draw(k, (batch, *s), g, device).to(self.device) for k, s in shapes.items()}
 
     def layout_tensors(self, labels: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor):
         """Category indices (B, O), boxes (B, O, 4) and validity (B, O) of the objects -> the same with the
