@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from spatiallock.cli import main as cli
+from spatiallock.layout import read_layouts
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPTS = sorted(BENCHMARKS.glob("*.py"))
@@ -98,7 +99,7 @@ def assert_share(value) -> None:
 def test_every_script_has_a_test():
     """A new script in benchmarks/ gets a test here (charts.py is tested through the scripts that draw)."""
     tested = {"charts", "table", "params_plot", "synthetic", "augmentation", "location", "perception_head"}
-    tested |= {"sample_speed", "train_speed"}
+    tested |= {"sample_speed", "train_speed", "ceiling"}
     assert {path.stem for path in SCRIPTS} == tested
 
 
@@ -209,6 +210,29 @@ def test_synthetic_scores_every_kind_of_row_and_draws_its_figures(
     synthetic.main(["--plot-only", "--out", str(out)])
     assert_chart(out.with_suffix(".png"))
     assert "wrote" in capsys.readouterr().out
+
+
+def test_ceiling_scores_each_autoencoder_per_object_size(tiny_small_base, tiny_shapes, detector, tmp_path, capsys):
+    ceiling = script("ceiling")
+    out = tmp_path / "ceiling.json"
+    argv = ["--data", str(tiny_shapes), "--detector", str(detector), "--limit", "3", "--out", str(out)]
+    ceiling.main([*argv, "--vae", f"tiny={tiny_small_base}"])  # a base folder: its vae/
+    ceiling.main([*argv, "--no-real", "--vae", f"again={tiny_small_base / 'vae'}"])  # the autoencoder itself
+    result = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {"real-images", "tiny", "again"}  # the second run kept the first one's rows
+    layouts = read_layouts(tiny_shapes / "instances_val.json")[:3]
+    assert sum(result["objects_per_size"].values()) == sum(len(layout.boxes) for layout in layouts)
+    for row in rows.values():
+        assert_share(row["ap"])
+        for size, count in result["objects_per_size"].items():
+            assert (row[f"miou_{size}"] is None) == (count == 0), (size, row)
+    tiny = rows["tiny"]
+    assert tiny["latent"][0] == 4 and tiny["autoencoder"] == rows["again"]["autoencoder"] and tiny["params"] > 0
+    assert math.isfinite(tiny["psnr"]) and tiny["ap"] == rows["again"]["ap"]
+    assert "| tiny | 4x" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="holds no AutoencoderKL"):
+        ceiling.main([*argv, "--vae", f"none={tmp_path}"])
 
 
 def test_synthetic_second_evaluator_and_judged_rows(tiny_small_base, tiny_shapes, detector, adapter, tmp_path):

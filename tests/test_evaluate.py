@@ -97,6 +97,26 @@ def test_a_score_threshold_counts_only_detections_from_it_for_ap_and_miou():
     assert [len(found["scores"]) for found in counted] == [1, 1] and counted[0]["names"] == ["blue square"]
 
 
+def test_scores_by_object_size_use_the_domains_buckets():
+    # sides 0.1, 0.2 and 0.5 of the image: small (< 1/8), medium, large (>= 1/4) at 64 px
+    small, medium, large = (0.0, 0.0, 0.1, 0.1), (0.3, 0.3, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5)
+    layouts = [Layout("three", ("red circle", "blue square", "green triangle"), (small, medium, large))]
+    missed_small = [found([medium, large, (0.8, 0.8, 0.9, 0.9)], [2, 7, 1])]  # the circle drawn elsewhere
+    scores, objects, _ = score_images(FixedDetector(missed_small), images(1), layouts, by_size=True)
+    assert [o["size"] for o in objects] == ["small", "medium", "large"]
+    assert scores["ap_small"] == 0.0 and scores["miou_small"] == 0.0
+    assert scores["ap_medium"] == pytest.approx(1.0) and scores["ap_large"] == pytest.approx(1.0)
+    assert scores["miou_large"] == pytest.approx(1.0) and scores["objects_small"] == 1
+    assert 0.0 < scores["ap"] < 1.0  # all sizes together
+    # no small object asked for: nothing to score there, which is not 0
+    big = [Layout("one", ("green triangle",), (large,))]
+    scores, _, _ = score_images(FixedDetector([found([large], [7])]), images(1), big, by_size=True)
+    assert scores["ap_small"] is None and scores["miou_small"] is None and scores["objects_small"] == 0
+    assert scores["ap_large"] == pytest.approx(1.0)
+    plain, _, _ = score_images(FixedDetector([found([large], [7])]), images(1), big)
+    assert "ap_small" not in plain
+
+
 def test_a_label_the_detector_does_not_know_is_named():
     layouts = [Layout("a purple star", ("purple star",), ((0.1, 0.1, 0.5, 0.5),))]
     with pytest.raises(SpatialLockError, match=r"layouts\[0\]\.objects\[0\]\.label: 'purple star' is not a category"):

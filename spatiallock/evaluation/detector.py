@@ -329,12 +329,21 @@ def to_coco_results(detections: list[dict], image_ids: Sequence[int], sizes: Seq
     return results
 
 
-def coco_ap(instances: dict, results: list[dict]) -> dict[str, float]:
+def coco_ap(
+    instances: dict, results: list[dict], area_ranges: dict[str, tuple[float, float]] | None = None
+) -> dict[str, float | None]:
     """COCO bbox AP (IoU 0.5:0.95), AP50 and AP75 of `results` against a COCO instances dict, via pycocotools.
 
     Every image of `instances` counts, found or not. Annotations may lack "id", "area" and "iscrowd" (filled in
     from the box). No result at all scores 0. Raises if the instances hold no object.
+
+    `area_ranges`: up to three named object-area ranges in square pixels, {"small": (0, 64), ...}, in place of
+    COCO's (whose buckets are sized for photos of 640 px); adds "ap_<name>" for each, None where no requested
+    object falls in that range.
     """
+    ranges = dict(area_ranges or {})
+    if len(ranges) > 3:
+        raise ValueError(f"area_ranges: at most 3 ranges (COCOeval summarises 3), got {len(ranges)}")
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -344,8 +353,12 @@ def coco_ap(instances: dict, results: list[dict]) -> dict[str, float]:
         annotations.append({"area": w * h, "iscrowd": 0, **ann, "id": i + 1})
     if not annotations:
         raise SpatialLockError("scoring: the ground truth holds no object")
+    sized = {}
+    for name, (low, high) in ranges.items():
+        inside = any(low <= a["area"] < high for a in annotations)
+        sized[f"ap_{name}"] = 0.0 if inside else None
     if not results:
-        return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
+        return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0, **sized}
     gt_data = {
         "images": [{k: im[k] for k in ("id", "width", "height") if k in im} for im in instances["images"]],
         "annotations": annotations,
@@ -357,12 +370,21 @@ def coco_ap(instances: dict, results: list[dict]) -> dict[str, float]:
         gt.createIndex()
         dt = gt.loadRes([{**r, "bbox": [float(v) for v in r["bbox"]]} for r in results])
         evaluator = COCOeval(gt, dt, "bbox")
+        if ranges:
+            # COCOeval's summary reads the ranges by label: "small", "medium", "large" (in this order) after "all"
+            slots = ["small", "medium", "large"][: len(ranges)]
+            evaluator.params.areaRng = [[0, 1e10], *[list(r) for r in ranges.values()]]
+            evaluator.params.areaRngLbl = ["all", *slots]
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    stats = [float(v) for v in evaluator.stats[:3]]
+    stats = [float(v) for v in evaluator.stats[:6]]
     # -1 means "nothing to score" (only when no category has an object, excluded above); report it as 0
-    return {k: (v if v >= 0 and math.isfinite(v) else 0.0) for k, v in zip(("ap", "ap50", "ap75"), stats)}
+    scores = {k: (v if v >= 0 and math.isfinite(v) else 0.0) for k, v in zip(("ap", "ap50", "ap75"), stats)}
+    for key, value in zip(sized, stats[3:]):
+        # -1 here: no requested object of that size
+        sized[key] = value if value >= 0 and math.isfinite(value) and sized[key] is not None else None
+    return {**scores, **sized}
 
 
 def evaluate_detector(detector: Detector, data_dir: str | os.PathLike, split: str = "val", batch_size: int = 64):
