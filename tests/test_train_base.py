@@ -103,3 +103,38 @@ def test_train_decoder_changes_only_the_decoder_and_copies_the_rest(tiny_shapes,
     # the base is copied, never changed in place
     assert main(["train", "decoder", "--base", str(out), "--data", str(tiny_shapes), "--out", str(out)]) == 2
     assert "out: must be another folder than the base" in capsys.readouterr().err
+
+
+def test_a_latent_shape_of_its_own_trains_alone_and_then_carries_a_unet(tiny_shapes, tmp_path, capsys):
+    out = tmp_path / "wide"
+    shape = ("--latent-channels", "8", "--latent-size", "16", "--vae-widths", "16,32", "--unet-widths", "32,64")
+    steps = ("--vae-steps", "2", "--max-steps", "1", "--checkpoint-every", "1")
+    assert train(tiny_shapes, out, *shape, *steps, "--vae-only") == 0
+    assert "autoencoder written to" in capsys.readouterr().out
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    assert vae.config.latent_channels == 8 and list(vae.config.block_out_channels) == [16, 32]
+    with torch.no_grad():
+        assert vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean.shape == (1, 8, 16, 16)  # factor 2
+    assert not (out / "unet").exists()
+    # the same run, resumed without --vae-only: the U-Net on those latents, the autoencoder as it was
+    assert train(tiny_shapes, out, *shape, *steps, "--resume") == 0
+    base = load_base(out)
+    assert base.unet.config.in_channels == base.unet.config.out_channels == 8
+    assert base.unet.config.sample_size == 16 and list(base.unet.config.block_out_channels) == [32, 64]
+    for key, value in vae.state_dict().items():
+        assert torch.equal(base.vae.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (("--latent-size", "12"), "latent size: 12 must divide the resolution 32 by a power of 2"),
+        (("--latent-size", "16", "--vae-widths", "32,64,64"), "vae widths: 3 given, but a 16x16 latent"),
+        (("--unet-widths", "64"), "unet widths: at least 2 levels, got 1"),
+    ],
+)
+def test_latent_shapes_that_do_not_fit_are_one_line_naming_the_option(tiny_shapes, tmp_path, capsys, options, message):
+    assert train(tiny_shapes, tmp_path / "o", *options) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"spatiallock: error: {message}"), err
+    assert not (tmp_path / "o").exists()

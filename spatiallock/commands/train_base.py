@@ -11,6 +11,8 @@ from spatiallock.commands.train_common import (
     exit_code,
     loop_config,
     positive,
+    positive_int,
+    widths,
 )
 
 BASE_HELP = """\
@@ -33,15 +35,22 @@ def run_base(args: argparse.Namespace) -> int:
     check_number("--ema-decay", args.ema_decay, 0.0, 1.0, open_high=True)
     config = BaseTrainConfig(
         data=args.data, out=args.out, resolution=args.resolution, init_from=args.init_from,
-        mixed_precision=args.mixed_precision, snr_gamma=args.snr_gamma,
+        mixed_precision=args.mixed_precision, snr_gamma=args.snr_gamma, latent_channels=args.latent_channels,
+        latent_size=args.latent_size, vae_widths=args.vae_widths, vae_layers=args.vae_layers,
+        vae_only=args.vae_only, unet_widths=args.unet_widths,
         vae=loop_config(args, args.vae_steps, args.vae_batch_size, args.vae_lr, lr_option="--vae-lr"),
         unet=loop_config(args, args.max_steps, args.batch_size, args.lr, warmup=100),
     )  # fmt: skip
     config.unet.ema_decay = args.ema_decay
     result = train_base(config)
-    message = (
-        f"base model written to {args.out} ({result.step} U-Net steps, last loss {result.last_losses.get('loss')})"
-    )
+    if args.vae_only:
+        message = (
+            f"autoencoder written to {args.out}/vae ({result.step} steps, last loss {result.last_losses.get('loss')})"
+        )
+    else:
+        message = (
+            f"base model written to {args.out} ({result.step} U-Net steps, last loss {result.last_losses.get('loss')})"
+        )
     return exit_code(result, message)
 
 
@@ -71,6 +80,33 @@ def register(sub) -> None:
     base.add_argument(
         "--snr-gamma", type=positive, default=None, metavar="G",
         help="Min-SNR-gamma loss weighting (5 is the usual value): faster convergence (default: plain MSE)",
+    )  # fmt: skip
+    shape = base.add_argument_group(
+        "latent shape", "the autoencoder's latent and the U-Net on it (measure candidates with benchmarks/ceiling.py)"
+    )
+    shape.add_argument(
+        "--latent-channels", type=positive_int, default=4, metavar="C", help="latent channels (default: 4)"
+    )
+    shape.add_argument(
+        "--latent-size", type=positive_int, default=None, metavar="S",
+        help="latent side: the resolution over a power of 2 (default: resolution / 4, 16 at 64 px)",
+    )  # fmt: skip
+    shape.add_argument(
+        "--vae-widths", type=widths, default=None, metavar="W,W,..",
+        help="autoencoder channels per level, finest first: log2(resolution / latent size) + 1 of them "
+        "(default: 32,64,64 at factor 4, 32,64 at factor 2)",
+    )  # fmt: skip
+    shape.add_argument(
+        "--vae-layers", type=positive_int, default=1, metavar="L", help="autoencoder layers a block (default: 1)"
+    )
+    shape.add_argument(
+        "--vae-only", action="store_true",
+        help="stop once the autoencoder is trained (written to MODEL/vae); a later run without it and with "
+        "--resume trains the U-Net on it",
+    )  # fmt: skip
+    shape.add_argument(
+        "--unet-widths", type=widths, default=(64, 128, 192), metavar="W,W,..",
+        help="U-Net channels per level, attention at all but the coarsest (default: 64,128,192)",
     )  # fmt: skip
     add_loop_options(base, steps=5000, batch=32, lr=3e-4)
     base.set_defaults(func=run_base)

@@ -28,6 +28,19 @@ positive = argument_type(Interval(0.0, open_low=True))
 positive_int = argument_type(Interval(0, open_low=True, whole=True))
 
 
+def widths(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated positive channel counts, e.g. "32,64,64"."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1 or max(values) > 4096:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated channel counts from 1 to 4096 (e.g. 32,64,64), got {text!r}"
+        )
+    return values
+
+
 def add_loop_options(parser: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:
     parser.add_argument("--max-steps", type=int, default=steps, metavar="N", help=f"training steps (default: {steps})")
     parser.add_argument(

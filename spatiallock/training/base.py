@@ -18,6 +18,7 @@ from torch import nn
 
 from spatiallock.base.folders import (
     CAPTION_TOKENS,
+    UNET_WIDTHS,
     BaseModel,
     save_small_base,
     small_scheduler,
@@ -45,6 +46,12 @@ class BaseTrainConfig:
     init_from: str | None = None  # an existing base folder: its autoencoder is kept, its U-Net trained further
     mixed_precision: str = "no"  # "bf16": autocast (fast on CPUs with AMX or AVX-512 BF16, and on GPUs)
     snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023); None: plain MSE
+    latent_channels: int = 4
+    latent_size: int | None = None  # None: resolution / 4
+    vae_widths: tuple[int, ...] | None = None  # one per autoencoder level; None: `VAE_WIDTHS`
+    vae_layers: int = 1
+    vae_only: bool = False  # stop once the autoencoder is trained (its folder: <out>/vae)
+    unet_widths: tuple[int, ...] = UNET_WIDTHS
     vae: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=1500, batch_size=16, learning_rate=1e-3))
     unet: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=5000, batch_size=32, learning_rate=3e-4))
     split: str = "train"
@@ -87,6 +94,10 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
     """Train the small base as configured; writes the model folder at `config.out` when done."""
     if config.resolution % 16:
         raise SpatialLockError(f"resolution: must be a multiple of 16, got {config.resolution}")
+    vae_config = small_vae_config(
+        config.resolution, config.latent_channels, config.latent_size, config.vae_widths, config.vae_layers
+    )  # raises on sizes that do not fit, before anything is written
+    small_unet_config(widths=config.unet_widths)
     if config.init_from is not None and not (Path(config.init_from) / "unet" / "config.json").is_file():
         raise SpatialLockError(f"init from: {config.init_from} is not a base folder (no unet/config.json)")
     run = start_training(config, ("vae", "unet"), config.vae.resume or config.unet.resume, config.mixed_precision)
@@ -112,11 +123,12 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
     if init_vae is not None and accelerator.is_main_process:
         atomic_save_pretrained(init_vae, vae_dir)
     accelerator.wait_for_everyone()
+    vae_result = None
     if (vae_dir / "config.json").is_file():
         vae = from_pretrained_safetensors(AutoencoderKL, vae_dir, "trained autoencoder")
     else:
         torch.manual_seed(config.vae.seed)
-        vae = AutoencoderKL(**small_vae_config(config.resolution))
+        vae = AutoencoderKL(**vae_config)
 
         def vae_losses(models: dict, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
             pixels = batch["pixel_values"].to(device)
@@ -130,11 +142,18 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
         )  # fmt: skip
         if result.interrupted:
             return result
+        vae_result = result
         vae.eval()
         vae.register_to_config(scaling_factor=measure_scaling_factor(vae, dataset, device))
         if accelerator.is_main_process:
             atomic_save_pretrained(vae, vae_dir)
         accelerator.wait_for_everyone()
+    if config.vae_only:
+        if accelerator.is_main_process:
+            atomic_save_pretrained(vae, Path(config.out) / "vae")
+        accelerator.wait_for_everyone()
+        done = LoopResult(step=config.vae.max_steps, interrupted=False, last_losses={}, models={"vae": vae})
+        return vae_result or done
     vae.requires_grad_(False).eval().to(device)
 
     # 2. the U-Net on frozen latents and caption states
@@ -143,7 +162,10 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
     if init_unet is not None:
         unet = init_unet
     else:
-        unet = UNet2DConditionModel(**small_unet_config(latent_size, text_encoder.config.hidden_size))
+        unet_config = small_unet_config(
+            latent_size, text_encoder.config.hidden_size, vae.config.latent_channels, config.unet_widths
+        )
+        unet = UNet2DConditionModel(**unet_config)
     scheduler = small_scheduler()
     base = BaseModel(unet, vae, text_encoder, tokenizer, scheduler, CAPTION_TOKENS)
 

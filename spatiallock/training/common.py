@@ -23,7 +23,7 @@ CONFIG_NAME = "config.json"
 # (gradient checkpointing trades memory for compute and gives the same steps)
 RESUMABLE_CHANGES = frozenset(
     {"out", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "resume", "progress",
-     "gradient_checkpointing"}
+     "gradient_checkpointing", "vae_only"}
 )  # fmt: skip
 PATH_SETTINGS = frozenset({"data", "base", "init_from", "reward_detector"})  # the same folder, however it is written
 
