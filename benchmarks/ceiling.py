@@ -16,7 +16,6 @@ of the same name in --out (default benchmarks/results/ceiling.json); the others 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -27,7 +26,7 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
-from synthetic import device_name
+from synthetic import device_name, round_trip, weights_digest
 
 from spatiallock.evaluation.detector import Detector
 from spatiallock.evaluation.scoring import SIZE_BUCKETS, load_real_images, score_images, size_of
@@ -45,27 +44,6 @@ def autoencoder_folder(path: Path) -> Path:
         if config.is_file() and json.loads(config.read_text()).get("_class_name") == "AutoencoderKL":
             return folder
     sys.exit(f"--vae: {path} holds no AutoencoderKL (config.json with _class_name AutoencoderKL, or vae/)")
-
-
-def fingerprint(folder: Path) -> str:
-    """The first 12 hex digits of the SHA-256 of the autoencoder's weights."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
-@torch.no_grad()
-def round_trip(vae: AutoencoderKL, images: list[Image.Image], batch: int = 50) -> tuple[list[Image.Image], tuple]:
-    """Each image encoded (posterior mean) and decoded; and the latent shape (C, H, W)."""
-    vae.eval()
-    processor = VaeImageProcessor()
-    out, shape = [], ()
-    for start in range(0, len(images), batch):
-        latents = vae.encode(processor.preprocess(images[start : start + batch])).latent_dist.mean
-        shape = tuple(latents.shape[1:])
-        out += processor.postprocess(vae.decode(latents).sample, output_type="pil")
-    return out, shape
 
 
 def psnr(images: list[Image.Image], reference: list[Image.Image]) -> float:
@@ -129,10 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     for name, folder in named:
         start = time.perf_counter()
         vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
-        images, latent = round_trip(vae, real)
+        images = round_trip(vae, real)
+        with torch.no_grad():
+            latent = tuple(vae.encode(VaeImageProcessor().preprocess(real[:1])).latent_dist.mean.shape[1:])
         row = {"variant": name, **scored(detector, images, layouts), "latent": list(latent)}
         row.update(psnr=round(psnr(images, real), 2), params=sum(p.numel() for p in vae.parameters()))
-        row.update(folder=str(folder), autoencoder=fingerprint(folder))
+        row.update(folder=str(folder), autoencoder=weights_digest(folder))
         computed.append(row)
         print(f"{name}: AP {row['ap']:.3f}, latent {latent} ({time.perf_counter() - start:.0f} s)")
     sizes = {s: sum(1 for layout in layouts for box in layout.boxes if size_of(box) == s) for s in SIZES}

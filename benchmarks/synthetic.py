@@ -108,13 +108,19 @@ def round_trip(vae: AutoencoderKL, images: list[Image.Image], batch: int = 50) -
     return out
 
 
-def vae_fingerprint(base: Path) -> str:
-    """The first 12 hex digits of the SHA-256 of the base's autoencoder weights: which decoder made a row."""
-    files = sorted((base / "vae").glob("*.safetensors"))
+def weights_digest(*folders: Path) -> str:
+    """The first 12 hex digits of the SHA-256 of the `*.safetensors` weights in `folders` (in order), or
+    "unknown" when they hold none."""
+    files = [path for folder in folders for path in sorted(Path(folder).glob("*.safetensors"))]
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12] if files else "unknown"
+
+
+def vae_fingerprint(base: Path) -> str:
+    """The digest of the base's autoencoder weights: which decoder made a row."""
+    return weights_digest(base / "vae")
 
 
 def adapter_recipe_of(adapter, training: dict) -> dict:
