@@ -131,6 +131,7 @@ def test_a_latent_shape_of_its_own_trains_alone_and_then_carries_a_unet(tiny_sha
         (("--latent-size", "12"), "latent size: 12 must divide the resolution 32 by a power of 2"),
         (("--latent-size", "16", "--vae-widths", "32,64,64"), "vae widths: 3 given, but a 16x16 latent"),
         (("--unet-widths", "64"), "unet widths: at least 2 levels, got 1"),
+        (("--unet-widths", "32,64", "--unet-plain-levels", "1"), "unet plain levels: from 0 to 0 with 2 levels"),
     ],
 )
 def test_latent_shapes_that_do_not_fit_are_one_line_naming_the_option(tiny_shapes, tmp_path, capsys, options, message):
@@ -138,3 +139,28 @@ def test_latent_shapes_that_do_not_fit_are_one_line_naming_the_option(tiny_shape
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"spatiallock: error: {message}"), err
     assert not (tmp_path / "o").exists()
+
+
+def test_plain_levels_take_attention_off_the_finest_levels_and_keep_a_32x32_unet_under_budget():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from spatiallock.models.injection import resolve_positions
+
+    def unet_and_flops(plain: int) -> tuple[UNet2DConditionModel, int]:
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**small_unet_config(32, 384, 4, (48, 96, 128, 192), plain_levels=plain)).eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            unet(torch.zeros(1, 4, 32, 32), 10, torch.zeros(1, 8, 384))
+        return unet, counter.get_total_flops()
+
+    plain, flops = unet_and_flops(1)
+    everywhere, flops_everywhere = unet_and_flops(0)
+    assert [hasattr(b, "attentions") for b in plain.down_blocks] == [False, True, True, False]
+    assert [hasattr(b, "attentions") for b in plain.up_blocks] == [False, True, True, False]
+    assert [hasattr(b, "attentions") for b in everywhere.down_blocks] == [True, True, True, False]
+    # the adapter's placements see the attention levels only: 16x16 and 8x8, as on the 16x16 latent's U-Net
+    assert resolve_positions(plain, "all") == [
+        "down_blocks.1.attentions.0", "down_blocks.2.attentions.0",
+        "up_blocks.1.attentions.0", "up_blocks.1.attentions.1", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1",
+    ]  # fmt: skip
+    assert flops < 1.8e9 < flops_everywhere  # the new base's budget per call at batch 1: 1.79 G against 2.07 G

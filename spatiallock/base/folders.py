@@ -83,20 +83,28 @@ def small_unet_config(
     cross_attention_dim: int = 384,
     latent_channels: int = 4,
     widths: Sequence[int] = UNET_WIDTHS,
+    plain_levels: int = 0,
 ) -> dict:
-    """SD's U-Net layout, scaled down: attention at all levels but the coarsest (like SD's). Default: three levels
-    of 64, 128, 192 channels on a 16x16x4 latent."""
+    """SD's U-Net layout, scaled down: attention at all levels but the coarsest (like SD's) and the `plain_levels`
+    finest (attention over a 32x32 latent costs more than the rest of the U-Net). Default: three levels of 64,
+    128, 192 channels on a 16x16x4 latent, attention at the first two."""
     if len(widths) < 2:
         raise SpatialLockError(f"unet widths: at least 2 levels, got {len(widths)}")
     levels = len(widths)
+    if not 0 <= plain_levels <= levels - 2:
+        raise SpatialLockError(
+            f"unet plain levels: from 0 to {levels - 2} with {levels} levels (one level with attention at least, "
+            f"and the coarsest never has it), got {plain_levels}"
+        )
+    attention = levels - 1 - plain_levels
     return {
         "sample_size": latent_size,
         "in_channels": latent_channels,
         "out_channels": latent_channels,
         "block_out_channels": list(widths),
         "layers_per_block": 1,
-        "down_block_types": ["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"],
-        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1),
+        "down_block_types": ["DownBlock2D"] * plain_levels + ["CrossAttnDownBlock2D"] * attention + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * attention + ["UpBlock2D"] * plain_levels,
         "cross_attention_dim": cross_attention_dim,
         "attention_head_dim": 4,
         "norm_num_groups": math.gcd(32, *widths),

@@ -37,7 +37,7 @@ def run_base(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, resolution=args.resolution, init_from=args.init_from,
         mixed_precision=args.mixed_precision, snr_gamma=args.snr_gamma, latent_channels=args.latent_channels,
         latent_size=args.latent_size, vae_widths=args.vae_widths, vae_layers=args.vae_layers,
-        vae_only=args.vae_only, unet_widths=args.unet_widths,
+        vae_only=args.vae_only, unet_widths=args.unet_widths, unet_plain_levels=args.unet_plain_levels,
         vae=loop_config(args, args.vae_steps, args.vae_batch_size, args.vae_lr, lr_option="--vae-lr"),
         unet=loop_config(args, args.max_steps, args.batch_size, args.lr, warmup=100),
     )  # fmt: skip
@@ -107,6 +107,10 @@ def register(sub) -> None:
     shape.add_argument(
         "--unet-widths", type=widths, default=(64, 128, 192), metavar="W,W,..",
         help="U-Net channels per level, attention at all but the coarsest (default: 64,128,192)",
+    )  # fmt: skip
+    shape.add_argument(
+        "--unet-plain-levels", type=int, default=0, metavar="N",
+        help="the N finest U-Net levels without attention: keeps a 32x32 latent's U-Net cheap (default: 0)",
     )  # fmt: skip
     add_loop_options(base, steps=5000, batch=32, lr=3e-4)
     base.set_defaults(func=run_base)

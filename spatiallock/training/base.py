@@ -52,6 +52,7 @@ class BaseTrainConfig:
     vae_layers: int = 1
     vae_only: bool = False  # stop once the autoencoder is trained (its folder: <out>/vae)
     unet_widths: tuple[int, ...] = UNET_WIDTHS
+    unet_plain_levels: int = 0  # finest U-Net levels without attention
     vae: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=1500, batch_size=16, learning_rate=1e-3))
     unet: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=5000, batch_size=32, learning_rate=3e-4))
     split: str = "train"
@@ -97,7 +98,7 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
     vae_config = small_vae_config(
         config.resolution, config.latent_channels, config.latent_size, config.vae_widths, config.vae_layers
     )  # raises on sizes that do not fit, before anything is written
-    small_unet_config(widths=config.unet_widths)
+    small_unet_config(widths=config.unet_widths, plain_levels=config.unet_plain_levels)
     if config.init_from is not None and not (Path(config.init_from) / "unet" / "config.json").is_file():
         raise SpatialLockError(f"init from: {config.init_from} is not a base folder (no unet/config.json)")
     run = start_training(config, ("vae", "unet"), config.vae.resume or config.unet.resume, config.mixed_precision)
@@ -163,7 +164,11 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
         unet = init_unet
     else:
         unet_config = small_unet_config(
-            latent_size, text_encoder.config.hidden_size, vae.config.latent_channels, config.unet_widths
+            latent_size,
+            text_encoder.config.hidden_size,
+            vae.config.latent_channels,
+            config.unet_widths,
+            config.unet_plain_levels,
         )
         unet = UNet2DConditionModel(**unet_config)
     scheduler = small_scheduler()
