@@ -26,8 +26,9 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
-from synthetic import device_name, round_trip, weights_digest
+from synthetic import device_name, round_trip
 
+from spatiallock.base.folders import weights_digest
 from spatiallock.evaluation.detector import Detector
 from spatiallock.evaluation.scoring import SIZE_BUCKETS, load_real_images, score_images, size_of
 from spatiallock.files import write_text_atomic

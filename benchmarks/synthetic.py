@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import json
 import platform
 import time
@@ -38,6 +37,7 @@ from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
+from spatiallock.base.folders import base_fingerprint, weights_digest
 from spatiallock.baselines.lama import LamaPipeline, is_lama_folder, mask_picture, normalise
 from spatiallock.evaluation.detector import Detector
 from spatiallock.evaluation.reward import ImageJudge
@@ -108,19 +108,9 @@ def round_trip(vae: AutoencoderKL, images: list[Image.Image], batch: int = 50) -
     return out
 
 
-def weights_digest(*folders: Path) -> str:
-    """The first 12 hex digits of the SHA-256 of the `*.safetensors` weights in `folders` (in order), or
-    "unknown" when they hold none."""
-    files = [path for folder in folders for path in sorted(Path(folder).glob("*.safetensors"))]
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12] if files else "unknown"
-
-
 def vae_fingerprint(base: Path) -> str:
     """The digest of the base's autoencoder weights: which decoder made a row."""
-    return weights_digest(base / "vae")
+    return weights_digest(base / "vae") or "unknown"
 
 
 def adapter_recipe_of(adapter, training: dict) -> dict:
@@ -252,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         row.update(at_threshold(detector, images, layouts, args.also_at))
         if name == "autoencoder":
             row["decoder"] = vae_fingerprint(Path(args.base))
+            row["base_fingerprint"] = base_fingerprint(args.base)
         save_strip(images[: args.samples], layouts[: args.samples], name, samples_folder(out))
         write_row(out, row, args)
         print(f"{name}: {row}  ({time.perf_counter() - start:.0f} s)")
@@ -270,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         write_row(out, report_row(name, Path(path), len(layouts)), args)
         print(f"{name}: from {path}")
 
-    decoder = vae_fingerprint(Path(args.base))
+    decoder, fingerprint = vae_fingerprint(Path(args.base)), base_fingerprint(args.base)
     pipe = SpatialLockPipeline.from_pretrained(args.base)
     pipe.set_progress_bar_config(disable=True)
     todo = ([] if args.no_base else [("base", None, {})]) + [parse_row(text) for text in args.row]
@@ -287,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         row = {"variant": name, **{k: report[k] for k in METRICS}, "seconds_per_image": report["seconds_per_image"]}
         row.update(second_opinion(second, images, layouts, args.second_detector))
         row.update(at_threshold(detector, images, layouts, args.also_at))
-        row.update(common, adapter=folder, options=options, decoder=decoder)
+        row.update(common, adapter=folder, options=options, decoder=decoder, base_fingerprint=fingerprint)
         if folder is not None:
             saved = Path(folder) / "train" / "config.json"
             config = json.loads(saved.read_text()) if saved.is_file() else {}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from spatiallock.base.folders import base_fingerprint
 from spatiallock.evaluation.detector import Detector
 from spatiallock.location.locator import Locator
 from spatiallock.pipelines.diffusion import SpatialLockPipeline
@@ -40,7 +41,15 @@ def training_config(folder: str | Path) -> dict | None:
     return json.loads(log.read_text()) if log.is_file() else None
 
 
-ADAPTER_RECORDS = ("adapter", "adapter_training", "previous_adapter_training", "earlier_adapter_training")
+def training_commands(folder: str | Path) -> list[str] | None:
+    """The command lines that started and resumed the run in `folder` (`train/commands.txt`), if it kept them."""
+    log = Path(folder) / "train" / "commands.txt"
+    return log.read_text().splitlines() if log.is_file() else None
+
+
+ADAPTER_RECORDS = (
+    "adapter", "adapter_training", "adapter_commands", "previous_adapter_training", "earlier_adapter_training"
+)  # fmt: skip
 
 
 def ship_model(args, staging: Path) -> None:
@@ -60,10 +69,15 @@ def ship_model(args, staging: Path) -> None:
     provenance = {k: v for k, v in old.items() if k not in ADAPTER_RECORDS}
     detector = args.detector or old.get("detector")  # the detector its numbers were scored with
     provenance.update({"base": old.get("base", args.base), "adapter": args.adapter, "detector": detector})
-    for name in ("adapter", "detector"):
+    names = ("adapter", "detector") if same_base else ("base", "adapter", "detector")
+    for name in names:
         config = training_config(getattr(args, name)) if getattr(args, name) else None
         if config is not None:
             provenance[f"{name}_training"] = config
+        commands = training_commands(getattr(args, name)) if getattr(args, name) else None
+        if commands is not None:
+            provenance[f"{name}_commands"] = commands
+    provenance["base_fingerprint"] = base_fingerprint(staging)  # of the fp16 weights shipped: rows made on it match
     if old.get("adapter_training"):
         provenance["previous_adapter_training"] = old["adapter_training"]
         earlier = old.get("earlier_adapter_training", [])

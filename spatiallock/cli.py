@@ -14,6 +14,8 @@ from pathlib import Path
 
 from spatiallock.errors import SpatialLockError
 
+INVOKED: list[str] | None = None  # the arguments of the command running now (a training run records them)
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, whose errors are one line naming the option and where the help is, instead of the
@@ -84,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global INVOKED
+    INVOKED = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    finally:
+        INVOKED = None
+
+
+def _main(argv: list[str] | None) -> int:
     from spatiallock.threads import configure_threads
 
     configure_threads()  # before torch loads: thread settings that survive a busy machine

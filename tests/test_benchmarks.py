@@ -183,6 +183,10 @@ def test_synthetic_scores_every_kind_of_row_and_draws_its_figures(
         assert row["layouts"] == 2
     assert rows["real-images"]["sampling_steps"] == 2
     assert rows["autoencoder"]["decoder"] == rows["base"]["decoder"] == rows["spatiallock"]["decoder"]
+    from spatiallock.base.folders import base_fingerprint  # every diffusion row names its base; LAMA has none
+
+    fingerprint = base_fingerprint(tiny_small_base)
+    assert [rows[n].get("base_fingerprint") for n in rows] == [None, fingerprint, fingerprint, fingerprint, None]
     trained = rows["spatiallock"]
     assert trained["train_steps"] == 2 and trained["adapter"] == str(adapter)
     assert trained["recipe"]["variant"] == "spatiallock" and 0.0 < trained["sd_v1_4_ratio"] < 2.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -193,6 +194,12 @@ def test_evaluate_command_writes_a_report_and_a_picture(tiny_small_base, tiny_sh
     assert len(report["objects"]) == len(annotations)
     assert Image.open(out.with_suffix(".png")).size[0] > 64
     assert "miou" in capsys.readouterr().out
+    # which base made the images: the SHA-256 of its U-Net's and then its autoencoder's weight files
+    digest = hashlib.sha256()
+    for part in ("unet", "vae"):
+        for path in sorted((tiny_small_base / part).glob("*.safetensors")):
+            digest.update(path.read_bytes())
+    assert report["base_fingerprint"] == digest.hexdigest()[:12]
     # a report path that is not JSON, and a detector folder that is not there: exit 2, nothing written
     assert main([*common, "--detector", str(detector_folder), "--out", str(tmp_path / "r.txt")]) == 2
     assert main([*common, "--detector", str(tmp_path / "none"), "--out", str(tmp_path / "r2.json")]) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 import spatiallock.shipped as shipped
+from spatiallock.base.folders import base_fingerprint
 from spatiallock.cli import main as cli
 from spatiallock.evaluation.detector import Detector
 from spatiallock.pipelines.diffusion import SpatialLockPipeline
@@ -63,7 +65,12 @@ def test_ships_the_model_and_detector_in_fp16_and_default_loads_them(
 ):
     adapter, detector = trained
     out = tmp_path / "assets"
-    argv = ["--base", str(tiny_small_base), "--adapter", str(adapter), "--detector", str(detector), "--out", str(out)]
+    base = tmp_path / "base"  # a base with the record `train base` keeps: its config and its command lines
+    shutil.copytree(tiny_small_base, base)
+    (base / "train").mkdir()
+    (base / "train" / "config.json").write_text(json.dumps({"latent_size": 8}))
+    (base / "train" / "commands.txt").write_text("t0  spatiallock train base --vae-only\nt1  spatiallock train base\n")
+    argv = ["--base", str(base), "--adapter", str(adapter), "--detector", str(detector), "--out", str(out)]
     run(ship_default(), monkeypatch, *argv)
     printed = capsys.readouterr().out
     assert "default: " in printed and "detector: " in printed and "; total " in printed
@@ -75,7 +82,11 @@ def test_ships_the_model_and_detector_in_fp16_and_default_loads_them(
         assert dtypes(model / part / "diffusion_pytorch_model.safetensors") == {"F16"}, part
     assert dtypes(shipped_detector / "model.safetensors") == {"F16"}
     provenance = json.loads((model / "provenance.json").read_text())
-    assert provenance["base"] == str(tiny_small_base) and provenance["adapter"] == str(adapter)
+    assert provenance["base"] == str(base) and provenance["adapter"] == str(adapter)
+    assert provenance["base_training"] == {"latent_size": 8}
+    assert provenance["base_commands"] == ["t0  spatiallock train base --vae-only", "t1  spatiallock train base"]
+    # the digest of the weights as shipped (fp16), which every row made with `--base` on them records
+    assert provenance["base_fingerprint"] == base_fingerprint(model) != base_fingerprint(base)
     assert provenance["detector"] == str(detector)
     assert provenance["adapter_training"] == json.loads((adapter / "train" / "config.json").read_text())
     assert provenance["detector_training"] == json.loads((detector / "train" / "config.json").read_text())

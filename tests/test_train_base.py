@@ -123,6 +123,10 @@ def test_a_latent_shape_of_its_own_trains_alone_and_then_carries_a_unet(tiny_sha
     assert base.unet.config.sample_size == 16 and list(base.unet.config.block_out_channels) == [32, 64]
     for key, value in vae.state_dict().items():
         assert torch.equal(base.vae.state_dict()[key], value), key
+    # the run keeps each command that started or resumed it, in order
+    commands = (out / "train" / "commands.txt").read_text().splitlines()
+    assert len(commands) == 2 and all("spatiallock train base --data" in line for line in commands)
+    assert commands[0].endswith("--vae-only") and commands[1].endswith("--resume")
 
 
 @pytest.mark.parametrize(
@@ -164,3 +168,19 @@ def test_plain_levels_take_attention_off_the_finest_levels_and_keep_a_32x32_unet
         "up_blocks.1.attentions.0", "up_blocks.1.attentions.1", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1",
     ]  # fmt: skip
     assert flops < 1.8e9 < flops_everywhere  # the new base's budget per call at batch 1: 1.79 G against 2.07 G
+
+
+def test_base_fingerprint_names_the_weights_of_the_unet_and_the_autoencoder(tiny_small_base, tmp_path):
+    import shutil
+
+    from spatiallock.base.folders import base_fingerprint
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_small_base, copy)
+    assert base_fingerprint(copy) == base_fingerprint(tiny_small_base) is not None  # the weights, not the path
+    vae = AutoencoderKL.from_pretrained(copy / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(1e-3)
+    vae.save_pretrained(copy / "vae")  # one decoder weight moved: another base
+    assert base_fingerprint(copy) != base_fingerprint(tiny_small_base)
+    assert base_fingerprint(tmp_path / "no-base") is None  # nothing to digest (a LAMA model folder)

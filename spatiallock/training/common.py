@@ -4,6 +4,8 @@ diffusion helpers of the trainers that denoise latents (the small base's U-Net, 
 from __future__ import annotations
 
 import json
+import shlex
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from spatiallock.files import writable_folder, write_text_atomic
 from spatiallock.training.loop import make_accelerator
 
 CONFIG_NAME = "config.json"
+COMMANDS_NAME = "commands.txt"  # one line per start or resume of the run: when, and the command line
 # settings that may change when a run is resumed: how long it runs and how it is watched, not what it learns
 # (gradient checkpointing trades memory for compute and gives the same steps)
 RESUMABLE_CHANGES = frozenset(
@@ -50,11 +53,18 @@ class TrainingRun:
         )  # fmt: skip
 
     def record_config(self) -> None:
-        """Write the resolved config to `train/config.json` (main process): call it once the models are built, so
-        that a run which fails to start leaves no folder behind."""
+        """Write the resolved config to `train/config.json` and add the command line that started (or resumed) the
+        run to `train/commands.txt` (main process): call it once the models are built, so that a run which fails
+        to start leaves no folder behind."""
         if self.accelerator.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.folder / CONFIG_NAME, json.dumps(asdict(self.config), indent=2) + "\n")
+            from spatiallock import cli
+
+            if cli.INVOKED is not None:
+                when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                with open(self.folder / COMMANDS_NAME, "a") as commands:
+                    commands.write(f"{when}  {shlex.join(['spatiallock', *cli.INVOKED])}\n")
 
 
 def _flat(values: dict, prefix: str = "") -> dict[str, Any]:
