@@ -12,6 +12,7 @@ from PIL import Image
 
 from spatiallock.base.folders import load_base, small_unet_config
 from spatiallock.cli import main
+from spatiallock.pipelines.diffusion import SpatialLockPipeline
 from spatiallock.training.base import BaseTrainConfig, min_snr_weights, train_base
 from spatiallock.training.loop import LoopConfig
 
@@ -107,7 +108,8 @@ def test_train_decoder_changes_only_the_decoder_and_copies_the_rest(tiny_shapes,
 
 def test_a_latent_shape_of_its_own_trains_alone_and_then_carries_a_unet(tiny_shapes, tmp_path, capsys):
     out = tmp_path / "wide"
-    shape = ("--latent-channels", "8", "--latent-size", "16", "--vae-widths", "16,32", "--unet-widths", "32,64")
+    shape = ("--latent-channels", "8", "--latent-size", "16", "--vae-widths", "16,32", "--unet-widths", "32,32,64")
+    shape += ("--unet-plain-levels", "1",)  # fmt: skip
     steps = ("--vae-steps", "2", "--max-steps", "1", "--checkpoint-every", "1")
     assert train(tiny_shapes, out, *shape, *steps, "--vae-only") == 0
     assert "autoencoder written to" in capsys.readouterr().out
@@ -120,9 +122,18 @@ def test_a_latent_shape_of_its_own_trains_alone_and_then_carries_a_unet(tiny_sha
     assert train(tiny_shapes, out, *shape, *steps, "--resume") == 0
     base = load_base(out)
     assert base.unet.config.in_channels == base.unet.config.out_channels == 8
-    assert base.unet.config.sample_size == 16 and list(base.unet.config.block_out_channels) == [32, 64]
+    assert base.unet.config.sample_size == 16 and list(base.unet.config.block_out_channels) == [32, 32, 64]
+    assert base.unet.config.down_block_types[0] == "DownBlock2D"  # no attention over the 16x16 latent
     for key, value in vae.state_dict().items():
         assert torch.equal(base.vae.state_dict()[key], value), key
+    # an adapter trains on it and the pipeline draws at its size (a latent of half the image side)
+    adapter = tmp_path / "adapter"
+    argv = ["train", "adapter", "--base", str(out), "--data", str(tiny_shapes), "--out", str(adapter)]
+    assert main([*argv, "--positions", "all", "--max-steps", "1", "--batch-size", "2", "--no-progress"]) == 0
+    pipe = SpatialLockPipeline.from_pretrained(str(out), adapter=str(adapter))
+    image = pipe(prompt="a red circle", phrases=["red circle"], boxes=[[0.1, 0.1, 0.6, 0.6]], num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    assert image.size == (32, 32)
     # the run keeps each command that started or resumed it, in order
     commands = (out / "train" / "commands.txt").read_text().splitlines()
     assert len(commands) == 2 and all("spatiallock train base --data" in line for line in commands)
