@@ -5,7 +5,7 @@ model's adapter, or of `--shipped MODEL`'s); `spatiallock-box-all` (box attentio
 and up transformer block: the configuration shipped before the lean one); `gligen`.
 
 One run, one device, the same steps, the same latents and layouts for all three; random weights (speed does
-not depend on them). On CPU: the project's small base architecture at its native 64 px. On a GPU: the Stable
+not depend on them). On CPU: the shipped small base's architecture at its native 64 px. On a GPU: the Stable
 Diffusion v1.4 architecture at 512 px in fp16 with 50 steps.
 
     python benchmarks/sample_speed.py                 # the device's default setting
@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
 
 from spatiallock.base.configs import SD_V1_UNET  # noqa: E402
-from spatiallock.base.folders import CAPTION_TOKENS, small_scheduler, small_unet_config, small_vae_config  # noqa: E402
+from spatiallock.base.folders import CAPTION_TOKENS, small_scheduler  # noqa: E402
 from spatiallock.base.text import phrase_dim  # noqa: E402
 from spatiallock.layout import Layout  # noqa: E402
 from spatiallock.models.adapter import RECIPE, SpatialLockAdapter  # noqa: E402
@@ -84,13 +84,16 @@ def device_name(device: torch.device) -> str:
 
 
 def small_base_parts():
-    """The small base's architecture with random weights, and the real all-MiniLM-L6-v2 text encoder."""
+    """The shipped small base's architecture (its U-Net's and autoencoder's configs) with random weights, and the
+    real all-MiniLM-L6-v2 text encoder."""
     from spatiallock.base.text import load_minilm
+    from spatiallock.shipped import default_model_path
 
     text_encoder, tokenizer = load_minilm()
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**small_unet_config(16, text_encoder.config.hidden_size))
-    vae = AutoencoderKL(**small_vae_config(64))
+    shipped = default_model_path()
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(shipped / "unet"))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(shipped / "vae"))
     sampler = DDIMScheduler.from_config(small_scheduler().config)
     return vae, text_encoder, tokenizer, unet, sampler, CAPTION_TOKENS
 
