@@ -109,7 +109,7 @@ def test_train_decoder_changes_only_the_decoder_and_copies_the_rest(tiny_shapes,
 def test_a_latent_shape_of_its_own_trains_alone_and_then_carries_a_unet(tiny_shapes, tmp_path, capsys):
     out = tmp_path / "wide"
     shape = ("--latent-channels", "8", "--latent-size", "16", "--vae-widths", "16,32", "--unet-widths", "32,32,64")
-    shape += ("--unet-plain-levels", "1",)  # fmt: skip
+    shape += ("--unet-plain-levels", "1", "--vae-lr-drops", "1")  # fmt: skip
     steps = ("--vae-steps", "2", "--max-steps", "1", "--checkpoint-every", "1")
     assert train(tiny_shapes, out, *shape, *steps, "--vae-only") == 0
     assert "autoencoder written to" in capsys.readouterr().out
@@ -118,6 +118,7 @@ def test_a_latent_shape_of_its_own_trains_alone_and_then_carries_a_unet(tiny_sha
     with torch.no_grad():
         assert vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean.shape == (1, 8, 16, 16)  # factor 2
     assert not (out / "unet").exists()
+    assert json.loads((out / "train" / "config.json").read_text())["vae"]["lr_milestones"] == [1]
     # the same run, resumed without --vae-only: the U-Net on those latents, the autoencoder as it was
     assert train(tiny_shapes, out, *shape, *steps, "--resume") == 0
     base = load_base(out)
@@ -146,6 +147,7 @@ def test_a_latent_shape_of_its_own_trains_alone_and_then_carries_a_unet(tiny_sha
         (("--latent-size", "12"), "latent size: 12 must divide the resolution 32 by a power of 2"),
         (("--latent-size", "16", "--vae-widths", "32,64,64"), "vae widths: 3 given, but a 16x16 latent"),
         (("--unet-widths", "64"), "unet widths: at least 2 levels, got 1"),
+        (("--vae-lr-drops", "1000,0"), "--vae-lr-drops: steps must be at least 1"),
         (("--unet-widths", "32,64", "--unet-plain-levels", "1"), "unet plain levels: from 0 to 0 with 2 levels"),
     ],
 )

@@ -12,6 +12,7 @@ from spatiallock.commands.train_common import (
     loop_config,
     positive,
     positive_int,
+    step_list,
     widths,
 )
 
@@ -42,6 +43,8 @@ def run_base(args: argparse.Namespace) -> int:
         unet=loop_config(args, args.max_steps, args.batch_size, args.lr, warmup=100),
     )  # fmt: skip
     config.unet.ema_decay = args.ema_decay
+    if args.vae_lr_drops is not None:
+        config.vae.lr_milestones = step_list(args.vae_lr_drops, "--vae-lr-drops")
     result = train_base(config)
     if args.vae_only:
         message = (
@@ -64,6 +67,10 @@ def register(sub) -> None:
     base.add_argument("--vae-steps", type=int, default=1500, metavar="N", help="autoencoder steps (default: 1500)")
     base.add_argument("--vae-batch-size", type=int, default=16, metavar="B", help="autoencoder batch (default: 16)")
     base.add_argument("--vae-lr", type=float, default=1e-3, help="autoencoder learning rate (default: 1e-3)")
+    base.add_argument(
+        "--vae-lr-drops", default=None, metavar="STEP,STEP",
+        help="autoencoder steps from which its learning rate is 10x lower each (default: constant)",
+    )  # fmt: skip
     base.add_argument(
         "--ema-decay", type=float, default=0.999, metavar="D",
         help="save the U-Net as a moving average of its weights with this decay; 0: off (default: 0.999)",

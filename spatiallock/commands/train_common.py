@@ -28,6 +28,18 @@ positive = argument_type(Interval(0.0, open_low=True))
 positive_int = argument_type(Interval(0, open_low=True, whole=True))
 
 
+def step_list(text: str, option: str) -> tuple[int, ...]:
+    """Comma-separated step numbers of `option` (e.g. "3000,4000"), each at least 1; a `SpatialLockError` naming
+    the option otherwise."""
+    try:
+        steps = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise SpatialLockError(f"{option}: comma-separated step numbers, got {text!r}") from None
+    if any(step < 1 for step in steps):
+        raise SpatialLockError(f"{option}: steps must be at least 1, got {text!r}")
+    return steps
+
+
 def widths(text: str) -> tuple[int, ...]:
     """An argparse type: comma-separated positive channel counts, e.g. "32,64,64"."""
     try:

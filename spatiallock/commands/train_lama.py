@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spatiallock.commands.train_common import add_loop_options, check_number, exit_code, loop_config
+from spatiallock.commands.train_common import add_loop_options, check_number, exit_code, loop_config, step_list
 from spatiallock.errors import SpatialLockError
 
 LAMA_HELP = """\
@@ -37,13 +37,7 @@ def lr_drops(args: argparse.Namespace) -> tuple[int, ...]:
     from spatiallock.training.lama import lr_milestones
 
     if args.lr_drops is not None:
-        try:
-            steps = tuple(int(part) for part in args.lr_drops.split(",") if part.strip())
-        except ValueError:
-            raise SpatialLockError(f"--lr-drops: comma-separated step numbers, got {args.lr_drops!r}") from None
-        if any(step < 1 for step in steps):
-            raise SpatialLockError(f"--lr-drops: steps must be at least 1, got {args.lr_drops!r}")
-        return steps
+        return step_list(args.lr_drops, "--lr-drops")
     recorded = Path(args.out) / "train" / "config.json"
     if args.resume and recorded.is_file():
         try:
