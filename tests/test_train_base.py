@@ -119,6 +119,18 @@ def test_a_latent_shape_of_its_own_trains_alone_and_then_carries_a_unet(tiny_sha
         assert vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean.shape == (1, 8, 16, 16)  # factor 2
     assert not (out / "unet").exists()
     assert json.loads((out / "train" / "config.json").read_text())["vae"]["lr_milestones"] == [1]
+    # another U-Net on that autoencoder, in a run of its own: the latent shape follows the autoencoder
+    other = tmp_path / "other"
+    assert train(tiny_shapes, other, "--vae-from", str(out / "vae"), "--unet-widths", "16,32", "--max-steps", "1") == 0
+    on_it = load_base(other)
+    assert on_it.unet.config.in_channels == 8 and on_it.unet.config.sample_size == 16
+    assert list(on_it.unet.config.block_out_channels) == [16, 32]
+    for key, value in vae.state_dict().items():
+        assert torch.equal(on_it.vae.state_dict()[key], value), key
+    capsys.readouterr()
+    assert train(tiny_shapes, tmp_path / "none", "--vae-from", str(tmp_path / "missing")) == 2
+    assert capsys.readouterr().err.startswith("spatiallock: error: vae from: cannot load")
+    assert not (tmp_path / "none").exists()
     # the same run, resumed without --vae-only: the U-Net on those latents, the autoencoder as it was
     assert train(tiny_shapes, out, *shape, *steps, "--resume") == 0
     base = load_base(out)

@@ -35,7 +35,7 @@ def run_base(args: argparse.Namespace) -> int:
     check_resolution("--resolution", args.resolution, multiple=16)
     check_number("--ema-decay", args.ema_decay, 0.0, 1.0, open_high=True)
     config = BaseTrainConfig(
-        data=args.data, out=args.out, resolution=args.resolution, init_from=args.init_from,
+        data=args.data, out=args.out, resolution=args.resolution, init_from=args.init_from, vae_from=args.vae_from,
         mixed_precision=args.mixed_precision, snr_gamma=args.snr_gamma, latent_channels=args.latent_channels,
         latent_size=args.latent_size, vae_widths=args.vae_widths, vae_layers=args.vae_layers,
         vae_only=args.vae_only, unet_widths=args.unet_widths, unet_plain_levels=args.unet_plain_levels,
@@ -79,6 +79,11 @@ def register(sub) -> None:
         "--init-from", default=None, metavar="MODEL",
         help="start from an existing base folder (the shipped one: spatiallock/assets/default): keep its autoencoder "
         "and train its U-Net further",
+    )  # fmt: skip
+    base.add_argument(
+        "--vae-from", default=None, metavar="FOLDER",
+        help="train a new U-Net on an autoencoder trained before (an autoencoder folder, e.g. the vae/ of a "
+        "--vae-only run, or a base folder): the latent shape options then follow it",
     )  # fmt: skip
     base.add_argument(
         "--mixed-precision", default="no", choices=["no", "bf16", "fp16"],

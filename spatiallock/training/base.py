@@ -44,6 +44,7 @@ class BaseTrainConfig:
     kl_weight: float = 1e-6
     flip_prob: float = 0.5
     init_from: str | None = None  # an existing base folder: its autoencoder is kept, its U-Net trained further
+    vae_from: str | None = None  # a trained autoencoder (a folder, or a base folder's vae/): a new U-Net on it
     mixed_precision: str = "no"  # "bf16": autocast (fast on CPUs with AMX or AVX-512 BF16, and on GPUs)
     snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023); None: plain MSE
     latent_channels: int = 4
@@ -101,6 +102,8 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
     small_unet_config(widths=config.unet_widths, plain_levels=config.unet_plain_levels)
     if config.init_from is not None and not (Path(config.init_from) / "unet" / "config.json").is_file():
         raise SpatialLockError(f"init from: {config.init_from} is not a base folder (no unet/config.json)")
+    if config.init_from is not None and config.vae_from is not None:
+        raise SpatialLockError("vae from: not with init from, which brings its own autoencoder")
     run = start_training(config, ("vae", "unet"), config.vae.resume or config.unet.resume, config.mixed_precision)
     accelerator, folder = run.accelerator, run.folder
     device = accelerator.device
@@ -118,6 +121,10 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
             init_vae = from_pretrained_safetensors(
                 AutoencoderKL, config.init_from, "init from", subfolder="vae", torch_dtype=torch.float32
             )
+    if config.vae_from is not None and not (vae_dir / "config.json").is_file():
+        source = Path(config.vae_from)
+        source = source / "vae" if (source / "vae" / "config.json").is_file() else source
+        init_vae = from_pretrained_safetensors(AutoencoderKL, source, "vae from", torch_dtype=torch.float32)
     run.record_config()
 
     # 1. the autoencoder, unless a finished one is already there or `init_from` gives one

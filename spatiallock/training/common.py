@@ -28,7 +28,8 @@ RESUMABLE_CHANGES = frozenset(
     {"out", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "resume", "progress",
      "gradient_checkpointing", "vae_only"}
 )  # fmt: skip
-PATH_SETTINGS = frozenset({"data", "base", "init_from", "reward_detector"})  # the same folder, however it is written
+# the same folder, however it is written
+PATH_SETTINGS = frozenset({"data", "base", "init_from", "vae_from", "reward_detector"})
 
 # ---- the start of a run ---------------------------------------------------------------------------------------
 
