@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from spatiallock.base.folders import base_fingerprint
 from spatiallock.evaluation.detector import Detector
 from spatiallock.evaluation.scoring import score_images
 from spatiallock.layout import Layout
@@ -49,6 +50,20 @@ def test_the_shipped_assets_are_small_safetensors_and_say_where_they_come_from()
     assert weights and all(f.suffix == ".safetensors" for f in weights)
     provenance = json.loads((default_model_path() / "provenance.json").read_text())
     assert provenance["adapter_training"]["variant"] == "spatiallock"
+    assert provenance["base_fingerprint"] == base_fingerprint(default_model_path())  # the base that ships
+
+
+def test_the_shipped_unet_stays_cheap_enough_to_sample_on_a_cpu():
+    """At most 1.8 GFLOPs a U-Net call at batch 1 (counted by torch's FlopCounterMode), so that sampling on a CPU
+    stays cheap whatever latent the base has."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = UNet2DConditionModel.from_pretrained(default_model_path(), subfolder="unet", torch_dtype=torch.float32)
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(torch.zeros(1, channels, size, size), 10, torch.zeros(1, 8, unet.config.cross_attention_dim))
+    assert 0 < counter.get_total_flops() <= 1.8e9
 
 
 @pytest.mark.parametrize("part", ["detector", "judge"])
