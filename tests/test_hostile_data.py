@@ -576,3 +576,10 @@ def test_changed_settings_name_nested_ones_and_skip_what_only_one_version_knows(
     recorded["unet"]["batch_size"] = 4
     recorded["data"] = f"{tmp_path}/./data"  # the same folder
     assert changed_settings(recorded, config) == ["unet.batch_size: 4 -> 32"]
+    # a learning-rate drop added on resume: no change when it lies at or after the step resumed from
+    config.vae.lr_milestones = (3000,)
+    assert changed_settings(recorded, config, step=3000) == ["unet.batch_size: 4 -> 32"]
+    assert changed_settings(recorded, config, step=3001) == [
+        "unet.batch_size: 4 -> 32",
+        "vae.lr_milestones: [] -> [3000]",
+    ]

@@ -209,3 +209,22 @@ def test_base_fingerprint_names_the_weights_of_the_unet_and_the_autoencoder(tiny
     vae.save_pretrained(copy / "vae")  # one decoder weight moved: another base
     assert base_fingerprint(copy) != base_fingerprint(tiny_small_base)
     assert base_fingerprint(tmp_path / "no-base") is None  # nothing to digest (a LAMA model folder)
+
+
+def test_a_finished_autoencoder_trains_further_on_resume_with_a_late_drop_as_if_run_so_from_the_start(
+    tiny_shapes, tmp_path
+):
+    """--vae-only for 4 steps, then --resume to 6 with the learning rate dropped from step 4: the weights of an
+    uninterrupted 6-step run with that drop. A drop placed before the step resumed from is refused."""
+    common = ("--vae-only", "--checkpoint-every", "2")
+    twice, once = tmp_path / "twice", tmp_path / "once"
+    assert train(tiny_shapes, twice, *common, "--vae-steps", "4") == 0
+    assert train(tiny_shapes, twice, *common, "--vae-steps", "6", "--resume", "--vae-lr-drops", "3") == 2  # before 4
+    assert train(tiny_shapes, twice, *common, "--vae-steps", "6", "--resume", "--vae-lr-drops", "4") == 0
+    assert train(tiny_shapes, once, *common, "--vae-steps", "6", "--vae-lr-drops", "4") == 0
+    resumed, straight = (AutoencoderKL.from_pretrained(folder / "vae") for folder in (twice, once))
+    for key, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    assert resumed.config.scaling_factor == straight.config.scaling_factor
+    first = AutoencoderKL.from_pretrained(twice / "train" / "vae")
+    assert first.config.scaling_factor == straight.config.scaling_factor  # the run's own copy, updated too

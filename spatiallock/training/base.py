@@ -26,7 +26,7 @@ from spatiallock.base.folders import (
     small_vae_config,
 )
 from spatiallock.base.text import encode_captions, load_minilm
-from spatiallock.checkpoint import atomic_save_pretrained, from_pretrained_safetensors
+from spatiallock.checkpoint import atomic_save_pretrained, from_pretrained_safetensors, list_checkpoints
 from spatiallock.data.coco import collate_layouts
 from spatiallock.errors import SpatialLockError
 from spatiallock.training.common import drop, latents_of, noisy_inputs, start_training
@@ -92,6 +92,18 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     return weights / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weights / snr
 
 
+def _autoencoder_goes_on(config: BaseTrainConfig, folder: Path) -> bool:
+    """Whether a resumed run trains its finished autoencoder further: --resume with more --vae-steps than its
+    newest checkpoint, the autoencoder its own (not --init-from's or --vae-from's), and no U-Net step taken on
+    its latents yet."""
+    if not config.vae.resume or config.init_from is not None or config.vae_from is not None:
+        return False
+    autoencoder = list_checkpoints(folder / "checkpoints" / "vae")
+    if not autoencoder or list_checkpoints(folder / "checkpoints" / "unet"):
+        return False
+    return int(autoencoder[-1].name.rsplit("-", 1)[1]) < config.vae.max_steps
+
+
 def train_base(config: BaseTrainConfig) -> LoopResult:
     """Train the small base as configured; writes the model folder at `config.out` when done."""
     if config.resolution % 16:
@@ -132,7 +144,7 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
         atomic_save_pretrained(init_vae, vae_dir)
     accelerator.wait_for_everyone()
     vae_result = None
-    if (vae_dir / "config.json").is_file():
+    if (vae_dir / "config.json").is_file() and not _autoencoder_goes_on(config, folder):
         vae = from_pretrained_safetensors(AutoencoderKL, vae_dir, "trained autoencoder")
     else:
         torch.manual_seed(config.vae.seed)

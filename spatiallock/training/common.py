@@ -88,14 +88,27 @@ def _same(key: str, recorded: Any, now: Any) -> bool:
     return False
 
 
-def changed_settings(recorded: dict, config) -> list[str]:
+def _ahead(key: str, recorded: Any, now: Any, step: int) -> bool:
+    """A learning-rate schedule whose drops changed only from `step` on (the step resumed from): the steps taken
+    are those a run started with the new schedule takes, so it may change on --resume (to add a drop late)."""
+    if key.rsplit(".", 1)[-1] != "lr_milestones" or not isinstance(recorded, list) or not isinstance(now, list):
+        return False
+    changed = set(recorded) ^ set(now)
+    return all(isinstance(m, int) and m >= step for m in changed)
+
+
+def changed_settings(recorded: dict, config, step: int | None = None) -> list[str]:
     """The settings of `config` that decide what a run learns and differ from `recorded` (a run's config.json):
-    "name: recorded -> now" for each, by their names in config.json."""
+    "name: recorded -> now" for each, by their names in config.json. With `step` (the newest checkpoint's), a
+    learning-rate drop added or moved at that step or later is no change."""
     before, now = _flat(recorded), _flat(json.loads(json.dumps(asdict(config))))
     changes = []
     for key in sorted(before.keys() & now.keys()):  # a setting only one side knows: another version's, not compared
-        if key.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES and not _same(key, before[key], now[key]):
-            changes.append(f"{key}: {before[key]!r} -> {now[key]!r}")
+        if key.rsplit(".", 1)[-1] in RESUMABLE_CHANGES or _same(key, before[key], now[key]):
+            continue
+        if step is not None and _ahead(key, before[key], now[key], step):
+            continue
+        changes.append(f"{key}: {before[key]!r} -> {now[key]!r}")
     return changes
 
 
@@ -110,7 +123,9 @@ def check_resumed_settings(folder: Path, config) -> None:
             raise ValueError(f"a JSON {type(recorded).__name__}, not an object")
     except (OSError, ValueError, RecursionError) as err:
         raise SpatialLockError(f"--resume: {path} cannot be read ({first_line(err)})") from None
-    changes = changed_settings(recorded, config)
+    stages = [p for p in (folder / "checkpoints").glob("*") if p.is_dir()]
+    steps = [int(c.name.rsplit("-", 1)[1]) for stage in stages for c in list_checkpoints(stage)]
+    changes = changed_settings(recorded, config, max(steps, default=0))
     if changes:
         raise SpatialLockError(
             f"--resume: the run in {folder.parent} was started with other settings ({'; '.join(changes)}); resume "

@@ -54,6 +54,10 @@ def resume(
         if main:
             for reason in unreadable:
                 print(f"spatiallock: warning: {reason}; resuming from {path.name} instead", file=sys.stderr)
+        # the learning rates of the schedule as it is now at the step resumed from (the optimizer's state holds
+        # those of the schedule it was saved under: another one where a drop was added at that step)
+        for group, base, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
+            group["lr"] = base * factor(lr_scheduler.last_epoch)
         return state["step"], files
     if unreadable:
         more = f" (and {len(unreadable) - 1} older ones)" if len(unreadable) > 1 else ""
