@@ -178,10 +178,14 @@ def sample_strip(images: Sequence[Image.Image], layouts: Sequence | None = None)
 
 
 def labelled_strips(strips: Sequence[tuple[str, Image.Image]], path: Path, left: int) -> None:
-    """Image strips stacked one under another on white, each with its label in the `left` pixels beside it."""
+    """Image strips stacked one under another on white, each with its label in the `left` pixels beside it (more
+    where the longest label needs them)."""
+    font = ImageFont.load_default(size=15)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = max([left] + [int(measure.textlength(label, font=font)) + 16 for label, _ in strips])
     width = left + max(strip.size[0] for _, strip in strips)
     sheet = Image.new("RGB", (width, sum(strip.size[1] + 4 for _, strip in strips)), (255, 255, 255))
-    draw, font, y = ImageDraw.Draw(sheet), ImageFont.load_default(size=15), 0
+    draw, y = ImageDraw.Draw(sheet), 0
     for label, strip in strips:
         sheet.paste(strip, (left, y))
         draw.text((8, y + strip.size[1] // 2 - 8), label, fill=(0, 0, 0), font=font)
