@@ -14,8 +14,6 @@ from pathlib import Path
 
 from spatiallock.errors import SpatialLockError
 
-INVOKED: list[str] | None = None  # the arguments of the command running now (a training run records them)
-
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, whose errors are one line naming the option and where the help is, instead of the
@@ -86,12 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global INVOKED
-    INVOKED = list(sys.argv[1:] if argv is None else argv)
-    try:
+    from spatiallock.invocation import invoked
+
+    with invoked(sys.argv[1:] if argv is None else argv):  # a training run records it
         return _main(argv)
-    finally:
-        INVOKED = None
 
 
 def _main(argv: list[str] | None) -> int:

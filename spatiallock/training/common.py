@@ -4,7 +4,6 @@ diffusion helpers of the trainers that denoise latents (the small base's U-Net, 
 from __future__ import annotations
 
 import json
-import shlex
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from spatiallock.checkpoint import list_checkpoints
 from spatiallock.data.coco import LayoutDataset
 from spatiallock.errors import SpatialLockError, first_line
 from spatiallock.files import writable_folder, write_text_atomic
+from spatiallock.invocation import command_line
 from spatiallock.training.loop import make_accelerator
 
 CONFIG_NAME = "config.json"
@@ -60,12 +60,11 @@ class TrainingRun:
         if self.accelerator.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.folder / CONFIG_NAME, json.dumps(asdict(self.config), indent=2) + "\n")
-            from spatiallock import cli
-
-            if cli.INVOKED is not None:
+            line = command_line()
+            if line is not None:
                 when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 with open(self.folder / COMMANDS_NAME, "a") as commands:
-                    commands.write(f"{when}  {shlex.join(['spatiallock', *cli.INVOKED])}\n")
+                    commands.write(f"{when}  {line}\n")
 
 
 def _flat(values: dict, prefix: str = "") -> dict[str, Any]:
