@@ -28,7 +28,7 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from synthetic import device_name, round_trip
 
-from spatiallock.base.folders import weights_digest
+from spatiallock.base.folders import autoencoder_folder, weights_digest
 from spatiallock.evaluation.detector import Detector
 from spatiallock.evaluation.scoring import SIZE_BUCKETS, load_real_images, score_images, size_of
 from spatiallock.files import write_text_atomic
@@ -36,15 +36,6 @@ from spatiallock.layout import read_layouts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = tuple(SIZE_BUCKETS)
-
-
-def autoencoder_folder(path: Path) -> Path:
-    """`path` itself when it holds an autoencoder, else its `vae/`; exits naming the folder when neither does."""
-    for folder in (path, path / "vae"):
-        config = folder / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("_class_name") == "AutoencoderKL":
-            return folder
-    sys.exit(f"--vae: {path} holds no AutoencoderKL (config.json with _class_name AutoencoderKL, or vae/)")
 
 
 def psnr(images: list[Image.Image], reference: list[Image.Image]) -> float:
@@ -94,7 +85,10 @@ def main(argv: list[str] | None = None) -> None:
         name, sep, folder = text.partition("=")
         if not sep or not name or not folder:
             parser.error(f"--vae: {text!r} is not NAME=FOLDER")
-        named.append((name, autoencoder_folder(Path(folder))))
+        found = autoencoder_folder(folder)
+        if found is None:
+            sys.exit(f"--vae: {folder} holds no AutoencoderKL (config.json with _class_name AutoencoderKL, or vae/)")
+        named.append((name, found))
 
     data = Path(args.data)
     layouts = read_layouts(data / "instances_val.json")[: args.limit]

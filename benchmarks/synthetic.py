@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     real = load_real_images([data / "val" / layout.meta["file_name"] for layout in layouts])
     out = Path(args.out)
     common = {"layouts": len(layouts), "sampling_steps": args.steps, "guidance": args.guidance, "seed": args.seed}
+    decoder, fingerprint = vae_fingerprint(Path(args.base)), base_fingerprint(args.base)  # which base made a row
 
     def image_row(name: str, images: list[Image.Image], reference: list[Image.Image], note: str) -> None:
         """Score images that are not generated (the real ones, or them after the autoencoder) as row `name`."""
@@ -241,8 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         row.update(second_opinion(second, images, layouts, args.second_detector))
         row.update(at_threshold(detector, images, layouts, args.also_at))
         if name == "autoencoder":
-            row["decoder"] = vae_fingerprint(Path(args.base))
-            row["base_fingerprint"] = base_fingerprint(args.base)
+            row.update(decoder=decoder, base_fingerprint=fingerprint)
         save_strip(images[: args.samples], layouts[: args.samples], name, samples_folder(out))
         write_row(out, row, args)
         print(f"{name}: {row}  ({time.perf_counter() - start:.0f} s)")
@@ -261,7 +261,6 @@ def main(argv: list[str] | None = None) -> None:
         write_row(out, report_row(name, Path(path), len(layouts)), args)
         print(f"{name}: from {path}")
 
-    decoder, fingerprint = vae_fingerprint(Path(args.base)), base_fingerprint(args.base)
     pipe = SpatialLockPipeline.from_pretrained(args.base)
     pipe.set_progress_bar_config(disable=True)
     todo = ([] if args.no_base else [("base", None, {})]) + [parse_row(text) for text in args.row]

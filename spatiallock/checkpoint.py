@@ -69,6 +69,11 @@ def remove_temporaries(folder: str | os.PathLike, prefix: str = TMP_PREFIX) -> N
                 shutil.rmtree(item, ignore_errors=True)
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step of a checkpoint folder of `list_checkpoints` (`checkpoint-<step>`)."""
+    return int(PATTERN.match(Path(path).name).group(1))
+
+
 def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     """Complete checkpoints in `folder`, oldest first."""
     folder = Path(folder)
@@ -126,7 +131,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(folder):
         # beyond this step: a newer checkpoint the run resumed before (an unreadable one), now superseded
-        if int(PATTERN.match(old.name).group(1)) > step:
+        if checkpoint_step(old) > step:
             shutil.rmtree(old, ignore_errors=True)
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

@@ -112,6 +112,17 @@ def small_unet_config(
     }
 
 
+def autoencoder_folder(path: str | Path) -> Path | None:
+    """`path` itself when it holds an autoencoder (a config.json of an `AutoencoderKL`), else its `vae/` when that
+    does (a base folder, or a `train base --vae-only` run), else None."""
+    for folder in (Path(path), Path(path) / "vae"):
+        config = folder / "config.json"
+        with contextlib.suppress(OSError, ValueError):
+            if config.is_file() and json.loads(config.read_text()).get("_class_name") == "AutoencoderKL":
+                return folder
+    return None
+
+
 def weights_digest(*folders: str | Path) -> str | None:
     """The first 12 hex digits of the SHA-256 of the `*.safetensors` files in `folders` (in order, each sorted by
     name), or None when they hold none."""

@@ -20,13 +20,19 @@ from spatiallock.base.folders import (
     CAPTION_TOKENS,
     UNET_WIDTHS,
     BaseModel,
+    autoencoder_folder,
     save_small_base,
     small_scheduler,
     small_unet_config,
     small_vae_config,
 )
 from spatiallock.base.text import encode_captions, load_minilm
-from spatiallock.checkpoint import atomic_save_pretrained, from_pretrained_safetensors, list_checkpoints
+from spatiallock.checkpoint import (
+    atomic_save_pretrained,
+    checkpoint_step,
+    from_pretrained_safetensors,
+    list_checkpoints,
+)
 from spatiallock.data.coco import collate_layouts
 from spatiallock.errors import SpatialLockError
 from spatiallock.training.common import drop, latents_of, noisy_inputs, start_training
@@ -101,7 +107,7 @@ def _autoencoder_goes_on(config: BaseTrainConfig, folder: Path) -> bool:
     autoencoder = list_checkpoints(folder / "checkpoints" / "vae")
     if not autoencoder or list_checkpoints(folder / "checkpoints" / "unet"):
         return False
-    return int(autoencoder[-1].name.rsplit("-", 1)[1]) < config.vae.max_steps
+    return checkpoint_step(autoencoder[-1]) < config.vae.max_steps
 
 
 def train_base(config: BaseTrainConfig) -> LoopResult:
@@ -134,8 +140,7 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
                 AutoencoderKL, config.init_from, "init from", subfolder="vae", torch_dtype=torch.float32
             )
     if config.vae_from is not None and not (vae_dir / "config.json").is_file():
-        source = Path(config.vae_from)
-        source = source / "vae" if (source / "vae" / "config.json").is_file() else source
+        source = autoencoder_folder(config.vae_from) or Path(config.vae_from)  # else: the load names what is wrong
         init_vae = from_pretrained_safetensors(AutoencoderKL, source, "vae from", torch_dtype=torch.float32)
     run.record_config()
 

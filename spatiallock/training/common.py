@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 
 from spatiallock.base.folders import BaseModel
-from spatiallock.checkpoint import list_checkpoints
+from spatiallock.checkpoint import checkpoint_step, list_checkpoints
 from spatiallock.data.coco import LayoutDataset
 from spatiallock.errors import SpatialLockError, first_line
 from spatiallock.files import writable_folder, write_text_atomic
@@ -123,7 +123,7 @@ def check_resumed_settings(folder: Path, config) -> None:
     except (OSError, ValueError, RecursionError) as err:
         raise SpatialLockError(f"--resume: {path} cannot be read ({first_line(err)})") from None
     stages = [p for p in (folder / "checkpoints").glob("*") if p.is_dir()]
-    steps = [int(c.name.rsplit("-", 1)[1]) for stage in stages for c in list_checkpoints(stage)]
+    steps = [checkpoint_step(c) for stage in stages for c in list_checkpoints(stage)]
     changes = changed_settings(recorded, config, max(steps, default=0))
     if changes:
         raise SpatialLockError(
