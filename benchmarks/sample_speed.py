@@ -15,6 +15,13 @@ Diffusion v1.4 architecture at 512 px in fp16 with 50 steps.
 
 Writes benchmarks/results/sample_speed_<cpu|cuda>.json with the device named.
 
+On a tiny SDXL-shaped base (`--sdxl`: SDXL's U-Net layout, no attention at the finest level and deeper stacks at
+the coarser ones, two CLIP text encoders, pooled text and size ids, scaled down to run on a CPU): the plain base,
+the shipped recipe, the shipped recipe with only the first transformer block of each attention module
+(`--first-blocks 1`) and GLIGEN-style, in one run; adds an "sdxl" section to the results file, rows kept:
+
+    python benchmarks/sample_speed.py --sdxl
+
 On a busy machine (`--busy`): the `shipped` row alone, each measurement a process of its own started as a command
 starts (so the toolkit's thread settings apply, see `spatiallock.threads`): quiet; beside one busy-loop process
 (`while True: pass`); two sampling processes at once (timed together). Each under the toolkit's settings and under
@@ -45,7 +52,7 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
 
 from spatiallock.base.configs import SD_V1_UNET  # noqa: E402
-from spatiallock.base.folders import CAPTION_TOKENS, small_scheduler  # noqa: E402
+from spatiallock.base.folders import CAPTION_TOKENS, small_scheduler, small_vae_config  # noqa: E402
 from spatiallock.base.text import phrase_dim  # noqa: E402
 from spatiallock.layout import Layout  # noqa: E402
 from spatiallock.models.adapter import RECIPE, SpatialLockAdapter  # noqa: E402
@@ -120,6 +127,52 @@ def sd_parts():
     return vae, text_encoder, tokenizer, unet, sampler, 77
 
 
+def sdxl_parts():
+    """A tiny SDXL-shaped base with random weights: SDXL's U-Net layout (levels 32, 64, 128 wide, attention at the
+    two coarser ones with stacks of 2 and 4 transformer blocks, linear projections, "text_time" added
+    embeddings), two CLIP encoders (32 and 48 wide, the second with a 24-dim projection: caption states 80 wide),
+    an autoencoder 64 px <-> 16 x 16 x 4, SDXL's noise schedule. Speed only."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(tempfile.mkdtemp())
+    chars = [chr(c) for c in range(33, 127)]
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
+    )
+    torch.manual_seed(0)
+    text = {"vocab_size": len(tokens), "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    text.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, **text))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, projection_dim=24, **text))
+    levels = {
+        "block_out_channels": [32, 64, 128], "transformer_layers_per_block": [1, 2, 4],
+        "attention_head_dim": [2, 4, 8],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    }  # fmt: skip
+    added = {"addition_embed_type": "text_time", "addition_time_embed_dim": 8}
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        cross_attention_dim=80,
+        norm_num_groups=16,
+        use_linear_projection=True,
+        projection_class_embeddings_input_dim=24 + 6 * 8,
+        **levels,
+        **added,
+    )
+    vae = AutoencoderKL(**small_vae_config(64, 4, 16))
+    sampler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    return vae, text_encoder, tokenizer, unet, sampler, text_encoder_2
+
+
 def open_gates(adapter: SpatialLockAdapter) -> SpatialLockAdapter:
     with torch.no_grad():
         for name, parameter in adapter.named_parameters():
@@ -174,6 +227,11 @@ def main(argv: list[str] | None = None) -> None:
         help="the shipped row quiet, beside a busy-loop process and two at once, each in a process of its own, "
         "under the toolkit's thread settings and under torch's own; adds a `busy` section to the results file",
     )  # fmt: skip
+    parser.add_argument(
+        "--sdxl", action="store_true",
+        help="a tiny SDXL-shaped base: plain, shipped recipe, shipped with --first-blocks 1, GLIGEN-style; adds an "
+        "`sdxl` section to the results file",
+    )  # fmt: skip
     parser.add_argument("--wait-for", default=None, help=argparse.SUPPRESS)  # --busy's children: start together
     args = parser.parse_args(argv)
     if args.busy:
@@ -185,20 +243,28 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or (50 if gpu else 25)
     images = args.images or (4 if gpu else 8)
     dtype = torch.float16 if gpu else torch.float32
-    vae, text_encoder, tokenizer, unet, sampler, caption_tokens = sd_parts() if gpu else small_base_parts()
-    pipe = SpatialLockPipeline(vae, text_encoder, tokenizer, unet, sampler, None, caption_tokens)
+    if args.sdxl:
+        vae, text_encoder, tokenizer, unet, sampler, text_encoder_2 = sdxl_parts()
+        pipe = SpatialLockPipeline(vae, text_encoder, tokenizer, unet, sampler, None, 77, text_encoder_2, tokenizer)
+    else:
+        vae, text_encoder, tokenizer, unet, sampler, caption_tokens = sd_parts() if gpu else small_base_parts()
+        pipe = SpatialLockPipeline(vae, text_encoder, tokenizer, unet, sampler, None, caption_tokens)
     pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
+    shipped = adapter_like(args.shipped, unet, phrase_dim(text_encoder), 16)
     adapters = {
         "base": None,
         "spatiallock": SpatialLockAdapter.from_unet(unet, "spatiallock", None, phrase_dim(text_encoder), 16),
-        "shipped": adapter_like(args.shipped, unet, phrase_dim(text_encoder), 16),
+        "shipped": shipped,
         "gligen": SpatialLockAdapter.from_unet(unet, "gligen", None, phrase_dim(text_encoder), 16),
         # the configuration shipped before: box attention and the full block in every down and up transformer block
         "spatiallock-box-all": SpatialLockAdapter.from_unet(
             unet, "spatiallock", "all", phrase_dim(text_encoder), 16, box_attention=True
         ),
     }
+    if args.sdxl:  # the rows of an SDXL-shaped base
+        first = SpatialLockAdapter.like({**shipped.config, "first_blocks": 1}, unet, phrase_dim(text_encoder), 16)
+        adapters = {"base": None, "shipped": shipped, "shipped-first-blocks-1": first, "gligen": adapters["gligen"]}
     for text in args.recipe:
         name, _, model = text.partition("=")
         if not name or not model or name in adapters:
@@ -266,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": device_name(device),
         "device_type": device.type,
         "torch": torch.__version__,
-        "architecture": "sd-v1.4" if gpu else "spatiallock small base",
+        "architecture": "tiny SDXL-shaped base" if args.sdxl else "sd-v1.4" if gpu else "spatiallock small base",
         "resolution": size,
         "steps": steps,
         "images_per_call": images,
@@ -278,7 +344,10 @@ def main(argv: list[str] | None = None) -> None:
         "threads": thread_settings(),
     }
     out = Path(args.out) if args.out else RESULTS / f"sample_speed_{device.type}.json"
-    if out.exists() and not args.wait_for and not args.rows:
+    if args.sdxl:  # a section of its own; the file's other rows kept
+        result["unet_config"] = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+        result = {**(json.loads(out.read_text()) if out.exists() else {}), "sdxl": result}
+    elif out.exists() and not args.wait_for and not args.rows:
         kept_busy = json.loads(out.read_text()).get("busy")
         if kept_busy:
             result["busy"] = kept_busy

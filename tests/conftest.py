@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_tiny_sd, make_tiny_small_base
+from helpers import make_tiny_sd, make_tiny_sdxl, make_tiny_small_base
 
 from spatiallock.base.configs import build_unet, tiny_unet_config
 from spatiallock.models.injection import freeze
@@ -24,6 +24,12 @@ def unet():
 def tiny_sd(tmp_path_factory):
     """A tiny Stable-Diffusion-format model folder (CLIP text encoder), native resolution 32 px."""
     return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny SDXL-format model folder (two CLIP text encoders, size ids), native resolution 32 px."""
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,8 @@ from spatiallock.models.grounding import GATES
 # - `make_tiny_sd(folder)`: a Stable-Diffusion-format folder (`StableDiffusionPipeline.save_pretrained`): a tiny
 #   `CLIPTextModel` with a hand-made BPE vocabulary that covers the synthetic domain's captions, a tiny
 #   `AutoencoderKL` (32 px <-> 16x16x4, factor 2), a tiny `UNet2DConditionModel` and SD v1's PNDM scheduler.
+# - `make_tiny_sdxl(folder)`: an SDXL-format folder (`StableDiffusionXLPipeline.save_pretrained`): two tiny CLIP
+#   encoders (the second with a projection), the tiny autoencoder, a tiny SDXL-layout U-Net, Euler.
 # - `make_tiny_small_base(folder)`: the project's small-base format (`base.folders.save_small_base`) with a tiny
 #   U-Net and autoencoder; its text encoder is the real all-MiniLM-L6-v2, loaded offline from its package.
 
@@ -167,6 +169,61 @@ def make_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
     pipeline = StableDiffusionPipeline(
         vae=tiny_vae(), text_encoder=tiny_clip_text_model(tokenizer), tokenizer=tokenizer, unet=tiny_unet(),
         scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+SDXL_TEXT_2 = 48  # the tiny second text encoder's width (SDXL's OpenCLIP ViT-bigG: 1280)
+SDXL_PROJECTION = 24  # its pooled projection (SDXL: 1280)
+SDXL_TIME_DIM = 8  # each size id's embedding (SDXL: 256)
+
+
+def tiny_sdxl_unet():
+    """SDXL's U-Net layout, tiny: no attention at the finest level, a deeper stack (2 blocks) at the coarser one,
+    linear projections, the pooled text and six size ids added to the time embedding ("text_time")."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, block_out_channels=[32, 64], layers_per_block=1,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        transformer_layers_per_block=[1, 2], cross_attention_dim=TEXT_DIM + SDXL_TEXT_2, attention_head_dim=8,
+        norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=SDXL_PROJECTION + 6 * SDXL_TIME_DIM,
+    )  # fmt: skip
+
+
+def make_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny SDXL-format model folder (`StableDiffusionXLPipeline.save_pretrained`: model_index.json, unet/,
+    vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/) and return it. Native resolution 32
+    px; caption states 32 + 48 wide; SDXL's Euler scheduler and autoencoder scaling factor."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as vocab:
+        tokenizer = tiny_clip_tokenizer(Path(vocab))
+        tokenizer_2 = tiny_clip_tokenizer(Path(vocab) / "2")
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=SDXL_TEXT_2, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=SDXL_PROJECTION,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1, latent_channels=4,
+        norm_num_groups=8, sample_size=RESOLUTION, scaling_factor=0.13025,
+    )  # fmt: skip
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        steps_offset=1, timestep_spacing="leading",
+    )  # fmt: skip
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=tiny_clip_text_model(tokenizer),
+        text_encoder_2=CLIPTextModelWithProjection(config).eval(), tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        unet=tiny_sdxl_unet(), scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False,
     )  # fmt: skip
     pipeline.save_pretrained(folder, safe_serialization=True)
     return folder

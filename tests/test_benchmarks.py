@@ -99,7 +99,7 @@ def assert_share(value) -> None:
 def test_every_script_has_a_test():
     """A new script in benchmarks/ gets a test here (charts.py is tested through the scripts that draw)."""
     tested = {"charts", "table", "params_plot", "synthetic", "augmentation", "location", "perception_head"}
-    tested |= {"sample_speed", "train_speed", "ceiling"}
+    tested |= {"sample_speed", "train_speed", "ceiling", "sdxl_estimate"}
     assert {path.stem for path in SCRIPTS} == tested
 
 
@@ -454,6 +454,41 @@ def test_sample_speed_times_every_row(model, tmp_path, capsys):
     assert all(row["adapter_params"] > 0 for row in result["rows"][1:])
     assert result["shipped_recipe"]["variant"] == "spatiallock"
     assert set(np.load(images).files) == set(names)
+
+
+def test_sample_speed_sdxl_times_its_rows_into_a_section_of_its_own(model, tmp_path, capsys):
+    out = tmp_path / "sample_speed.json"
+    out.write_text(json.dumps({"rows": [{"model": "kept"}]}))
+    argv = ["--cpu", "--sdxl", "--steps", "2", "--images", "1", "--repeats", "1", "--shipped", str(model)]
+    script("sample_speed").main([*argv, "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["rows"] == [{"model": "kept"}]  # the file's other rows stay
+    sdxl = result["sdxl"]
+    assert [row["model"] for row in sdxl["rows"]] == ["base", "shipped", "shipped-first-blocks-1", "gligen"]
+    params = {row["model"]: row["adapter_params"] for row in sdxl["rows"]}
+    assert 0 < params["shipped-first-blocks-1"] < params["shipped"] < params["gligen"]
+    assert sdxl["unet_config"]["addition_embed_type"] == "text_time"
+    assert all(math.isfinite(row["s_per_image"]) and row["s_per_image"] > 0 for row in sdxl["rows"])
+
+
+def test_sdxl_estimate_counts_a_training_step_on_the_meta_device(tmp_path, capsys):
+    out = tmp_path / "estimate.json"
+    script("sdxl_estimate").main(["--size", "256", "--objects", "4", "--tflops", "100", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["unet_params"] > 2.5e9 and result["size"] == 256
+    rows = {row["adapter"]: row for row in result["rows"]}
+    shipped, first, gligen = (
+        rows[name] for name in ("shipped recipe", "shipped recipe, --first-blocks 1", "GLIGEN-style")
+    )
+    assert first["trainable_params"] < shipped["trainable_params"] < gligen["trainable_params"]
+    # more blocks in the graph: more work and more saved activations; the frozen weights are the same
+    assert first["step_tflops"] <= shipped["step_tflops"] < gligen["step_tflops"]
+    assert 0 < first["activations_gb"] <= shipped["activations_gb"] < gligen["activations_gb"]
+    assert shipped["frozen_weights_gb"] == gligen["frozen_weights_gb"] > 5
+    assert shipped["memory_gb"] == pytest.approx(
+        shipped["frozen_weights_gb"] + shipped["adapter_training_state_gb"] + shipped["activations_gb"], abs=0.2
+    )
+    assert list(shipped["seconds_per_step"]) == ["100 TFLOP/s"]
 
 
 def test_sample_speed_busy_times_a_fresh_process_beside_a_busy_loop(model, tmp_path):

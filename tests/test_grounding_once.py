@@ -28,7 +28,7 @@ def per_call_grounding(pipe: SpatialLockPipeline) -> None:
             raw.update(embeds=embeds, boxes=boxes, masks=masks)
         return encode(embeds, boxes, masks, latent_size)
 
-    def predict(latents, t, states, caption_mask, grounding):
+    def predict(latents, t, states, caption_mask, grounding, added=None):  # no extra inputs on this base
         if grounding is None:
             return pipe.unet(latents, t, encoder_hidden_states=states, encoder_attention_mask=caption_mask).sample
         rows = slice(raw["masks"].shape[0] - latents.shape[0], None)  # layout guidance: the conditional rows

@@ -10,8 +10,8 @@ import pytest
 import torch
 from helpers import run_train_adapter
 
-import spatiallock.training.adapter as adapter_training
 from spatiallock.base.folders import load_base
+from spatiallock.base.text import TextConditioning
 from spatiallock.errors import SpatialLockError
 from spatiallock.models.adapter import SpatialLockAdapter
 from spatiallock.models.injection import resolve_positions, transformer_blocks
@@ -112,17 +112,17 @@ def test_the_trainer_sees_empty_captions_and_hidden_layouts_when_dropped(
     tiny_sd, tiny_shapes, tmp_path, monkeypatch, caption_dropout, layout_dropout
 ):
     encoded, grounded = [], []
-    encode, forward = adapter_training.encode_captions, SpatialLockAdapter.forward
+    encode, forward = TextConditioning.encode, SpatialLockAdapter.forward
 
-    def recording_encode(text_encoder, tokenizer, captions, *args, **kwargs):
+    def recording_encode(self, owner, captions, *args, **kwargs):
         encoded.append(list(captions))
-        return encode(text_encoder, tokenizer, captions, *args, **kwargs)
+        return encode(self, owner, captions, *args, **kwargs)
 
     def recording_forward(self, unet, sample, timestep, states, phrase_embeds, boxes, masks, **kwargs):
         grounded.append((masks.detach().clone(), kwargs["object_masks"].detach().clone()))
         return forward(self, unet, sample, timestep, states, phrase_embeds, boxes, masks, **kwargs)
 
-    monkeypatch.setattr(adapter_training, "encode_captions", recording_encode)
+    monkeypatch.setattr(TextConditioning, "encode", recording_encode)
     monkeypatch.setattr(SpatialLockAdapter, "forward", recording_forward)
     loop = LoopConfig(max_steps=2, batch_size=4, progress=False)
     config = AdapterTrainConfig(

@@ -1,8 +1,11 @@
-"""Architectures held in code: Stable Diffusion v1.x's U-Net (for shapes and parameter counts, built on the
-`meta` device, no download) and tiny U-Nets for tests."""
+"""Architectures held in code: Stable Diffusion v1.x's and SDXL's U-Nets (for shapes and parameter counts, built on
+the `meta` device, no download) and tiny U-Nets for tests. SDXL's configuration is a small JSON carried in
+`architectures/` (its U-Net config and the two text encoders' sizes)."""
 
 from __future__ import annotations
 
+import json
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -35,7 +38,16 @@ SD_V1_UNET = {
 SD_V1_PHRASE_DIM = 768
 COCO_CLASSES = 80
 
-KNOWN_BASES = {"sd-v1-4": SD_V1_UNET, "sd-v1-5": SD_V1_UNET}
+ARCHITECTURES = Path(__file__).parent / "architectures"
+
+
+@cache
+def sdxl_architecture() -> dict:
+    """SDXL base 1.0's U-Net config and its text encoders' sizes (`architectures/sdxl-base-1.0.json`)."""
+    return json.loads((ARCHITECTURES / "sdxl-base-1.0.json").read_text())
+
+
+KNOWN_BASES = {"sd-v1-4": SD_V1_UNET, "sd-v1-5": SD_V1_UNET, "sdxl": None}
 
 
 def tiny_unet_config(**overrides) -> dict:
@@ -57,7 +69,9 @@ def tiny_unet_config(**overrides) -> dict:
 
 
 def unet_config(base: str) -> dict:
-    """The U-Net config of a known base name (`sd-v1-4`, `sd-v1-5`) or of a diffusers model folder."""
+    """The U-Net config of a known base name (`sd-v1-4`, `sd-v1-5`, `sdxl`) or of a diffusers model folder."""
+    if base == "sdxl":
+        return dict(sdxl_architecture()["unet"])
     if base in KNOWN_BASES:
         return dict(KNOWN_BASES[base])
     path = Path(base) / "unet" / "config.json"

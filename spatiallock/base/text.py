@@ -3,6 +3,11 @@
 Two families: CLIP (Stable Diffusion; phrase embedding = `pooler_output`) and sentence encoders such as
 all-MiniLM-L6-v2 (the small base; phrase embedding = attention-masked mean of the last hidden state,
 L2-normalised, as sentence-transformers computes it).
+
+SDXL has two CLIP encoders. Its captions are encoded as diffusers' `StableDiffusionXLPipeline` encodes them
+(`SDXLTextConditioning`); phrases (the grounding tokens' labels) by the first, CLIP ViT-L/14, alone: its
+pooled 768-dim embedding is the one GLIGEN and SpatialLock ground with on SD v1.x, so a phrase means the same to
+an adapter on either base, and it is the cheaper of the two to run per label.
 """
 
 from __future__ import annotations
@@ -159,10 +164,87 @@ class TextConditioning:
     """The base's text conditioning, one replaceable part of the pipeline: captions -> the U-Net's encoder states,
     their token mask (sentence encoders) and any extra U-Net inputs (`added_cond_kwargs`). SD v1.x and the small
     base have one text encoder and no extra inputs; a base with more (SDXL: two encoders, pooled embeddings, size
-    ids) is a subclass set as the pipeline's `text_conditioning`, and the sampling loop stays as it is."""
+    ids) is a subclass set as the pipeline's `text_conditioning`, and the sampling loop stays as it is.
+
+    `owner`: anything holding the base's text parts (a pipeline or a `BaseModel`): `text_encoder`, `tokenizer`,
+    `caption_tokens`, `uses_caption_mask`, and for SDXL `text_encoder_2`, `tokenizer_2`,
+    `force_zeros_for_empty_prompt`. `size`: the (height, width) in pixels of the images made."""
+
+    family = "sd"
 
     @torch.no_grad()
-    def encode(self, pipe, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
-        hidden, mask = encode_captions(pipe.text_encoder, pipe.tokenizer, list(captions), pipe.caption_tokens)
-        hidden = hidden.to(pipe.text_encoder.dtype)
-        return hidden, (mask if pipe.uses_caption_mask else None), None
+    def encode(
+        self, owner, captions: Sequence[str], size: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
+        hidden, mask = encode_captions(owner.text_encoder, owner.tokenizer, list(captions), owner.caption_tokens)
+        hidden = hidden.to(owner.text_encoder.dtype)
+        return hidden, (mask if owner.uses_caption_mask else None), None
+
+    def unconditional(self, owner, count: int, size: tuple[int, int] | None = None):
+        """The conditioning of classifier-free guidance's unconditional rows: the empty caption's."""
+        return self.encode(owner, [""] * count, size)
+
+    def dropped(self, owner, captions: Sequence[str], size: tuple[int, int] | None = None):
+        """The conditioning of a training batch whose dropped captions are "": each of those rows as
+        `unconditional` makes it, so that training and sampling agree on what "no caption" is."""
+        return self.encode(owner, captions, size)
+
+
+def sdxl_time_ids(size: tuple[int, int], count: int, dtype, device) -> torch.Tensor:
+    """SDXL's micro-conditioning of `count` images of `size` (height, width): original size, crop corner (0, 0),
+    target size, as `StableDiffusionXLPipeline` sets them by default. The layout's boxes are normalised to the
+    image, so they hold at whatever size the images are made."""
+    height, width = size
+    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
+    return ids.repeat(count, 1)
+
+
+class SDXLTextConditioning(TextConditioning):
+    """SDXL's text conditioning, as diffusers' `StableDiffusionXLPipeline.encode_prompt` computes it: each caption
+    through both CLIP encoders (77 tokens each), their penultimate hidden states concatenated (768 + 1280 = 2048
+    channels on SDXL base 1.0), the second encoder's projected pooled embedding as `text_embeds`, the size ids as
+    `time_ids`; classifier-free guidance's unconditional rows are zeros when the folder says
+    `force_zeros_for_empty_prompt` (SDXL base's default)."""
+
+    family = "sdxl"
+
+    @torch.no_grad()
+    def encode(self, owner, captions, size=None):
+        if size is None:
+            raise ValueError("SDXL's conditioning needs the image size (its micro-conditioning)")
+        hidden_states, pooled = [], None
+        parts = ((owner.text_encoder, owner.tokenizer), (owner.text_encoder_2, owner.tokenizer_2))
+        for encoder, tokenizer in parts:
+            device = next(encoder.parameters()).device
+            tokens = _tokenize(tokenizer, list(captions), tokenizer.model_max_length, device)
+            output = encoder(tokens["input_ids"], output_hidden_states=True)
+            if pooled is None and output[0].ndim == 2:  # the encoder with a projection: its pooled embedding
+                pooled = output[0]
+            hidden_states.append(output.hidden_states[-2])
+        dtype = owner.text_encoder_2.dtype
+        hidden = torch.cat(hidden_states, dim=-1).to(dtype)
+        added = {"text_embeds": pooled.to(dtype), "time_ids": sdxl_time_ids(size, len(captions), dtype, hidden.device)}
+        return hidden, None, added
+
+    def unconditional(self, owner, count, size=None):
+        hidden, mask, added = self.encode(owner, [""] * count, size)
+        if owner.force_zeros_for_empty_prompt:
+            hidden, added = torch.zeros_like(hidden), {**added, "text_embeds": torch.zeros_like(added["text_embeds"])}
+        return hidden, mask, added
+
+    def dropped(self, owner, captions, size=None):
+        hidden, mask, added = self.encode(owner, captions, size)
+        if owner.force_zeros_for_empty_prompt:
+            empty = torch.tensor([caption == "" for caption in captions], device=hidden.device)
+            hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)
+            pooled = added["text_embeds"]
+            added = {**added, "text_embeds": torch.where(empty[:, None], torch.zeros_like(pooled), pooled)}
+        return hidden, mask, added
+
+
+def text_conditioning(owner) -> TextConditioning:
+    """The text conditioning of a base's family: SDXL's when it has a second text encoder, else SD's."""
+    return SDXL_TEXT if getattr(owner, "text_encoder_2", None) is not None else SD_TEXT
+
+
+SD_TEXT, SDXL_TEXT = TextConditioning(), SDXLTextConditioning()

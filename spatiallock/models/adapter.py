@@ -32,6 +32,7 @@ from spatiallock.models.injection import (
     attach_fusers,
     count_parameters,
     detach_fusers,
+    first_blocks_of,
     grounding_kwargs,
     resolve_positions,
     transformer_blocks,
@@ -63,7 +64,7 @@ EVERY = "every"
 RECIPE = (
     "variant", "fourier_freqs", "hidden_dim", "max_objects", "query_positions", "box_attention", "feed_forward",
     "attention_width", "loss_weighting", "loss_weights", "enh_grid", "enh_layers", "enh_heads", "anchor_scale",
-    "grounding_steps", "ground_unconditional", "perception_input",
+    "grounding_steps", "ground_unconditional", "perception_input", "first_blocks",
 )  # fmt: skip
 
 
@@ -127,6 +128,8 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             does not say (GLIGEN's scheduled sampling: the layout is settled in the first, noisiest steps; after
             them the base runs alone, at its own speed). 1.0, every step, unless the adapter was trained or
             shipped with another share.
+        first_blocks: with it, the placement keeps only the first `first_blocks` transformer blocks of each
+            attention module it names (SDXL stacks up to ten in one module); None: every block of them.
         ground_unconditional: whether classifier-free guidance's unconditional rows go through this adapter with
             null grounding (True) or are the plain base's (False: the adapter runs on the conditional rows alone,
             at half the cost), when a caller does not say.
@@ -171,6 +174,7 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         ground_unconditional: bool = True,
         class_names: Sequence[str] | None = None,
         perception_input: str = "grounded",
+        first_blocks: int | None = None,
     ):
         super().__init__()
         if perception_input not in PERCEPTION_INPUTS:
@@ -250,6 +254,7 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             chosen = transformer_blocks(unet, resolve_positions(unet, positions))
             if not isinstance(positions, str) or positions not in PRESETS:
                 positions = resolve_positions(unet, positions)
+        chosen = first_blocks_of(chosen, kwargs.get("first_blocks"))
         return cls(
             variant=variant,
             phrase_dim=phrase_dim,
@@ -359,6 +364,7 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         grounding: GroundingTokens | None = None,
         perception_rows: torch.Tensor | None = None,
         scheduler=None,
+        added_cond_kwargs: dict | None = None,
     ) -> AdapterOutput:
         """Run the attached `unet` with grounding; optionally the perception and training losses.
 
@@ -373,6 +379,7 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             perception_rows: (B,) bool, the images the perception loss is computed on (default: all); with none,
                 the loss is a zero that still reaches the head's parameters.
             scheduler: the noise scheduler `sample` was noised with: needed by a head whose input is `rendered`.
+            added_cond_kwargs: the base's extra U-Net inputs (SDXL: `text_embeds`, `time_ids`), None for SD v1.
         """
         # 1. grounding tokens (and, through their cache, each block's keys and attention bias)
         if grounding is None:
@@ -399,6 +406,7 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
                 encoder_hidden_states,
                 cross_attention_kwargs=kwargs,
                 encoder_attention_mask=encoder_attention_mask,
+                added_cond_kwargs=added_cond_kwargs,
             ).sample
         # 3. PoG: detection losses against the image's own boxes
         perception = None
@@ -415,7 +423,8 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
                     scheduler.config.prediction_type,
                 )  # fmt: skip
                 mask = None if encoder_attention_mask is None else encoder_attention_mask[rows]
-                features = rendered_features(unet, clean, encoder_hidden_states[rows], mask)
+                added = None if added_cond_kwargs is None else {k: v[rows] for k, v in added_cond_kwargs.items()}
+                features = rendered_features(unet, clean, encoder_hidden_states[rows], mask, added)
             if len(targets[0]):
                 perception = self.perception.loss(features, *targets)
             else:  # no image this step: a zero loss, the graph still through every head parameter

@@ -60,7 +60,8 @@ def resolve_positions(unet: nn.Module, positions: str | Sequence[str] = "default
     Presets (the paper's Table 3): `default`, the last block of the last down-sampling stage with attention
     and the first block of the first up-sampling stage with attention; `all`, every block of the down and up
     stages; `down`, every down-stage block; `up`, every up-stage block; `inner`, all blocks of the two
-    innermost down and up stages. A comma-separated string of names is accepted too.
+    innermost down and up stages. A comma-separated string of names is accepted too, and a name may be a
+    level (`down_blocks.2`, `mid_block`, `up_blocks.0`): every attention module of it.
     """
     stages = attention_stages(unet)
     down, up = stages["down"], stages["up"]
@@ -78,6 +79,7 @@ def resolve_positions(unet: nn.Module, positions: str | Sequence[str] = "default
             }[positions]
         positions = [p.strip() for p in positions.split(",") if p.strip()]
     valid = attention_names(unet)
+    positions = [name for p in positions for name in ([p] if p in valid else _level(valid, p))]
     unknown = [p for p in positions if p not in valid]
     if unknown or not positions:
         raise SpatialLockError(
@@ -85,6 +87,12 @@ def resolve_positions(unet: nn.Module, positions: str | Sequence[str] = "default
             f"valid: {', '.join(valid)} or a preset: {', '.join(PRESETS)}"
         )
     return list(dict.fromkeys(positions))
+
+
+def _level(names: Sequence[str], level: str) -> list[str]:
+    """The attention modules of `names` inside the U-Net level `level` (e.g. `down_blocks.2`); [level] when none."""
+    inside = [name for name in names if name.startswith(level + ".attentions.")]
+    return inside or [level]
 
 
 def transformer_blocks(unet: nn.Module, positions: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
@@ -96,6 +104,16 @@ def transformer_blocks(unet: nn.Module, positions: Sequence[str] | None = None) 
         if positions is None or any(name.startswith(p + ".") for p in positions):
             found.append((name, module))
     return found
+
+
+def first_blocks_of(blocks: list[tuple[str, nn.Module]], count: int | None) -> list[tuple[str, nn.Module]]:
+    """Of `blocks`, those among the first `count` transformer blocks of their attention module (all when None):
+    SDXL stacks up to ten blocks in one module at its coarse levels, and the first of each often suffice."""
+    if count is None:
+        return blocks
+    if count < 1:
+        raise SpatialLockError(f"first blocks: at least 1 transformer block of each attention module, got {count}")
+    return [(name, block) for name, block in blocks if int(name.rsplit(".", 1)[1]) < count]
 
 
 def block_dims(block: nn.Module) -> tuple[int, int, int]:

@@ -84,14 +84,17 @@ def predicted_clean(alphas_cumprod: torch.Tensor, noisy, timesteps, prediction, 
     raise ValueError(f"prediction type {prediction_type!r}: epsilon or v_prediction")
 
 
-def rendered_features(unet: nn.Module, latents: torch.Tensor, states, attention_mask=None) -> list[torch.Tensor]:
+def rendered_features(
+    unet: nn.Module, latents: torch.Tensor, states, attention_mask=None, added_cond_kwargs: dict | None = None
+) -> list[torch.Tensor]:
     """What the PoG head reads when its input is `rendered`: the down-block features of `unet` on clean
     `latents` at timestep 0, without grounding (an attached adapter adds nothing to a call without it), so
-    that the head can find only what the latents show, never the requested layout. Differentiable."""
+    that the head can find only what the latents show, never the requested layout. Differentiable.
+    `added_cond_kwargs`: the base's extra U-Net inputs (SDXL's pooled text and size ids), None for SD v1."""
     t = torch.zeros(len(latents), dtype=torch.long, device=latents.device)
     with DownBlockTap(unet.down_blocks) as tap, down_path_only(unet.down_blocks):
         try:
-            unet(latents, t, states, encoder_attention_mask=attention_mask)
+            unet(latents, t, states, encoder_attention_mask=attention_mask, added_cond_kwargs=added_cond_kwargs)
         except DownBlocksDone:
             pass
     return tap.features

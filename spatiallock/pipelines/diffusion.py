@@ -1,11 +1,13 @@
-"""`SpatialLockPipeline`: caption + layout in, images out, on any base with SD's structure.
+"""`SpatialLockPipeline`: caption + layout in, images out, on any base with SD's structure (SD v1.x, SDXL, the
+small base).
 
 The denoising loop is Stable Diffusion's (diffusers `StableDiffusionPipeline`): the same latents, classifier-free
 guidance and scheduler calls. With an adapter attached, the U-Net also gets grounding tokens for the first
 `grounding_steps` share of the steps; the unconditional branch gets the empty caption and null grounding. Without
 an adapter, or with all gates at zero, the output is the plain base pipeline's. Everything else is an extension
 (`pipelines/extensions/`: layout guidance, layout initialisation, perception guidance, candidate selection), off
-unless its arguments switch it on; the base's text conditioning is one replaceable part (`text_conditioning`).
+unless its arguments switch it on; the base's text conditioning is one replaceable part (`text_conditioning`:
+SDXL's two text encoders, pooled embedding and size ids are its SDXL subclass, the loop the same).
 
 Folders: `save_pretrained` writes diffusers layout (`model_index.json`, `unet/`, `vae/`, `scheduler/`,
 `tokenizer/`, `text_encoder/`, `adapter/`; the small base names its text encoder's package instead of copying
@@ -30,7 +32,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from spatiallock.base.folders import load_base, local_model_path, write_model_folder
-from spatiallock.base.text import PHRASE_TOKENS, PhraseCache, TextConditioning, is_clip, phrase_dim, warn_cut_texts
+from spatiallock.base.text import PHRASE_TOKENS, PhraseCache, is_clip, phrase_dim, text_conditioning, warn_cut_texts
 from spatiallock.errors import SpatialLockError
 from spatiallock.layout import Layout, as_layouts, pad_layouts
 from spatiallock.models.adapter import SpatialLockAdapter
@@ -57,23 +59,32 @@ class SpatialLockPipeline(DiffusionPipeline):
     """Layout-to-image generation with a SpatialLock (or GLIGEN-style) adapter on a frozen base.
 
     Args:
-        vae, text_encoder, tokenizer, unet, scheduler: the base (Stable Diffusion v1.x or the small base).
+        vae, text_encoder, tokenizer, unet, scheduler: the base (Stable Diffusion v1.x, SDXL or the small base).
         adapter: a `SpatialLockAdapter` for this base, or None for the plain base pipeline.
         caption_tokens: caption length fed to the text encoder (default: the tokenizer's maximum).
+        text_encoder_2, tokenizer_2: SDXL's second text encoder (`CLIPTextModelWithProjection`) and its tokenizer;
+            with them the text conditioning is SDXL's (`base.text.SDXLTextConditioning`).
+        force_zeros_for_empty_prompt: SDXL: classifier-free guidance's unconditional rows are zeros (its default).
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["adapter"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["adapter", "text_encoder_2", "tokenizer_2"]
     kind = DIFFUSION
-    text_conditioning = TextConditioning()
     # the sampling ideas on top of the denoising loop, in the order the loop calls them (see `extensions.base`)
     extensions: tuple[type[Extension], ...] = (LayoutInit, LayoutGuidance, PerceptionGuidance, CandidateSelection)
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, adapter=None, caption_tokens: int | None = None):
+    def __init__(
+        self, vae, text_encoder, tokenizer, unet, scheduler, adapter=None, caption_tokens: int | None = None,
+        text_encoder_2=None, tokenizer_2=None, force_zeros_for_empty_prompt: bool = True,
+    ):  # fmt: skip
         super().__init__()
         self.register_modules(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler, adapter=None
-        )
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler, adapter=None,
+            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        )  # fmt: skip
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        # the base family's text conditioning (replaceable: a base with other conditioning sets its own)
+        self.text_conditioning = text_conditioning(self)
         self.caption_tokens = caption_tokens or tokenizer.model_max_length
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -131,7 +142,10 @@ class SpatialLockPipeline(DiffusionPipeline):
         if adapter is not None and not isinstance(adapter, SpatialLockAdapter):
             adapter = load_adapter(adapter, torch_dtype)
         sampler = sampling_scheduler(path, scheduler)
-        return cls(base.vae, base.text_encoder, base.tokenizer, base.unet, sampler, adapter, base.caption_tokens)
+        return cls(
+            base.vae, base.text_encoder, base.tokenizer, base.unet, sampler, adapter, base.caption_tokens,
+            base.text_encoder_2, base.tokenizer_2, base.force_zeros_for_empty_prompt,
+        )  # fmt: skip
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> Path:
         """Write the whole pipeline as a diffusers-layout folder (`spatiallock.base.folders.write_model_folder`: a kill
@@ -140,14 +154,18 @@ class SpatialLockPipeline(DiffusionPipeline):
         text_encoder = None if self.uses_caption_mask else self.text_encoder
         return write_model_folder(
             save_directory, self.unet, self.vae, self.scheduler, self.tokenizer, text_encoder, self.adapter,
-            self.caption_tokens,
+            self.caption_tokens, self.text_encoder_2, self.tokenizer_2, self.force_zeros_for_empty_prompt,
         )  # fmt: skip
 
     # ---- inputs ------------------------------------------------------------------------------------------
 
-    def encode_prompts(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Caption hidden states (B, L, D) and, for sentence encoders, the token mask (B, L)."""
-        return self.text_conditioning.encode(self, captions)[:2]
+    def encode_prompts(
+        self, captions: Sequence[str], size: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Caption hidden states (B, L, D) and, for sentence encoders, the token mask (B, L); `size`: the images'
+        (height, width), default the native size (SDXL's size ids)."""
+        size = size or (self.native_size, self.native_size)
+        return self.text_conditioning.encode(self, captions, size)[:2]
 
     @torch.no_grad()
     def encode_layouts(self, layouts: Sequence[Layout]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -194,6 +212,19 @@ class SpatialLockPipeline(DiffusionPipeline):
     @property
     def native_size(self) -> int:
         return self.unet.config.sample_size * self.vae_scale_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] of `latents`; SDXL's autoencoder decodes in float32 when it asks to (`force_upcast`:
+        it overflows in float16), as `StableDiffusionXLPipeline` does."""
+        upcast = self.text_encoder_2 is not None and self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+            latents = latents.float()
+        try:
+            return self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        finally:
+            if upcast:
+                self.vae.to(dtype=torch.float16)
 
     # ---- the protocol of every layout-to-image model (`pipelines.protocol.LayoutPipeline`) --------------------
 
@@ -247,12 +278,13 @@ class SpatialLockPipeline(DiffusionPipeline):
         """The conditioning of a batch with one row per layout (the unconditional rows first when `guided`, as
         Stable Diffusion orders them): caption states, grounding tokens, and the conditional rows alone."""
         batch = len(layouts)
-        states, caption_mask, added = self.text_conditioning.encode(self, [layout.caption for layout in layouts])
+        size = (latent_size[0] * self.vae_scale_factor, latent_size[1] * self.vae_scale_factor)
+        states, caption_mask, added = self.text_conditioning.encode(self, [layout.caption for layout in layouts], size)
         layout_inputs = None
         if self.adapter is not None:
             layout_inputs = [x.to(device) for x in self.encode_layouts(layouts)]
         if guided:
-            empty, empty_mask, empty_added = self.text_conditioning.encode(self, [""] * batch)
+            empty, empty_mask, empty_added = self.text_conditioning.unconditional(self, batch, size)
             states = torch.cat([empty, states])
             caption_mask = None if caption_mask is None else torch.cat([empty_mask, caption_mask])
             added = None if added is None else {k: torch.cat([empty_added[k], v]) for k, v in added.items()}
@@ -400,7 +432,7 @@ class SpatialLockPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = call.latents
         else:
-            decoded = self.vae.decode(call.latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            decoded = self.decode_latents(call.latents)
             images = self.image_processor.postprocess(
                 decoded, output_type=output_type, do_denormalize=[True] * len(layouts)
             )

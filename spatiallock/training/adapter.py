@@ -1,6 +1,6 @@
 """`spatiallock train adapter`: train a SpatialLock (or GLIGEN-style) adapter on a frozen base.
 
-The base is the project's small base or a Stable Diffusion v1.x folder / hub id; only the adapter is
+The base is the project's small base or a Stable Diffusion v1.x or SDXL folder / hub id; only the adapter is
 trained, goes through `accelerator.prepare` and is saved. Data: any COCO-format layout folder.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from spatiallock.base.folders import BaseModel, load_base
-from spatiallock.base.text import PhraseCache, encode_captions, phrase_dim
+from spatiallock.base.text import PhraseCache, phrase_dim
 from spatiallock.checkpoint import atomic_save_pretrained
 from spatiallock.data.coco import collate_layouts
 from spatiallock.errors import SpatialLockError, first_line
@@ -118,8 +118,9 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
     accelerator = run.accelerator
     dtype = DTYPES[config.mixed_precision]
     base = load_base(config.base, dtype)  # the frozen base in the training precision, loaded as such
+    resolution = config.resolution or native_resolution(base)
     dataset = run.layout_data(
-        config.resolution or native_resolution(base), config.loop.seed, random_caption=True,
+        resolution, config.loop.seed, random_caption=True,
         max_boxes=config.max_objects, max_images=config.max_train_samples,
     )  # fmt: skip
     torch.manual_seed(config.loop.seed)
@@ -145,14 +146,14 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
         captions, grounding = drop_conditions(
             batch["captions"], objects, config.caption_dropout, config.layout_dropout, generator
         )
-        states, caption_mask = encode_captions(base.text_encoder, base.tokenizer, captions, base.caption_tokens)
+        # a dropped caption is what sampling's unconditional rows get (SDXL: zeros)
+        states, caption_mask, added = base.text_conditioning.dropped(base, captions, (resolution, resolution))
         phrase_embeds, _ = phrases(batch["phrases"], config.max_objects)
         noisy, steps, target = noisy_inputs(base.scheduler, latents, generator, config.timestep_sampling)
         output = models["adapter"](
             base.unet, noisy, steps, states, phrase_embeds, batch["boxes"].to(device, dtype), grounding,
             labels=batch["category_ids"].to(device),
-            encoder_attention_mask=caption_mask if base.uses_caption_mask else None,
-            target=target, object_masks=objects,
+            encoder_attention_mask=caption_mask, added_cond_kwargs=added, target=target, object_masks=objects,
             perception_rows=None if config.perception_timesteps is None else steps < config.perception_timesteps,
             scheduler=base.scheduler,
         )  # fmt: skip

@@ -126,7 +126,18 @@ class AdapterRecipe:
 
     variant: str = setting("spatiallock", "what to train", choices=tuple(VARIANTS))
     positions: str | None = setting(
-        None, "attention placement: default, all, down, up, inner, or names such as down_blocks.2.attentions.1"
+        None,
+        "attention placement: default, all, down, up, inner, or names of attention modules "
+        "(down_blocks.2.attentions.1) or of levels (down_blocks.2, mid_block)",
+    )
+    first_blocks: int | None = setting(
+        None,
+        "in each attention module the placement names, only its first K transformer blocks (SDXL stacks up to "
+        "ten in one module at its coarse levels; default: all of them)",
+        allowed=Interval(0, open_low=True, whole=True),
+        cast=int,
+        metavar="K",
+        adapter=True,
     )
     loss_weights: tuple[float, float] | None = setting(
         None, "fixed diffusion,perception weights (default: learned uncertainty weights)", allowed=LossWeights(),

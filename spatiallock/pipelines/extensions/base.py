@@ -47,6 +47,11 @@ class Conditioning:
     def cond_states(self) -> torch.Tensor:
         return self.states[self.cond_rows]
 
+    @property
+    def cond_added(self) -> dict | None:
+        """The conditional rows' extra U-Net inputs (None for SD v1 and the small base)."""
+        return None if self.added is None else {k: v[self.cond_rows] for k, v in self.added.items()}
+
 
 @dataclass
 class SamplingCall:

@@ -269,10 +269,10 @@ class LayoutGuidance:
     def step_size(self, step: int) -> float:
         return self.scale * (1.0 - step / self.steps)
 
-    def loss(self, pipe, latents, t, states, caption_mask, grounding) -> torch.Tensor:
+    def loss(self, pipe, latents, t, states, caption_mask, grounding, added=None) -> torch.Tensor:
         """Per-image loss (B,) of one conditional U-Net call on `latents` (the graph kept for a gradient)."""
         with AttentionStore(pipe.unet, self.layers) as store:
-            pipe.predict(pipe.scheduler.scale_model_input(latents, t), t, states, caption_mask, grounding)
+            pipe.predict(pipe.scheduler.scale_model_input(latents, t), t, states, caption_mask, grounding, added)
         return layout_loss([store.maps[name] for name in self.layers], self.positions, self.boxes, latents.shape[-2:])
 
     def repeated(self, times: int) -> LayoutGuidance:
@@ -280,15 +280,16 @@ class LayoutGuidance:
         positions = [p for p in self.positions for _ in range(times)]
         return replace(self, positions=positions, boxes=[b for b in self.boxes for _ in range(times)])
 
-    def update(self, pipe, latents, t, step: int, states, caption_mask=None, grounding=None) -> torch.Tensor:
-        """The latents after `iterations` gradient steps on the loss; `states` etc. are the conditional branch's."""
+    def update(self, pipe, latents, t, step: int, states, caption_mask=None, grounding=None, added=None):
+        """The latents after `iterations` gradient steps on the loss; `states` etc. are the conditional branch's
+        (`added`: the base's extra U-Net inputs of those rows, SDXL's)."""
         size = self.step_size(step)
         if not any(tokens for image in self.positions for tokens in image):  # no object with tokens: nothing to do
             return latents
         for _ in range(self.iterations):
             with torch.enable_grad():
                 x = latents.detach().requires_grad_(True)
-                loss = self.loss(pipe, x, t, states, caption_mask, grounding).sum()  # images move independently
+                loss = self.loss(pipe, x, t, states, caption_mask, grounding, added).sum()  # images move independently
                 (grad,) = torch.autograd.grad(loss, x)
             latents = (x - size * grad).detach()
         return latents
@@ -359,4 +360,6 @@ class LayoutGuidanceExtension(Extension):
             self.per_rows[times] = self.guidance if times == 1 else self.guidance.repeated(times)
         c = call.conditioning
         guidance = self.per_rows[times]
-        call.latents = guidance.update(pipe, call.latents, t, i, c.cond_states, c.cond_mask, call.grounding_at(i))
+        call.latents = guidance.update(
+            pipe, call.latents, t, i, c.cond_states, c.cond_mask, call.grounding_at(i), c.cond_added
+        )

@@ -97,6 +97,7 @@ def invert(
     num_inference_steps: int,
     strength: float = 1.0,
     steps: int | None = None,
+    added: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DDIM-invert clean `latents` a share `strength` up a schedule of `num_inference_steps` steps.
 
@@ -114,7 +115,7 @@ def invert(
         total = max(steps, round(steps / strength))
     inverse.set_timesteps(total, device=latents.device)
     for t in inverse.timesteps[:steps]:
-        noise = pipe.predict(latents, t, states, caption_mask, None)
+        noise = pipe.predict(latents, t, states, caption_mask, None, added)
         latents = inverse.step(noise, t, latents, return_dict=False)[0]
     return latents, inverse.timesteps[steps - 1]
 
@@ -149,11 +150,13 @@ def initial_latents(
     width: int,
     strength: float = 1.0,
     steps: int | None = None,
+    added: dict | None = None,
 ) -> tuple[torch.Tensor, int]:
     """The spatial-aware initial latents of a batch and the index of `timesteps` to start sampling at.
 
     `image`: reference image(s) (see `reference_images`); `from_layout`: render each layout instead.
-    `states` / `caption_mask`: the batch's caption encoding (conditional branch only).
+    `states` / `caption_mask` / `added`: the batch's caption encoding and the base's extra U-Net inputs
+    (conditional branch only).
     """
     if from_layout and image is not None:
         raise SpatialLockError("init: give init_image or init_from_layout, not both")
@@ -162,7 +165,9 @@ def initial_latents(
     else:
         images = reference_images(image, len(layouts))
     clean = encode_images(pipe, images, height, width).to(states.dtype)
-    inverted, reached = invert(pipe, clean, states, caption_mask, pipe.scheduler.num_inference_steps, strength, steps)
+    inverted, reached = invert(
+        pipe, clean, states, caption_mask, pipe.scheduler.num_inference_steps, strength, steps, added
+    )
     return start_sampling_at(pipe.scheduler, timesteps, inverted, reached)
 
 
@@ -188,6 +193,6 @@ class LayoutInit(Extension):
         v, c = self.values, call.conditioning
         call.latents, start = initial_latents(
             pipe, call.layouts, v["init_image"], v["init_from_layout"], c.cond_states, c.cond_mask, call.timesteps,
-            call.height, call.width, v["init_strength"], v["init_steps"],
+            call.height, call.width, v["init_strength"], v["init_steps"], c.cond_added,
         )  # fmt: skip
         call.timesteps = call.timesteps[start:]

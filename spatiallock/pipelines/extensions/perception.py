@@ -102,13 +102,13 @@ def judge_candidates(pipe, model_input, t, noise, layouts: Sequence[Layout]) -> 
     return pipe.judge.score(images, *pipe.judge.targets(layouts))
 
 
-def judge_guidance(pipe, latents, t, states, caption_mask, grounding, layouts, scale: float):
+def judge_guidance(pipe, latents, t, states, caption_mask, grounding, layouts, scale: float, added=None):
     """`latents` moved by `scale` (root mean square per image) down the gradient of the judge's detection loss on
     the image their clean estimate decodes to, the U-Net's prediction held fixed (x_t moves with x0 by a positive
     factor); each image's move depends on that image alone."""
     model_input = pipe.scheduler.scale_model_input(latents, t)
     with torch.no_grad():
-        prediction = pipe.predict(model_input, t, states, caption_mask, grounding)
+        prediction = pipe.predict(model_input, t, states, caption_mask, grounding, added)
         clean = predicted_clean(pipe, model_input, t, prediction)
     targets = [x.to(latents.device) for x in pipe.judge.targets(layouts)]
     with torch.enable_grad():
@@ -118,27 +118,28 @@ def judge_guidance(pipe, latents, t, states, caption_mask, grounding, layouts, s
     return (latents - normalised_step(grad, scale).to(latents.dtype)).detach()
 
 
-def candidate_features(pipe, tapped, model_input, t, noise, states, caption_mask) -> list[torch.Tensor]:
+def candidate_features(pipe, tapped, model_input, t, noise, states, caption_mask, added=None) -> list[torch.Tensor]:
     """What the PoG head scores candidates from: the features tapped from this step's call (`grounded`), or the
     features of the clean latents the step's guided prediction implies, seen without the layout (`rendered`)."""
     if pipe.adapter.config.perception_input != "rendered":
         return tapped
     with torch.no_grad():
-        return rendered_features(pipe.unet, predicted_clean(pipe, model_input, t, noise), states, caption_mask)
+        clean = predicted_clean(pipe, model_input, t, noise)
+        return rendered_features(pipe.unet, clean, states, caption_mask, added)
 
 
-def down_features(pipe, sample, t, states, caption_mask, grounding) -> list[torch.Tensor]:
+def down_features(pipe, sample, t, states, caption_mask, grounding, added=None) -> list[torch.Tensor]:
     """The U-Net's down-block features (what the PoG head reads) for a scaled model input, the up path never run:
     the call stops after the last down block."""
     with DownBlockTap(pipe.unet.down_blocks) as tap, down_path_only(pipe.unet.down_blocks):
         try:
-            pipe.predict(sample, t, states, caption_mask, grounding)
+            pipe.predict(sample, t, states, caption_mask, grounding, added)
         except DownBlocksDone:
             pass
     return tap.features
 
 
-def perception_guidance(pipe, latents, t, states, caption_mask, grounding, layouts, scale: float):
+def perception_guidance(pipe, latents, t, states, caption_mask, grounding, layouts, scale: float, added=None):
     """`latents` moved by `scale` (root mean square per image) down the gradient of the PoG head's detection loss
     against `layouts`; each image's move depends on that image alone."""
     boxes, labels, masks = (x.to(latents.device) for x in perception_targets(pipe, layouts))
@@ -147,15 +148,15 @@ def perception_guidance(pipe, latents, t, states, caption_mask, grounding, layou
     if rendered:  # the gradient at the clean latents the prediction implies, the prediction held fixed
         model_input = pipe.scheduler.scale_model_input(latents, t)
         with torch.no_grad():
-            prediction = pipe.predict(model_input, t, states, caption_mask, grounding)
+            prediction = pipe.predict(model_input, t, states, caption_mask, grounding, added)
         latents = predicted_clean(pipe, model_input, t, prediction)
     with torch.enable_grad():
         x = latents.detach().requires_grad_(True)
         if rendered:
-            features = rendered_features(pipe.unet, x, states, caption_mask)
+            features = rendered_features(pipe.unet, x, states, caption_mask, added)
         else:
             model_input = pipe.scheduler.scale_model_input(x, t)
-            features = down_features(pipe, model_input, t, states, caption_mask, grounding)
+            features = down_features(pipe, model_input, t, states, caption_mask, grounding, added)
         head = pipe.adapter.perception
         features = [f.to(next(head.parameters()).dtype) for f in features]
         # the head's loss is a mean over the batch's images: times their number, each image's own term
@@ -256,7 +257,9 @@ class PerceptionGuidance(Extension):
             c = call.conditioning
             grounding = call.grounding_at(i)
             guide = perception_guidance if getattr(pipe, "judge", None) is None else judge_guidance
-            call.latents = guide(pipe, call.latents, t, c.cond_states, c.cond_mask, grounding, call.rows, self.scale)
+            call.latents = guide(
+                pipe, call.latents, t, c.cond_states, c.cond_mask, grounding, call.rows, self.scale, c.cond_added
+            )
 
 
 class CandidateSelection(Extension):
@@ -327,7 +330,9 @@ class CandidateSelection(Extension):
             scores = judge_candidates(pipe, model_input[c.cond_rows], t, noise, call.rows).view(batch, k)
         else:
             tapped = [f[c.cond_rows] for f in features]
-            found = candidate_features(pipe, tapped, model_input[c.cond_rows], t, noise, c.cond_states, c.cond_mask)
+            found = candidate_features(
+                pipe, tapped, model_input[c.cond_rows], t, noise, c.cond_states, c.cond_mask, c.cond_added
+            )
             scores = self.score(pipe, found, call.rows).view(batch, k)
         keep = (torch.arange(batch) * k + scores.argmin(dim=1).cpu()).to(call.latents.device)
         pipe.last_selection = {"scores": scores.cpu(), "kept": (keep % k).cpu()}
