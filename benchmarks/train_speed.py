@@ -75,7 +75,8 @@ def rss_bytes() -> int:
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    # the kernel updates its high-water mark lazily: the resident memory now may stand above it
+    return max(peak if sys.platform == "darwin" else peak * 1024, rss_bytes())
 
 
 def device_name(device_type: str, threads: int = 0) -> str:
