@@ -24,7 +24,7 @@ the K samples it writes OUT/<name>_<k>.png, a copy with the boxes drawn (OUT/<na
 and, when K > 1, a grid OUT/<name>_grid.png.
 
 MODEL is a pipeline folder written by `save_pretrained` (base + adapter), a base alone (the small base,
-or a Stable Diffusion v1.x folder or hub id) with --adapter ADAPTER, or `default` for the shipped model.
+or a Stable Diffusion v1.x or SDXL folder or hub id) with --adapter ADAPTER, or `default` for the shipped model.
 --adapter none samples MODEL's base alone, without the adapter its folder holds. MODEL may also be a
 folder written by `train lama`: the LAMA baseline, a GAN that draws in one pass (no steps, guidance or
 scheduler); --save-masks writes its semantic mask beside each image. A hub id is read from the

@@ -9,8 +9,9 @@ from spatiallock.commands.train_common import add_loop_options, argument_type, e
 from spatiallock.training.recipe import flag_of, recipe_options
 
 ADAPTER_HELP = """\
-Train an adapter on a frozen base: the small base's folder, or a Stable Diffusion v1.x folder or hub id
-(then use --resolution 512, --mixed-precision bf16 and --gradient-checkpointing on a GPU). Only the adapter
+Train an adapter on a frozen base: the small base's folder, or a Stable Diffusion v1.x or SDXL folder or hub
+id (then use --resolution 512 or 1024, --mixed-precision bf16 and --gradient-checkpointing on a GPU; on SDXL's
+deep stacks --first-blocks 1 keeps the first transformer block of each attention module). Only the adapter
 is trained and saved (config.json + safetensors in ADAPTER/); checkpoints and the loss log go to
 ADAPTER/train/. Ctrl-C writes a checkpoint and stops; --resume continues from the newest one.
 Several GPUs or machines: `accelerate launch -m spatiallock.cli train adapter ...`.
