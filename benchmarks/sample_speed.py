@@ -105,16 +105,23 @@ def small_base_parts():
     return vae, text_encoder, tokenizer, unet, sampler, CAPTION_TOKENS
 
 
-def sd_parts():
-    """Stable Diffusion v1.4's architecture with random weights; a character-level CLIP tokenizer (speed only)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def char_tokenizer(**options):
+    """A character-level CLIP tokenizer (speed only): every printable ASCII character, no merges."""
+    from transformers import CLIPTokenizer
 
     folder = Path(tempfile.mkdtemp())
     chars = [chr(c) for c in range(33, 127)]
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", **options)
+
+
+def sd_parts():
+    """Stable Diffusion v1.4's architecture with random weights; a character-level CLIP tokenizer (speed only)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = char_tokenizer()
     torch.manual_seed(0)
     config = CLIPTextConfig(
         vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -134,18 +141,9 @@ def sdxl_parts():
     an autoencoder 64 px <-> 16 x 16 x 4, SDXL's noise schedule. Speed only."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    folder = Path(tempfile.mkdtemp())
-    chars = [chr(c) for c in range(33, 127)]
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    from transformers import CLIPTokenizer
-
-    tokenizer = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
-    )
+    tokenizer = char_tokenizer(model_max_length=77)
     torch.manual_seed(0)
-    text = {"vocab_size": len(tokens), "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    text = {"vocab_size": len(tokenizer), "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
     text.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, **text))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, projection_dim=24, **text))
