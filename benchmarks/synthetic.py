@@ -258,7 +258,10 @@ def main(argv: list[str] | None = None) -> None:
 
     for text in args.report:
         name, _, path = text.partition("=")
-        write_row(out, report_row(name, Path(path), len(layouts)), args)
+        row = report_row(name, Path(path), len(layouts), fingerprint)
+        if row["base_fingerprint"] is not None:  # made on this benchmark's base: its decoder too
+            row["decoder"] = decoder
+        write_row(out, row, args)
         print(f"{name}: from {path}")
 
     pipe = SpatialLockPipeline.from_pretrained(args.base)
@@ -358,21 +361,26 @@ def lama_figure(folder: Path, path: Path) -> None:
     labelled_strips(strips, path, left=230)
 
 
-def report_row(name: str, path: Path, layouts: int) -> dict:
-    """A row from a `spatiallock evaluate` report: its scores, and its sampling options where they differ from the
-    defaults (as `options`, like the rows this script samples itself)."""
+def report_row(name: str, path: Path, layouts: int, fingerprint: str | None) -> dict:
+    """A row from a `spatiallock evaluate` report: its scores, the base that made its images (`base_fingerprint`,
+    which must be this benchmark's base), and its sampling options where they differ from the defaults (as
+    `options`, like the rows this script samples itself)."""
     try:
         report = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise SystemExit(f"--report: cannot read {path}: {err}") from None
     if report.get("num_layouts") != layouts:
         raise SystemExit(f"--report: {path} scored {report.get('num_layouts')} layouts, this benchmark {layouts}")
+    made_on = report.get("base_fingerprint")
+    if made_on is not None and made_on != fingerprint:
+        raise SystemExit(f"--report: {path} was made on base {made_on}, this benchmark's --base is {fingerprint}")
     defaults = asdict(SamplingOptions())
     skip = ("seed", "steps", "guidance", "size", "dtype", "batch_size", "scheduler")
     options = {k: report[k] for k in defaults if k not in skip and k in report and report[k] != defaults[k]}
     row = {"variant": name, **{k: report[k] for k in METRICS}, "seconds_per_image": report["seconds_per_image"]}
     row.update(layouts=layouts, sampling_steps=report["steps"], guidance=report["guidance"], seed=report["seed"])
     row.update(adapter=report["adapter"], options=options, scheduler=report["scheduler"], report=str(path))
+    row["base_fingerprint"] = made_on
     return row
 
 

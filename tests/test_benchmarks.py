@@ -288,6 +288,33 @@ def test_synthetic_second_evaluator_and_judged_rows(tiny_small_base, tiny_shapes
     assert synthetic.second_opinion(None, image, layouts, None) == {}
 
 
+def test_synthetic_report_rows_name_the_base_that_made_them(tiny_small_base, tiny_shapes, detector, adapter, tmp_path):
+    """A `spatiallock evaluate` report becomes a row carrying the report's base_fingerprint (and the base's decoder);
+    a report made on another base than the benchmark's is refused with one line, the table left as it was."""
+    from spatiallock.base.folders import base_fingerprint
+    from spatiallock.cli import main
+
+    synthetic = script("synthetic")
+    report = tmp_path / "r.json"
+    evaluate = ["evaluate", "--model", str(tiny_small_base), "--adapter", str(adapter), "--detector", str(detector),
+                "--layouts", str(tiny_shapes / "instances_val.json"), "--limit", "2", "--steps", "2",
+                "--layout-guidance-steps", "1", "--no-progress", "--out", str(report)]  # fmt: skip
+    assert main(evaluate) == 0
+    out = tmp_path / "synthetic.json"
+    argv = ["--data", str(tiny_shapes), "--base", str(tiny_small_base), "--detector", str(detector), "--no-real",
+            "--no-base", "--limit", "2", "--samples", "1", "--out", str(out)]  # fmt: skip
+    synthetic.main([*argv, "--report", f"guided={report}"])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["variant"] == "guided" and row["base_fingerprint"] == base_fingerprint(tiny_small_base) is not None
+    assert row["decoder"] is not None and row["options"]["layout_guidance_steps"] == 1
+    written = out.read_bytes()
+    made_elsewhere = json.loads(report.read_text()) | {"base_fingerprint": "0123456789ab"}
+    report.write_text(json.dumps(made_elsewhere))
+    with pytest.raises(SystemExit, match="made on base 0123456789ab"):
+        synthetic.main([*argv, "--report", f"other={report}"])
+    assert out.read_bytes() == written
+
+
 # ---- augmentation.py: detectors trained on real and generated images ------------------------------------------
 
 
