@@ -1,6 +1,8 @@
 """Write the shipped default models into the package (`spatiallock/assets/`), weights in fp16.
 
     python scripts/ship_default.py --base models/base --adapter models/spatiallock --detector models/detector
+    python scripts/ship_default.py --base models/base --adapter models/spatiallock \
+        --base-runs runs/ae-32x32x4 runs/base32 runs/base32-dec    # a base put together from several runs
     python scripts/ship_default.py --locator runs/locator-dpo        # only the location model
     python scripts/ship_default.py --judge runs/det-reward           # only the judge
 
@@ -77,6 +79,11 @@ def ship_model(args, staging: Path) -> None:
         commands = training_commands(getattr(args, name)) if getattr(args, name) else None
         if commands is not None:
             provenance[f"{name}_commands"] = commands
+    if args.base_runs and not same_base:  # a base assembled from several runs: each one's config and commands
+        provenance["base_stages"] = [
+            {"run": folder, "training": training_config(folder), "commands": training_commands(folder)}
+            for folder in args.base_runs
+        ]
     provenance["base_fingerprint"] = base_fingerprint(staging)  # of the fp16 weights shipped: rows made on it match
     if old.get("adapter_training"):
         provenance["previous_adapter_training"] = old["adapter_training"]
@@ -126,6 +133,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", help="small base model folder (with --adapter)")
     parser.add_argument("--adapter", help="adapter folder trained on that base")
+    parser.add_argument(
+        "--base-runs", nargs="+", metavar="RUN", default=[],
+        help="with --base: the training runs the base was put together from (e.g. its autoencoder, its U-Net, its "
+        "decoder), in order; each run's config and command lines go into provenance.json as `base_stages`",
+    )  # fmt: skip
     parser.add_argument("--detector", help="detector folder")
     parser.add_argument("--judge", help="detector folder for the judge (trained apart from --detector's)")
     parser.add_argument("--locator", help="location model folder (`spatiallock train locator`)")
@@ -136,6 +148,11 @@ def main() -> None:
     args = parser.parse_args()
     if bool(args.base) != bool(args.adapter):
         parser.error("--base and --adapter go together")
+    if args.base_runs and not args.base:
+        parser.error("--base-runs: goes with --base")
+    for run in args.base_runs:
+        if training_config(run) is None and training_commands(run) is None:
+            parser.error(f"--base-runs: {run} holds no training record (train/config.json or train/commands.txt)")
     writers = {
         "default": ship_model if args.base else None, "detector": ship_detector if args.detector else None,
         "judge": ship_judge if args.judge else None, "locator": ship_locator if args.locator else None,

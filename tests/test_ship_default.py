@@ -85,6 +85,7 @@ def test_ships_the_model_and_detector_in_fp16_and_default_loads_them(
     assert provenance["base"] == str(base) and provenance["adapter"] == str(adapter)
     assert provenance["base_training"] == {"latent_size": 8}
     assert provenance["base_commands"] == ["t0  spatiallock train base --vae-only", "t1  spatiallock train base"]
+    assert "base_stages" not in provenance
     # the digest of the weights as shipped (fp16), which every row made with `--base` on them records
     assert provenance["base_fingerprint"] == base_fingerprint(model) != base_fingerprint(base)
     assert provenance["detector"] == str(detector)
@@ -198,6 +199,30 @@ def test_ships_the_judge_apart_and_judge_default_loads_it_not_the_evaluator(trai
     (out / "judge").rename(out / "gone")  # without it, `default` names what is missing, not the evaluator
     with pytest.raises(shipped.SpatialLockError, match="the shipped default judge is missing from"):
         shipped.resolve_judge("default")
+
+
+def test_a_base_put_together_from_several_runs_records_each_run(tiny_small_base, trained, tmp_path, monkeypatch):
+    """--base-runs: the autoencoder's, the U-Net's and the decoder's runs, each with its config and command lines,
+    in the order given; a folder with no training record is refused before anything is written."""
+    adapter, _ = trained
+    runs = []
+    for name, config in (("ae", {"vae_only": True}), ("unet", {"vae_from": "ae/vae"}), ("dec", {"lr": 1e-4})):
+        run_folder = tmp_path / name / "train"
+        run_folder.mkdir(parents=True)
+        (run_folder / "config.json").write_text(json.dumps(config))
+        (run_folder / "commands.txt").write_text(f"t  spatiallock train {name}\n")
+        runs.append(str(tmp_path / name))
+    out = tmp_path / "assets"
+    argv = ["--base", str(tiny_small_base), "--adapter", str(adapter), "--out", str(out)]
+    run(ship_default(), monkeypatch, *argv, "--base-runs", *runs)
+    stages = json.loads((out / "default" / "provenance.json").read_text())["base_stages"]
+    assert [stage["run"] for stage in stages] == runs
+    assert [stage["training"] for stage in stages] == [{"vae_only": True}, {"vae_from": "ae/vae"}, {"lr": 1e-4}]
+    assert stages[2]["commands"] == ["t  spatiallock train dec"]
+    shutil.rmtree(out)
+    with pytest.raises(SystemExit) as exit_info:
+        run(ship_default(), monkeypatch, *argv, "--base-runs", runs[0], str(tmp_path / "nothing"))
+    assert exit_info.value.code == 2 and not out.exists()
 
 
 def test_a_new_adapter_on_the_shipped_base_keeps_the_base_record_and_moves_the_old_adapters(
