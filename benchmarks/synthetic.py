@@ -258,10 +258,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for text in args.report:
         name, _, path = text.partition("=")
-        row = report_row(name, Path(path), len(layouts), fingerprint)
-        if row["base_fingerprint"] is not None:  # made on this benchmark's base: its decoder too
-            row["decoder"] = decoder
-        write_row(out, row, args)
+        write_row(out, report_row(name, Path(path), len(layouts), fingerprint, decoder), args)
         print(f"{name}: from {path}")
 
     pipe = SpatialLockPipeline.from_pretrained(args.base)
@@ -361,10 +358,10 @@ def lama_figure(folder: Path, path: Path) -> None:
     labelled_strips(strips, path, left=230)
 
 
-def report_row(name: str, path: Path, layouts: int, fingerprint: str | None) -> dict:
+def report_row(name: str, path: Path, layouts: int, fingerprint: str | None, decoder: str | None) -> dict:
     """A row from a `spatiallock evaluate` report: its scores, the base that made its images (`base_fingerprint`,
-    which must be this benchmark's base), and its sampling options where they differ from the defaults (as
-    `options`, like the rows this script samples itself)."""
+    which must be this benchmark's base, and then its `decoder` too), and its sampling options where they differ
+    from the defaults (as `options`, like the rows this script samples itself)."""
     try:
         report = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -381,6 +378,8 @@ def report_row(name: str, path: Path, layouts: int, fingerprint: str | None) -> 
     row.update(layouts=layouts, sampling_steps=report["steps"], guidance=report["guidance"], seed=report["seed"])
     row.update(adapter=report["adapter"], options=options, scheduler=report["scheduler"], report=str(path))
     row["base_fingerprint"] = made_on
+    if made_on is not None:
+        row["decoder"] = decoder
     return row
 
 
