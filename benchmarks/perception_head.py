@@ -74,9 +74,7 @@ def encode(pipe, images) -> torch.Tensor:
     processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor)
     with torch.no_grad():
         pixels = processor.preprocess(images, height=pipe.native_size, width=pipe.native_size)
-        return torch.cat([
-            pipe.vae.encode(pixels[i : i + 64]).latent_dist.mean for i in range(0, len(pixels), 64)
-        ]) * pipe.vae.config.scaling_factor  # fmt: skip
+        return torch.cat([pipe.encode_pixels(pixels[i : i + 64]) for i in range(0, len(pixels), 64)])
 
 
 def head_part(pipe, t: int, seed: int, batch: int, class_ids: torch.Tensor, perception_input: str | None = None):

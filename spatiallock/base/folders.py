@@ -26,6 +26,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
+from spatiallock.base.latents import latent_patch
 from spatiallock.base.text import is_clip, load_minilm, text_conditioning
 from spatiallock.errors import SpatialLockError, first_line
 from spatiallock.files import read_json, usual_modes
@@ -87,10 +88,14 @@ def small_unet_config(
     latent_channels: int = 4,
     widths: Sequence[int] = UNET_WIDTHS,
     plain_levels: int = 0,
+    patch: int = 1,
 ) -> dict:
     """SD's U-Net layout, scaled down: attention at all levels but the coarsest (like SD's) and the `plain_levels`
     finest (attention over a 32x32 latent costs more than the rest of the U-Net). Default: three levels of 64,
-    128, 192 channels on a 16x16x4 latent, attention at the first two."""
+    128, 192 channels on a 16x16x4 latent, attention at the first two. `patch`: each p x p patch of the
+    `latent_size` latent is one U-Net cell (`base.latents`): a 32x32x4 latent with patch 2 is a 16x16x16 input."""
+    if patch < 1 or latent_size % patch:
+        raise SpatialLockError(f"latent patch: must divide the latent size {latent_size}, got {patch}")
     if len(widths) < 2:
         raise SpatialLockError(f"unet widths: at least 2 levels, got {len(widths)}")
     levels = len(widths)
@@ -101,9 +106,9 @@ def small_unet_config(
         )
     attention = levels - 1 - plain_levels
     return {
-        "sample_size": latent_size,
-        "in_channels": latent_channels,
-        "out_channels": latent_channels,
+        "sample_size": latent_size // patch,
+        "in_channels": latent_channels * patch * patch,
+        "out_channels": latent_channels * patch * patch,
         "block_out_channels": list(widths),
         "layers_per_block": 1,
         "down_block_types": ["DownBlock2D"] * plain_levels + ["CrossAttnDownBlock2D"] * attention + ["DownBlock2D"],
@@ -171,6 +176,11 @@ class BaseModel:
     text_encoder_2: nn.Module | None = None  # SDXL's second text encoder (with a projection), else None
     tokenizer_2: object = None
     force_zeros_for_empty_prompt: bool = True  # SDXL: the unconditional rows are zeros
+
+    @property
+    def latent_patch(self) -> int:
+        """The side of the autoencoder's latent patch one U-Net cell holds (`base.latents`)."""
+        return latent_patch(self.vae, self.unet)
 
     @property
     def uses_caption_mask(self) -> bool:

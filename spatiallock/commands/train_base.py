@@ -39,6 +39,7 @@ def run_base(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision, snr_gamma=args.snr_gamma, latent_channels=args.latent_channels,
         latent_size=args.latent_size, vae_widths=args.vae_widths, vae_layers=args.vae_layers,
         vae_only=args.vae_only, unet_widths=args.unet_widths, unet_plain_levels=args.unet_plain_levels,
+        latent_patch=args.latent_patch,
         vae=loop_config(args, args.vae_steps, args.vae_batch_size, args.vae_lr, lr_option="--vae-lr"),
         unet=loop_config(args, args.max_steps, args.batch_size, args.lr, warmup=100),
     )  # fmt: skip
@@ -123,6 +124,11 @@ def register(sub) -> None:
     shape.add_argument(
         "--unet-plain-levels", type=int, default=0, metavar="N",
         help="the N finest U-Net levels without attention: keeps a 32x32 latent's U-Net cheap (default: 0)",
+    )  # fmt: skip
+    base.add_argument(
+        "--latent-patch", type=positive_int, default=1, metavar="P",
+        help="the U-Net takes each PxP patch of the latent as one cell of P*P times the channels: a 32x32x4 latent "
+        "is diffused as 16x16x16, at the cost of a 16x16 U-Net (default: 1, the latent as it is)",
     )  # fmt: skip
     add_loop_options(base, steps=5000, batch=32, lr=3e-4)
     base.set_defaults(func=run_base)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from spatiallock.base.latents import decode_latents
 from spatiallock.errors import SpatialLockError
 from spatiallock.evaluation.detector import Detector
 from spatiallock.layout import Layout
@@ -30,9 +31,10 @@ from spatiallock.pipelines.extensions.perception import layout_targets, placemen
 REWARD_TIMESTEPS = 200  # ControlNet++: the reward only where the one-step clean estimate is sharp (t <= 200 of 1000)
 
 
-def decode_images(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images (B, 3, H, W) in [0, 1], differentiable through the decoder."""
-    pixels = vae.decode(latents / vae.config.scaling_factor).sample
+def decode_images(vae, latents: torch.Tensor, patch: int = 1) -> torch.Tensor:
+    """The U-Net's scaled latents (`patch`: `base.latents.latent_patch`) -> images (B, 3, H, W) in [0, 1],
+    differentiable through the decoder."""
+    pixels = decode_latents(vae, patch, latents)
     return ((pixels.float() + 1) / 2).clamp(0, 1)
 
 
@@ -118,18 +120,21 @@ class DetectionReward(nn.Module):
         self.judge, self.max_timestep = judge, max_timestep
         self.register_buffer("class_map", class_map, persistent=False)
 
-    def forward(self, vae, scheduler, noisy, timesteps, prediction, boxes, labels, masks) -> torch.Tensor:
+    def forward(
+        self, vae, scheduler, noisy, timesteps, prediction, boxes, labels, masks, patch: int = 1
+    ) -> torch.Tensor:
         """The reward loss of one batch: a scalar, zero (without a graph) when no image is at or below the cut.
 
         noisy, prediction: (B, C, h, w) the U-Net's input and output; timesteps (B,); boxes (B, N, 4) normalised
-        xyxy; labels (B, N) the data's class indices (-1 padding); masks (B, N) the objects in each image."""
+        xyxy; labels (B, N) the data's class indices (-1 padding); masks (B, N) the objects in each image; patch:
+        the base's latent patch (`base.latents.latent_patch`)."""
         rows = timesteps <= self.max_timestep
         if not rows.any():
             return torch.zeros((), device=noisy.device)
         clean = predicted_clean(
             scheduler.alphas_cumprod, noisy[rows], timesteps[rows], prediction[rows], scheduler.config.prediction_type
         )
-        images = decode_images(vae, clean)
+        images = decode_images(vae, clean, patch)
         classes = labels[rows].to(self.class_map.device)
         mapped = torch.where(classes >= 0, self.class_map[classes.clamp(min=0)], torch.full_like(classes, -1))
         return self.judge.loss(images, boxes[rows], mapped, masks[rows])

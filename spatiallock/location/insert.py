@@ -68,7 +68,7 @@ def insert_object(
         raise SpatialLockError(f"image: {width}x{height} is not a multiple of {factor} pixels on each side")
     device = pipe._execution_device
     pixels = pipe.image_processor.preprocess(image).to(device=device, dtype=pipe.vae.dtype)
-    init = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    init = pipe.encode_pixels(pixels)
     mask = box_mask((x0, y0, x1, y1), init.shape[-2], init.shape[-1], grow=1.0).to(device, init.dtype)
     noise = torch.randn(init.shape, generator=generator, device=generator.device if generator else "cpu")
     noise = noise.to(device, init.dtype)

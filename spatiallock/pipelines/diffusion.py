@@ -32,6 +32,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from spatiallock.base.folders import load_base, local_model_path, write_model_folder
+from spatiallock.base.latents import decode_latents, encode_pixels, image_factor, latent_patch
 from spatiallock.base.text import PHRASE_TOKENS, PhraseCache, is_clip, phrase_dim, text_conditioning, warn_cut_texts
 from spatiallock.errors import SpatialLockError
 from spatiallock.layout import Layout, as_layouts, pad_layouts
@@ -86,7 +87,7 @@ class SpatialLockPipeline(DiffusionPipeline):
         # the base family's text conditioning (replaceable: a base with other conditioning sets its own)
         self.text_conditioning = text_conditioning(self)
         self.caption_tokens = caption_tokens or tokenizer.model_max_length
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = image_factor(vae, unet)  # pixels a U-Net cell: the autoencoder's, times its patch
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._phrases: PhraseCache | None = None
         self.judge = None
@@ -213,6 +214,15 @@ class SpatialLockPipeline(DiffusionPipeline):
     def native_size(self) -> int:
         return self.unet.config.sample_size * self.vae_scale_factor
 
+    @property
+    def latent_patch(self) -> int:
+        """The side of the autoencoder's latent patch one U-Net cell holds (`base.latents`)."""
+        return latent_patch(self.vae, self.unet)
+
+    def encode_pixels(self, pixels: torch.Tensor, how: str = "mean") -> torch.Tensor:
+        """Images in [-1, 1] -> the U-Net's scaled latents (the posterior's `how`: \"mean\" or \"mode\")."""
+        return encode_pixels(self.vae, self.latent_patch, pixels, how)
+
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] of `latents`; SDXL's autoencoder decodes in float32 when it asks to (`force_upcast`:
         it overflows in float16), as `StableDiffusionXLPipeline` does."""
@@ -221,7 +231,7 @@ class SpatialLockPipeline(DiffusionPipeline):
             self.vae.to(dtype=torch.float32)
             latents = latents.float()
         try:
-            return self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            return decode_latents(self.vae, self.latent_patch, latents)
         finally:
             if upcast:
                 self.vae.to(dtype=torch.float16)

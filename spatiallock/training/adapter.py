@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from spatiallock.base.folders import BaseModel, load_base
+from spatiallock.base.latents import image_factor
 from spatiallock.base.text import PhraseCache, phrase_dim
 from spatiallock.checkpoint import atomic_save_pretrained
 from spatiallock.data.coco import collate_layouts
@@ -105,8 +106,7 @@ def load_reward(config: AdapterTrainConfig, class_names: list[str], device) -> D
 
 
 def native_resolution(base: BaseModel) -> int:
-    factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
-    return base.unet.config.sample_size * factor
+    return base.unet.config.sample_size * image_factor(base.vae, base.unet)
 
 
 def train_adapter(config: AdapterTrainConfig) -> LoopResult:
@@ -162,7 +162,7 @@ def train_adapter(config: AdapterTrainConfig) -> LoopResult:
             told = grounding.sum(dim=1) > 0
             losses["reward"] = reward(
                 base.vae, base.scheduler, noisy[told], steps[told], output.sample[told], batch["boxes"][told.cpu()],
-                batch["category_ids"][told.cpu()], objects[told],
+                batch["category_ids"][told.cpu()], objects[told], patch=base.latent_patch,
             )  # fmt: skip
             losses["loss"] = losses["loss"] + config.reward_weight * losses["reward"]
         return losses

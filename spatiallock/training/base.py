@@ -60,6 +60,7 @@ class BaseTrainConfig:
     vae_only: bool = False  # stop once the autoencoder is trained (its folder: <out>/vae)
     unet_widths: tuple[int, ...] = UNET_WIDTHS
     unet_plain_levels: int = 0  # finest U-Net levels without attention
+    latent_patch: int = 1  # each p x p patch of the latent one U-Net cell (`base.latents`)
     vae: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=1500, batch_size=16, learning_rate=1e-3))
     unet: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=5000, batch_size=32, learning_rate=3e-4))
     split: str = "train"
@@ -117,7 +118,9 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
     vae_config = small_vae_config(
         config.resolution, config.latent_channels, config.latent_size, config.vae_widths, config.vae_layers
     )  # raises on sizes that do not fit, before anything is written
-    small_unet_config(widths=config.unet_widths, plain_levels=config.unet_plain_levels)
+    latent_cells = config.latent_size or config.resolution // 4
+    small_unet_config(latent_cells, widths=config.unet_widths, plain_levels=config.unet_plain_levels,
+                      patch=config.latent_patch)  # fmt: skip
     if config.init_from is not None and not (Path(config.init_from) / "unet" / "config.json").is_file():
         raise SpatialLockError(f"init from: {config.init_from} is not a base folder (no unet/config.json)")
     if config.init_from is not None and config.vae_from is not None:
@@ -193,6 +196,7 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
             vae.config.latent_channels,
             config.unet_widths,
             config.unet_plain_levels,
+            config.latent_patch,
         )
         unet = UNet2DConditionModel(**unet_config)
     scheduler = small_scheduler()

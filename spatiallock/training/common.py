@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 
 from spatiallock.base.folders import BaseModel
+from spatiallock.base.latents import encode_pixels
 from spatiallock.checkpoint import checkpoint_step, list_checkpoints
 from spatiallock.data.coco import LayoutDataset
 from spatiallock.errors import SpatialLockError, first_line
@@ -152,8 +153,7 @@ def start_training(config, stages: tuple[str, ...], resume: bool, mixed_precisio
 def latents_of(base: BaseModel, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Images in [-1, 1] -> scaled latents, sampled from the autoencoder's posterior."""
     with torch.no_grad():
-        posterior = base.vae.encode(pixels).latent_dist
-        return posterior.sample(generator=generator) * base.vae.config.scaling_factor
+        return encode_pixels(base.vae, base.latent_patch, pixels, "sample", generator)
 
 
 def noisy_inputs(scheduler, latents: torch.Tensor, generator: torch.Generator, sampling: str = "uniform"):

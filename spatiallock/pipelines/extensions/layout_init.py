@@ -75,7 +75,7 @@ def encode_images(pipe, images: Sequence, height: int, width: int) -> torch.Tens
     """Images -> scaled latents (B, C, h, w): the mode of the autoencoder's posterior, times its scaling factor."""
     pixels = pipe.image_processor.preprocess(list(images), height=height, width=width)
     pixels = pixels.to(device=pipe.vae.device, dtype=pipe.vae.dtype)
-    return pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
+    return pipe.encode_pixels(pixels, "mode")
 
 
 def inverse_scheduler(scheduler) -> DDIMInverseScheduler:

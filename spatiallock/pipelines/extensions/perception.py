@@ -91,7 +91,7 @@ def normalised_step(grad: torch.Tensor, scale: float) -> torch.Tensor:
 
 def decoded_clean(pipe, clean: torch.Tensor) -> torch.Tensor:
     """Clean latents decoded to images (B, 3, H, W) in [0, 1], float: what a judge sees. Differentiable."""
-    pixels = pipe.vae.decode(clean.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    pixels = pipe.decode_latents(clean.to(pipe.vae.dtype))
     return ((pixels.float() + 1) / 2).clamp(0, 1)
 
 
