@@ -228,3 +228,53 @@ def test_a_finished_autoencoder_trains_further_on_resume_with_a_late_drop_as_if_
     assert resumed.config.scaling_factor == straight.config.scaling_factor
     first = AutoencoderKL.from_pretrained(twice / "train" / "vae")
     assert first.config.scaling_factor == straight.config.scaling_factor  # the run's own copy, updated too
+
+
+def test_a_decoder_trained_beside_the_unet_on_the_autoencoder_alone_is_assembled_with_it(
+    tiny_shapes, tmp_path, capsys
+):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "assemble_base.py"
+    spec = importlib.util.spec_from_file_location("assemble_base", script)
+    assemble_base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(assemble_base)
+
+    autoencoder, unet_run, decoder = tmp_path / "ae", tmp_path / "unet", tmp_path / "dec"
+    assert train(tiny_shapes, autoencoder, "--vae-steps", "2", "--vae-only") == 0
+    assert train(tiny_shapes, unet_run, "--vae-from", str(autoencoder / "vae"), "--max-steps", "1") == 0
+    common = [
+        "--data",
+        str(tiny_shapes),
+        "--resolution",
+        "32",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
+    assert main(["train", "decoder", "--base", str(autoencoder), "--out", str(decoder), *common]) == 0
+    assert (decoder / "vae" / "config.json").is_file() and not (decoder / "unet").exists()  # the autoencoder alone
+    before, after = (AutoencoderKL.from_pretrained(p / "vae").state_dict() for p in (autoencoder, decoder))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    # the U-Net of the one run with the decoder of the other: a whole base, in fp16
+    out = tmp_path / "base"
+    assert assemble_base.main(["--base", str(unet_run), "--vae", str(decoder), "--out", str(out)]) == 0
+    from safetensors.torch import load_file
+
+    written = {part: load_file(out / part / "diffusion_pytorch_model.safetensors") for part in ("unet", "vae")}
+    for key, value in after.items():
+        assert torch.equal(written["vae"][key], value.half()), key
+    unet = UNet2DConditionModel.from_pretrained(unet_run / "unet").state_dict()
+    assert unet.keys() == written["unet"].keys()
+    assert all(torch.equal(written["unet"][k], v.half()) for k, v in unet.items())
+    assert load_base(out).latent_patch == 1  # a whole base
+    # an autoencoder with another encoder would change what the U-Net's latents mean: refused, nothing written
+    other = tmp_path / "other"
+    assert train(tiny_shapes, other, "--vae-steps", "1", "--vae-only", "--seed", "1") == 0
+    capsys.readouterr()
+    assert assemble_base.main(["--base", str(unet_run), "--vae", str(other), "--out", str(tmp_path / "x")]) == 2
+    assert "vae: " in capsys.readouterr().err and not (tmp_path / "x").exists()

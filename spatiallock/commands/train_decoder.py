@@ -13,9 +13,12 @@ their latents decode to change. The autoencoder bounds every layout score (real 
 back score what a perfect U-Net would: the `autoencoder` row of benchmarks/synthetic.py), so a better decoder
 lifts every row at once. Writes a copy of the base folder with the new vae/ (an adapter/ in it is copied along);
 checkpoints and the loss log go to OUT/train/. Ctrl-C writes a checkpoint and stops; --resume continues.
+MODEL may also be an autoencoder alone (a `train base --vae-only` run): OUT then holds the new vae/ alone, and
+the decoder trains while a U-Net trains on the same latents (`train base --vae-from`).
 
 example:
   spatiallock train decoder --base spatiallock/assets/default --data data/shapes --out models/base-sharp
+  spatiallock train decoder --base runs/ae-32x32x4 --data data/shapes --out runs/ae-32x32x4-dec
 """
 
 
@@ -44,7 +47,10 @@ def register(sub) -> None:
         "decoder", help="sharpen a base's autoencoder (its decoder alone; U-Net and adapters still fit)",
         description=DECODER_HELP, formatter_class=formatter,
     )  # fmt: skip
-    decoder.add_argument("--base", required=True, metavar="MODEL", help="model folder whose decoder is trained")
+    decoder.add_argument(
+        "--base", required=True, metavar="MODEL",
+        help="model folder (or autoencoder folder) whose decoder is trained",
+    )  # fmt: skip
     decoder.add_argument("--data", required=True, metavar="DIR", help="COCO-format layout folder (its images)")
     decoder.add_argument("--out", required=True, metavar="MODEL", help="model folder to write (a copy of the base)")
     decoder.add_argument("--resolution", type=int, default=64, help="image side in pixels (default: 64)")

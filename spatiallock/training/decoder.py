@@ -4,7 +4,8 @@ The encoder stays frozen, so the latent space does not move: the U-Net and every
 still fit, and only the pixels their latents decode to change. The autoencoder bounds every layout score
 (a detector on real images sent through the autoencoder and back scores what a perfect U-Net would), so a
 better decoder lifts every row at once without retraining anything. The result is a copy of the base folder
-with the new `vae/`.
+with the new `vae/`. The base may also be an autoencoder alone (a `train base --vae-only` run, or its `vae/`):
+then the result is the new `vae/` alone, and its decoder can train while a U-Net trains on its encoder's latents.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 
+from spatiallock.base.folders import autoencoder_folder
 from spatiallock.checkpoint import atomic_save_pretrained, from_pretrained_safetensors
 from spatiallock.data.coco import collate_layouts
 from spatiallock.errors import SpatialLockError
@@ -105,14 +107,20 @@ def copy_files(base: Path, out: Path) -> None:
 def train_decoder(config: DecoderTrainConfig) -> LoopResult:
     """Train the decoder of `config.base`'s autoencoder; writes the base with the new decoder at `config.out`."""
     base = Path(config.base)
-    if not (base / "vae" / "config.json").is_file() or not (base / "model_index.json").is_file():
-        raise SpatialLockError(f"base: {base} is not a model folder with vae/ and model_index.json")
-    if Path(config.out).resolve() == base.resolve():
+    whole = (base / "model_index.json").is_file() and (base / "vae" / "config.json").is_file()
+    source = base / "vae" if whole else autoencoder_folder(base)
+    if source is None:
+        raise SpatialLockError(
+            f"base: {base} is neither a model folder with vae/ and model_index.json nor an autoencoder (a folder "
+            "with the config.json of an AutoencoderKL, or a `train base --vae-only` run)"
+        )
+    if Path(config.out).resolve() in (base.resolve(), source.resolve()):
         raise SpatialLockError("out: must be another folder than the base (the base is copied, not changed)")
-    copied_files(base)  # refuse links and special files before any work
+    if whole:
+        copied_files(base)  # refuse links and special files before any work
     run = start_training(config, (STAGE,), config.loop.resume, config.mixed_precision)
     accelerator, out = run.accelerator, run.out
-    vae = from_pretrained_safetensors(AutoencoderKL, base, "base", subfolder="vae", torch_dtype=torch.float32)
+    vae = from_pretrained_safetensors(AutoencoderKL, source, "base", torch_dtype=torch.float32)
     vae = trainable_decoder(vae)
     dataset = run.layout_data(config.resolution, config.loop.seed)
     run.record_config()
@@ -128,7 +136,8 @@ def train_decoder(config: DecoderTrainConfig) -> LoopResult:
         collate_fn=collate_layouts, compute_losses=losses, config=config.loop,
     )  # fmt: skip
     if not result.interrupted and accelerator.is_main_process:
-        copy_files(base, out)  # the rest of the model folder, as it is
+        if whole:
+            copy_files(base, out)  # the rest of the model folder, as it is
         atomic_save_pretrained(vae, out / "vae")
     accelerator.wait_for_everyone()
     return result
