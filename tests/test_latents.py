@@ -67,15 +67,35 @@ def test_encoding_and_decoding_through_patches_gives_the_autoencoders_own_round_
         assert not torch.equal(sampled, cells)  # a draw from the posterior, not its mean
 
 
-def test_a_base_trained_with_latent_patches_generates_grounds_and_starts_from_layouts(tiny_shapes, tmp_path):
-    out, adapter = tmp_path / "patched", tmp_path / "adapter"
-    train = ["train", "base", "--data", str(tiny_shapes), "--out", str(out), "--resolution", "32", "--no-progress"]
-    shape = ["--latent-size", "16", "--vae-widths", "16,32", "--latent-patch", "2", "--unet-widths", "16,32"]
-    steps = ["--vae-steps", "2", "--max-steps", "1", "--batch-size", "2", "--vae-batch-size", "2"]
-    assert main([*train, *shape, *steps]) == 0
-    base = load_base(out)
+def test_a_base_trained_with_latent_patches_generates_grounds_and_starts_from_layouts(
+    tiny_shapes, tiny_small_base, tmp_path, capsys
+):
+    autoencoder, out, adapter = tmp_path / "ae", tmp_path / "patched", tmp_path / "adapter"
+    common = ["--data", str(tiny_shapes), "--resolution", "32", "--no-progress", "--batch-size", "2"]
+    shape = ["--latent-size", "16", "--vae-widths", "16,32", "--vae-batch-size", "2", "--vae-steps", "2"]
+    assert main(["train", "base", "--out", str(autoencoder), *common, *shape, "--vae-only"]) == 0
+    # a U-Net on 2x2 patches of its 16x16x4 latent, warm-started from a U-Net of the same blocks on 8x8x4 latents
+    patched = ["--vae-from", str(autoencoder / "vae"), "--latent-patch", "2", "--unet-widths", "32,64"]
+    still = ["--max-steps", "1", "--lr", "1e-9", "--ema-decay", "0"]  # one step that moves nothing measurably
+    assert (
+        main(
+            ["train", "base", "--out", str(out), *common, *patched, "--unet-warm-start", str(tiny_small_base), *still]
+        )
+        == 0
+    )
+    assert "tensors taken, 3 start fresh" in capsys.readouterr().out  # conv_in's weight, conv_out's weight and bias
+    base, source = load_base(out), load_base(tiny_small_base)
     assert base.vae.config.latent_channels == 4 and base.latent_patch == 2
     assert (base.unet.config.in_channels, base.unet.config.sample_size) == (16, 8)  # a 16x16x4 latent as 8x8x16
+    ours, theirs = base.unet.state_dict(), source.unet.state_dict()
+    assert ours["conv_in.weight"].shape == (32, 16, 3, 3) and ours["conv_out.weight"].shape == (16, 32, 3, 3)
+    for key, value in theirs.items():
+        if ours[key].shape == value.shape:
+            torch.testing.assert_close(ours[key], value, atol=1e-6, rtol=0)
+    capsys.readouterr()
+    refused = ["train", "base", "--out", str(tmp_path / "no"), *common, "--init-from", str(tiny_small_base)]
+    assert main([*refused, "--unet-warm-start", str(tiny_small_base)]) == 2
+    assert "unet warm start: not with init from" in capsys.readouterr().err
     argv = ["train", "adapter", "--base", str(out), "--data", str(tiny_shapes), "--out", str(adapter)]
     assert main([*argv, "--positions", "all", "--max-steps", "1", "--batch-size", "2", "--no-progress"]) == 0
     pipe = SpatialLockPipeline.from_pretrained(str(out), adapter=str(adapter))

@@ -39,7 +39,7 @@ def run_base(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision, snr_gamma=args.snr_gamma, latent_channels=args.latent_channels,
         latent_size=args.latent_size, vae_widths=args.vae_widths, vae_layers=args.vae_layers,
         vae_only=args.vae_only, unet_widths=args.unet_widths, unet_plain_levels=args.unet_plain_levels,
-        latent_patch=args.latent_patch,
+        latent_patch=args.latent_patch, unet_warm_start=args.unet_warm_start,
         vae=loop_config(args, args.vae_steps, args.vae_batch_size, args.vae_lr, lr_option="--vae-lr"),
         unet=loop_config(args, args.max_steps, args.batch_size, args.lr, warmup=100),
     )  # fmt: skip
@@ -85,6 +85,12 @@ def register(sub) -> None:
         "--vae-from", default=None, metavar="FOLDER",
         help="train a new U-Net on an autoencoder trained before (an autoencoder folder, e.g. the vae/ of a "
         "--vae-only run, or a base folder): the latent shape options then follow it",
+    )  # fmt: skip
+    base.add_argument(
+        "--unet-warm-start", default=None, metavar="MODEL",
+        help="a new U-Net (as --unet-widths and --latent-patch say) that starts from every tensor of MODEL's U-Net "
+        "with the same name and shape, the rest fresh: e.g. the shipped U-Net's blocks for a U-Net on the latents "
+        "of another autoencoder (--vae-from), whose input and output layers alone differ",
     )  # fmt: skip
     base.add_argument(
         "--mixed-precision", default="no", choices=["no", "bf16", "fp16"],

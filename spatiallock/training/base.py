@@ -61,6 +61,7 @@ class BaseTrainConfig:
     unet_widths: tuple[int, ...] = UNET_WIDTHS
     unet_plain_levels: int = 0  # finest U-Net levels without attention
     latent_patch: int = 1  # each p x p patch of the latent one U-Net cell (`base.latents`)
+    unet_warm_start: str | None = None  # a base whose U-Net tensors of the same name and shape start the new U-Net
     vae: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=1500, batch_size=16, learning_rate=1e-3))
     unet: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=5000, batch_size=32, learning_rate=3e-4))
     split: str = "train"
@@ -99,6 +100,19 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     return weights / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weights / snr
 
 
+def warm_start_unet(unet: UNet2DConditionModel, weights: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Copy into `unet` every tensor of `weights` with the same name and shape; (taken, left fresh). A U-Net on
+    another latent shape keeps its own input and output layers and takes the blocks."""
+    own = unet.state_dict()
+    taken = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    if not taken:
+        raise SpatialLockError("unet warm start: no tensor of its U-Net fits this one (other widths or levels?)")
+    with torch.no_grad():
+        for name, value in taken.items():
+            own[name].copy_(value)
+    return len(taken), len(own) - len(taken)
+
+
 def _autoencoder_goes_on(config: BaseTrainConfig, folder: Path) -> bool:
     """Whether a resumed run trains its finished autoencoder further: --resume with more --vae-steps than its
     newest checkpoint, the autoencoder its own (not --init-from's or --vae-from's), and no U-Net step taken on
@@ -125,6 +139,8 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
         raise SpatialLockError(f"init from: {config.init_from} is not a base folder (no unet/config.json)")
     if config.init_from is not None and config.vae_from is not None:
         raise SpatialLockError("vae from: not with init from, which brings its own autoencoder")
+    if config.init_from is not None and config.unet_warm_start is not None:
+        raise SpatialLockError("unet warm start: not with init from, which brings its whole U-Net")
     run = start_training(config, ("vae", "unet"), config.vae.resume or config.unet.resume, config.mixed_precision)
     accelerator, folder = run.accelerator, run.folder
     device = accelerator.device
@@ -142,6 +158,15 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
             init_vae = from_pretrained_safetensors(
                 AutoencoderKL, config.init_from, "init from", subfolder="vae", torch_dtype=torch.float32
             )
+    warm = None
+    if config.unet_warm_start is not None:  # read before anything is written, like init from
+        warm = from_pretrained_safetensors(
+            UNet2DConditionModel,
+            config.unet_warm_start,
+            "unet warm start",
+            subfolder="unet",
+            torch_dtype=torch.float32,
+        ).state_dict()
     if config.vae_from is not None and not (vae_dir / "config.json").is_file():
         source = autoencoder_folder(config.vae_from) or Path(config.vae_from)  # else: the load names what is wrong
         init_vae = from_pretrained_safetensors(AutoencoderKL, source, "vae from", torch_dtype=torch.float32)
@@ -199,6 +224,9 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
             config.latent_patch,
         )
         unet = UNet2DConditionModel(**unet_config)
+        if warm is not None:  # a checkpoint of --resume replaces these
+            taken, fresh = warm_start_unet(unet, warm)
+            print(f"unet warm start {config.unet_warm_start}: {taken} tensors taken, {fresh} start fresh")
     scheduler = small_scheduler()
     base = BaseModel(unet, vae, text_encoder, tokenizer, scheduler, CAPTION_TOKENS)
 

@@ -30,7 +30,7 @@ RESUMABLE_CHANGES = frozenset(
      "gradient_checkpointing", "vae_only"}
 )  # fmt: skip
 # the same folder, however it is written
-PATH_SETTINGS = frozenset({"data", "base", "init_from", "vae_from", "reward_detector"})
+PATH_SETTINGS = frozenset({"data", "base", "init_from", "vae_from", "unet_warm_start", "reward_detector"})
 
 # ---- the start of a run ---------------------------------------------------------------------------------------
 
