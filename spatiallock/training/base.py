@@ -26,6 +26,7 @@ from spatiallock.base.folders import (
     small_unet_config,
     small_vae_config,
 )
+from spatiallock.base.latents import autoencoder_factor
 from spatiallock.base.text import encode_captions, load_minilm
 from spatiallock.checkpoint import (
     atomic_save_pretrained,
@@ -211,7 +212,7 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
 
     # 2. the U-Net on frozen latents and caption states
     torch.manual_seed(config.unet.seed)
-    latent_size = config.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_size = config.resolution // autoencoder_factor(vae)
     if init_unet is not None:
         unet = init_unet
     else:
