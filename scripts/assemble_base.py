@@ -62,10 +62,7 @@ def assemble(base: Path, vae_path: Path, out: Path, fp16: bool = True) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as staging:
         staging = Path(staging)
-        copy_files(base, staging)  # scheduler, tokenizer, model_index.json: not vae/, not train/
-        for name in ("unet", "vae"):  # copy_files copied unet/ as it is: written anew in the asked precision
-            for file in (staging / name).glob("*"):
-                file.unlink()
+        copy_files(base, staging, skip=("unet", "vae"))  # scheduler, tokenizer, model_index.json: not train/
         atomic_save_pretrained(unet.to(dtype), staging / "unet")
         atomic_save_pretrained(vae.to(dtype), staging / "vae")
         staging.rename(out)

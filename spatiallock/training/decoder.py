@@ -68,15 +68,16 @@ def trainable_decoder(vae: AutoencoderKL) -> AutoencoderKL:
     return vae
 
 
-def copied_files(base: Path) -> list[Path]:
+def copied_files(base: Path, skip: tuple[str, ...] = ("vae",)) -> list[Path]:
     """The files of the base folder that go into the new model, relative to it: every regular file except those
-    of `vae/` (trained anew), `train/` and hidden entries at the top. `SpatialLockError` on a link or any other
-    special file: nothing is followed out of the base folder, and nothing but plain files is copied."""
+    of the `skip` folders (`vae/`: trained anew), `train/` and hidden entries at the top. `SpatialLockError` on
+    a link or any other special file: nothing is followed out of the base folder, and nothing but plain files is
+    copied."""
     files = []
     for root, dirs, names in os.walk(base):
         here = Path(root)
         if here == base:
-            dirs[:] = [d for d in dirs if d not in ("vae", "train") and not d.startswith(".")]
+            dirs[:] = [d for d in dirs if d not in (*skip, "train") and not d.startswith(".")]
             names = [n for n in names if not n.startswith(".")]
         for name in sorted([*dirs, *names]):
             mode = (here / name).lstat().st_mode
@@ -91,9 +92,9 @@ def copied_files(base: Path) -> list[Path]:
     return files
 
 
-def copy_files(base: Path, out: Path) -> None:
-    """Copy the base's `copied_files` into `out` (each through a temporary file, never through a link)."""
-    for relative in copied_files(base):
+def copy_files(base: Path, out: Path, skip: tuple[str, ...] = ("vae",)) -> None:
+    """Copy the base's `copied_files` (but `skip`) into `out` (each through a temporary file, never through a link)."""
+    for relative in copied_files(base, skip):
         target = out / relative
         for parent in reversed(target.relative_to(out).parents[:-1]):
             if (out / parent).is_symlink():
