@@ -178,13 +178,22 @@ def build_app(studio: Studio, examples: str | Path | None = "examples"):
 
         options = [images, seed, steps, guidance, scheduler, grounding, lg_steps, lg_scale, init, draw, detect]
         run.click(generate, [canvas, caption, *options], [gallery, table, status], concurrency_limit=1)
-        for event in (canvas.change, caption.change):
-            event(describe, [canvas, caption], [view, download, check], queue=False, show_progress="hidden")
+        # one event for every change of the layout, at most one reply in flight and the newest state sent last:
+        # two events (one per component) could answer out of order and leave the check and the download button
+        # on an older layout than the one on screen
+        gr.on(
+            [page.load, canvas.change, caption.change],
+            describe,
+            [canvas, caption],
+            [view, download, check],
+            queue=False,
+            show_progress="hidden",
+            trigger_mode="always_last",
+        )
         new.click(lambda: (empty_canvas(), ""), None, [canvas, caption], queue=False)
         upload.upload(load, [upload, canvas], [canvas, caption, status], queue=False)
         for path, button in buttons.items() if examples else ():
             button.click(lambda canvas, path=path: load(path, canvas), canvas, [canvas, caption, status])
-        page.load(describe, [canvas, caption], [view, download, check], queue=False)
         page.unload(forget)
     return page.queue(default_concurrency_limit=None)
 

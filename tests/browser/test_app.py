@@ -11,6 +11,7 @@ import json
 import os
 import re
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,23 @@ def layout_json(page) -> dict:
     text = page.locator("#layout-json .cm-content").inner_text()
     page.get_by_text("Layout JSON", exact=True).click()
     return json.loads(text)
+
+
+def test_the_layout_check_is_one_event_whose_newest_state_answers_last(app_url):
+    """Every change of the canvas or caption (and the page load) goes to one event that keeps at most one reply in
+    flight and sends the newest state after it: with one event per component, two replies could arrive out of
+    order and leave the check and the download button on an older layout than the one on screen."""
+    with urllib.request.urlopen(app_url + "config", timeout=30) as response:
+        config = json.load(response)
+    ids = {c["props"].get("elem_id"): c["id"] for c in config["components"] if c.get("props", {}).get("elem_id")}
+    answering = [d for d in config["dependencies"] if ids["layout-check"] in d["outputs"]]
+    layout = [d for d in answering if ids["download"] in d["outputs"]]
+    assert len(layout) == 1, [d["targets"] for d in layout]
+    (event,) = layout
+    targets = {(target, name) for target, name in event["targets"]}
+    assert {(ids["canvas"], "change"), (ids["caption"], "change")} <= targets, targets
+    assert any(name == "load" for _, name in targets), targets
+    assert event["trigger_mode"] == "always_last"
 
 
 def test_draw_label_generate_and_round_trip(open_page, tmp_path):
