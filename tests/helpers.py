@@ -427,14 +427,15 @@ def accelerate_launch(args: list[str], folder: Path, processes: int = 2, timeout
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def clean_estimate_at(pipe, steps: int, step: int, layouts=LAYOUTS):
-    """What sampling-time guidance starts from at step `step` of `steps`: (t, latents (2, 4, 8, 8) seeded 0, caption
-    states, caption mask, grounding of `layouts`, the clean latents the grounded prediction implies)."""
+def clean_estimate_at(pipe, steps: int, step: int, layouts=LAYOUTS, latents=None):
+    """What sampling-time guidance starts from at step `step` of `steps`: (t, latents (2, 4, 8, 8) seeded 0 unless
+    given, caption states, caption mask, grounding of `layouts`, the clean latents the grounded prediction implies)."""
     from spatiallock.pipelines.extensions.perception import predicted_clean
 
     pipe.scheduler.set_timesteps(steps)
     t = pipe.scheduler.timesteps[step]
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    if latents is None:
+        latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     states, mask = pipe.encode_prompts([layout.caption for layout in layouts])
     grounding = pipe.adapter.encode_grounding(*pipe.encode_layouts(layouts), (8, 8))
     model_input = pipe.scheduler.scale_model_input(latents, t)

@@ -213,7 +213,7 @@ def test_the_judge_picks_candidates_by_the_image_their_clean_estimate_decodes_to
 def test_judge_guidance_moves_each_image_down_the_judges_loss_at_its_clean_estimate(tiny_small_base):
     from helpers import LAYOUTS
 
-    from spatiallock.pipelines.extensions.perception import decoded_clean, judge_guidance, predicted_clean
+    from spatiallock.pipelines.extensions.perception import decoded_clean, judge_guidance
 
     pipe = judged_pipeline(tiny_small_base)
     t, latents, states, mask, grounding, clean = clean_estimate_at(pipe, 4, 2)
@@ -227,9 +227,7 @@ def test_judge_guidance_moves_each_image_down_the_judges_loss_at_its_clean_estim
     # another one in a batch of the same size (compared at the same batch size: a convolution's result may differ
     # by 1e-7 between a batch of one and of two, which moves this non-smooth gradient by far more)
     swapped = torch.cat([torch.randn(latents[:1].shape, generator=torch.Generator().manual_seed(9)), latents[1:]])
-    model_input = pipe.scheduler.scale_model_input(swapped, t)
-    with torch.no_grad():
-        clean_swapped = predicted_clean(pipe, model_input, t, pipe.predict(model_input, t, states, mask, grounding))
+    *_, clean_swapped = clean_estimate_at(pipe, 4, 2, latents=swapped)
     assert not torch.equal(clean_swapped[0], clean[0]) and torch.equal(clean_swapped[1:], clean[1:])
     y = clean_swapped.clone().requires_grad_(True)
     (own,) = torch.autograd.grad(

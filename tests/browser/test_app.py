@@ -76,8 +76,7 @@ def test_the_layout_check_is_one_event_whose_newest_state_answers_last(app_url):
     with urllib.request.urlopen(app_url + "config", timeout=30) as response:
         config = json.load(response)
     ids = {c["props"].get("elem_id"): c["id"] for c in config["components"] if c.get("props", {}).get("elem_id")}
-    answering = [d for d in config["dependencies"] if ids["layout-check"] in d["outputs"]]
-    layout = [d for d in answering if ids["download"] in d["outputs"]]
+    layout = [d for d in config["dependencies"] if {ids["layout-check"], ids["download"]} <= set(d["outputs"])]
     assert len(layout) == 1, [d["targets"] for d in layout]
     (event,) = layout
     targets = {(target, name) for target, name in event["targets"]}
