@@ -91,7 +91,8 @@ def small_unet_config(
     patch: int = 1,
 ) -> dict:
     """SD's U-Net layout, scaled down: attention at all levels but the coarsest (like SD's) and the `plain_levels`
-    finest (attention over a 32x32 latent costs more than the rest of the U-Net). Default: three levels of 64,
+    finest (attention over a 32x32 latent costs more than the rest of the U-Net; the time embedding is then sized
+    by the first level with attention, as if those were not there). Default: three levels of 64,
     128, 192 channels on a 16x16x4 latent, attention at the first two. `patch`: each p x p patch of the
     `latent_size` latent is one U-Net cell (`base.latents`): a 32x32x4 latent with patch 2 is a 16x16x16 input."""
     if patch < 1 or latent_size % patch:
@@ -116,6 +117,8 @@ def small_unet_config(
         "cross_attention_dim": cross_attention_dim,
         "attention_head_dim": 4,
         "norm_num_groups": math.gcd(32, *widths),
+        # sized by the first level with attention, so plain levels in front keep the inner blocks' time inputs
+        "time_embedding_dim": 4 * widths[plain_levels],
     }
 
 

@@ -90,7 +90,9 @@ def register(sub) -> None:
         "--unet-warm-start", default=None, metavar="MODEL",
         help="a new U-Net (as --unet-widths and --latent-patch say) that starts from every tensor of MODEL's U-Net "
         "with the same name and shape, the rest fresh: e.g. the shipped U-Net's blocks for a U-Net on the latents "
-        "of another autoencoder (--vae-from), whose input and output layers alone differ",
+        "of another autoencoder (--vae-from), whose input and output layers alone differ; with plain finer levels "
+        "in front of MODEL's widths (--unet-widths 32,64,128,192 --unet-plain-levels 1 on 64,128,192) MODEL's blocks "
+        "start the coarser levels",
     )  # fmt: skip
     base.add_argument(
         "--mixed-precision", default="no", choices=["no", "bf16", "fp16"],

@@ -7,12 +7,15 @@ conditioned on the frozen all-MiniLM-L6-v2 caption states. The result is a diffu
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.embeddings import Timesteps
 from diffusers.training_utils import compute_snr
 from torch import nn
 
@@ -101,17 +104,53 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     return weights / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weights / snr
 
 
-def warm_start_unet(unet: UNet2DConditionModel, weights: dict[str, torch.Tensor]) -> tuple[int, int]:
+def finer_levels(widths: Sequence[int], source_widths: Sequence[int]) -> int:
+    """How many finest levels a U-Net of `widths` has in front of one of `source_widths`: k when its widths are
+    k more at the fine end and then the source's (64, 64, 128, 192 on 64, 128, 192: 1), else 0."""
+    added = len(widths) - len(source_widths)
+    return added if added > 0 and tuple(widths[added:]) == tuple(source_widths) else 0
+
+
+def warm_start_unet(unet: UNet2DConditionModel, weights: dict[str, torch.Tensor], finer: int = 0) -> tuple[int, int]:
     """Copy into `unet` every tensor of `weights` with the same name and shape; (taken, left fresh). A U-Net on
-    another latent shape keeps its own input and output layers and takes the blocks."""
+    another latent shape keeps its own input and output layers and takes the blocks. `finer`: the new U-Net has
+    that many finest levels more (`finer_levels`), so the source's down block i is its down block i + finer (the
+    up blocks run coarse to fine and keep their numbers); those new levels start fresh."""
+
+    def renamed(name: str) -> str:
+        match = re.match(r"down_blocks\.(\d+)\.", name)
+        return f"down_blocks.{int(match.group(1)) + finer}.{name[match.end() :]}" if match and finer else name
+
     own = unet.state_dict()
-    taken = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    weights = {**weights, **_time_input_fitted(unet, weights)}
+    taken = {renamed(k): v for k, v in weights.items()}
+    taken = {k: v for k, v in taken.items() if k in own and own[k].shape == v.shape}
     if not taken:
         raise SpatialLockError("unet warm start: no tensor of its U-Net fits this one (other widths or levels?)")
     with torch.no_grad():
         for name, value in taken.items():
             own[name].copy_(value)
     return len(taken), len(own) - len(taken)
+
+
+def _time_input_fitted(unet: UNet2DConditionModel, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The time embedding's first layer for a U-Net whose sinusoidal timestep features are fewer than the source's
+    (they are as many as its first width): the least-squares fit, over the 1,000 training timesteps, of the source
+    layer's output from these features, so that the blocks taken get nearly the time input they were trained on.
+    Empty when the layer fits as it is, or does not fit at all."""
+    name = "time_embedding.linear_1.weight"
+    own, source = unet.state_dict().get(name), weights.get(name)
+    if own is None or source is None or own.shape == source.shape or own.shape[0] != source.shape[0]:
+        return {}
+    steps = torch.arange(1000, dtype=torch.float32)
+    config = unet.config
+
+    def features(width: int) -> torch.Tensor:
+        return Timesteps(width, config.flip_sin_to_cos, config.freq_shift)(steps).double()
+
+    target = features(source.shape[1]) @ source.double().T
+    fitted = torch.linalg.lstsq(features(own.shape[1]), target).solution.T
+    return {name: fitted.to(source.dtype)}
 
 
 def _autoencoder_goes_on(config: BaseTrainConfig, folder: Path) -> bool:
@@ -161,13 +200,15 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
             )
     warm = None
     if config.unet_warm_start is not None:  # read before anything is written, like init from
-        warm = from_pretrained_safetensors(
+        source = from_pretrained_safetensors(
             UNet2DConditionModel,
             config.unet_warm_start,
             "unet warm start",
             subfolder="unet",
             torch_dtype=torch.float32,
-        ).state_dict()
+        )
+        warm = (source.state_dict(), finer_levels(config.unet_widths, source.config.block_out_channels))
+        del source
     if config.vae_from is not None and not (vae_dir / "config.json").is_file():
         source = autoencoder_folder(config.vae_from) or Path(config.vae_from)  # else: the load names what is wrong
         init_vae = from_pretrained_safetensors(AutoencoderKL, source, "vae from", torch_dtype=torch.float32)
@@ -226,8 +267,9 @@ def train_base(config: BaseTrainConfig) -> LoopResult:
         )
         unet = UNet2DConditionModel(**unet_config)
         if warm is not None:  # a checkpoint of --resume replaces these
-            taken, fresh = warm_start_unet(unet, warm)
-            print(f"unet warm start {config.unet_warm_start}: {taken} tensors taken, {fresh} start fresh")
+            taken, fresh = warm_start_unet(unet, *warm)
+            shifted = f", its blocks {warm[1]} level(s) coarser here" if warm[1] else ""
+            print(f"unet warm start {config.unet_warm_start}: {taken} tensors taken, {fresh} start fresh{shifted}")
     scheduler = small_scheduler()
     base = BaseModel(unet, vae, text_encoder, tokenizer, scheduler, CAPTION_TOKENS)
 
