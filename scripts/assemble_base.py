@@ -21,7 +21,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from spatiallock.base.folders import autoencoder_folder, base_fingerprint
-from spatiallock.checkpoint import atomic_save_pretrained, from_pretrained_safetensors
+from spatiallock.checkpoint import atomic_save_pretrained, from_pretrained_safetensors, refuse_fp16_overflow
 from spatiallock.errors import SpatialLockError
 from spatiallock.training.decoder import copy_files
 
@@ -59,6 +59,9 @@ def assemble(base: Path, vae_path: Path, out: Path, fp16: bool = True) -> str:
     base_vae = from_pretrained_safetensors(AutoencoderKL, base, "base", subfolder="vae", torch_dtype=torch.float32)
     vae = from_pretrained_safetensors(AutoencoderKL, source, "vae", torch_dtype=torch.float32)
     same_latents(base_vae, vae)
+    if fp16:
+        refuse_fp16_overflow(unet, "base")
+        refuse_fp16_overflow(vae, "vae")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as staging:
         staging = Path(staging)

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 from spatiallock.base.folders import base_fingerprint
+from spatiallock.checkpoint import refuse_fp16_overflow
+from spatiallock.errors import SpatialLockError
 from spatiallock.evaluation.detector import Detector
 from spatiallock.location.locator import Locator
 from spatiallock.pipelines.diffusion import SpatialLockPipeline
@@ -66,6 +68,8 @@ def ship_model(args, staging: Path) -> None:
     added = {k: v for k, v in old.get("adapter_config_added", {}).items() if k in ("ground_unconditional",)}
     if added:
         pipe.adapter.register_to_config(**added)
+    for name in ("unet", "vae", "adapter"):
+        refuse_fp16_overflow(getattr(pipe, name), name)
     pipe.to(dtype=torch.float16)
     pipe.save_pretrained(staging)
     provenance = {k: v for k, v in old.items() if k not in ADAPTER_RECORDS}
@@ -167,7 +171,10 @@ def main() -> None:
     try:
         for name, write in writers.items():
             (staging / name).mkdir()
-            write(args, staging / name)
+            try:
+                write(args, staging / name)
+            except SpatialLockError as err:
+                raise SystemExit(f"ship_default: error: {err}") from None
         sizes = {
             name: folder_mb(staging / name if name in writers else out / name)
             for name in PARTS

@@ -187,6 +187,19 @@ def load_checkpoint(
     return state, files
 
 
+def refuse_fp16_overflow(model: nn.Module, what: str) -> None:
+    """Refuse, in one line naming `what` and the tensor, a model with a weight fp16 cannot hold (it would be
+    stored as inf, and every output through it NaN)."""
+    largest = torch.finfo(torch.float16).max
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and tensor.numel() and float(tensor.detach().abs().max()) > largest:
+            peak = float(tensor.detach().abs().max())
+            raise SpatialLockError(
+                f"{what}: {name} holds {peak:.3g}, beyond fp16's {largest:.0f}: it cannot be stored in fp16 "
+                "(keep fp32, or refit the layer)"
+            )
+
+
 def atomic_save_pretrained(model, folder: str | os.PathLike) -> Path:
     """`model.save_pretrained(folder)` through a temporary folder, each file renamed into place."""
     folder = Path(folder)

@@ -144,4 +144,5 @@ def test_a_unet_with_a_finer_level_in_front_starts_from_every_block_of_one_witho
         wanted = source.time_embedding(source.time_proj(steps))
         error = (unet.time_embedding(unet.time_proj(steps)) - wanted).norm() / wanted.norm()
         unfitted = (fresh.time_embedding(fresh.time_proj(steps)) - wanted).norm() / wanted.norm()
-    assert error < unfitted / 2  # 0.49 against 1.45 here; 0.05 for the 32x32 U-Net from the patched base's
+    assert error < unfitted / 2  # 0.50 against 1.45 here; 0.08 for the 32x32 U-Net from the patched base's
+    assert torch.isfinite(unet.time_embedding.linear_1.weight.half()).all()  # a ridge fit: storable in fp16

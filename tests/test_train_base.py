@@ -233,14 +233,7 @@ def test_a_finished_autoencoder_trains_further_on_resume_with_a_late_drop_as_if_
 def test_a_decoder_trained_beside_the_unet_on_the_autoencoder_alone_is_assembled_with_it(
     tiny_shapes, tmp_path, capsys
 ):
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent.parent / "scripts" / "assemble_base.py"
-    spec = importlib.util.spec_from_file_location("assemble_base", script)
-    assemble_base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(assemble_base)
-
+    assemble_base = _script("assemble_base")
     autoencoder, unet_run, decoder = tmp_path / "ae", tmp_path / "unet", tmp_path / "dec"
     assert train(tiny_shapes, autoencoder, "--vae-steps", "2", "--vae-only") == 0
     assert train(tiny_shapes, unet_run, "--vae-from", str(autoencoder / "vae"), "--max-steps", "1") == 0
@@ -278,3 +271,51 @@ def test_a_decoder_trained_beside_the_unet_on_the_autoencoder_alone_is_assembled
     capsys.readouterr()
     assert assemble_base.main(["--base", str(unet_run), "--vae", str(other), "--out", str(tmp_path / "x")]) == 2
     assert "vae: " in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_time_input_fp16_cannot_hold_is_refused_then_refitted_to_nearly_the_same_embedding(
+    tiny_small_base, tmp_path, capsys
+):
+    from diffusers.models.embeddings import Timesteps
+
+    from spatiallock.training.decoder import copy_files
+
+    # a U-Net whose time input leans on a direction the 1,000 timesteps' sinusoids barely span, with weights of
+    # millions: what an exact least-squares fit on nearly collinear features gives
+    unet = UNet2DConditionModel.from_pretrained(tiny_small_base / "unet")
+    layer, steps = unet.time_embedding.linear_1, torch.arange(1000)
+    features = Timesteps(layer.weight.shape[1], unet.config.flip_sin_to_cos, unet.config.freq_shift)(steps)
+    unseen = torch.linalg.svd(features.double()).Vh[-1].float()
+    with torch.no_grad():
+        before = unet.time_embedding(unet.time_proj(steps))
+        layer.weight.add_(3e6 * torch.randn(layer.weight.shape[0], 1) * unseen)
+        leaning = unet.time_embedding(unet.time_proj(steps))
+    assert float((leaning - before).norm() / before.norm()) < 0.05 and float(layer.weight.detach().abs().max()) > 1e5
+    huge = tmp_path / "huge"
+    copy_files(tiny_small_base, huge, skip=("unet",))
+    unet.save_pretrained(huge / "unet")
+    assemble, refit = _script("assemble_base"), _script("refit_time_input")
+    assert assemble.main(["--base", str(huge), "--vae", str(huge), "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "base: time_embedding.linear_1.weight holds" in err and "beyond fp16" in err
+    assert not (tmp_path / "no").exists()
+    fixed = tmp_path / "fixed"
+    assert refit.main(["--base", str(huge), "--out", str(fixed)]) == 0
+    assert "the time embedding moved by" in capsys.readouterr().out
+    assert assemble.main(["--base", str(fixed), "--vae", str(fixed), "--out", str(tmp_path / "fp16")]) == 0
+    refitted = load_base(tmp_path / "fp16").unet.float()
+    with torch.no_grad():
+        after = refitted.time_embedding(refitted.time_proj(steps))
+    assert torch.isfinite(after).all() and float((after - before).norm() / before.norm()) < 0.1
+    assert refit.main(["--base", str(huge), "--out", str(fixed)]) == 2  # never over an existing folder

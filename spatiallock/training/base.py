@@ -133,24 +133,37 @@ def warm_start_unet(unet: UNet2DConditionModel, weights: dict[str, torch.Tensor]
     return len(taken), len(own) - len(taken)
 
 
+TIME_RIDGE = 1e-3  # the fit's ridge: the sinusoids of the lowest frequencies are nearly collinear over 1,000 steps
+
+
+def fit_time_input(
+    weight: torch.Tensor, width: int, flip_sin_to_cos: bool = True, freq_shift: float = 0
+) -> torch.Tensor:
+    """A time embedding's first layer for `width` sinusoidal timestep features that gives, over the 1,000 training
+    timesteps, nearly the output of `weight` (out x its own width) on its own features: a ridge regression (an
+    exact least-squares fit leans on nearly collinear low-frequency features with weights of millions, which
+    overflow fp16 and cannot be stored as shipped)."""
+    steps = torch.arange(1000, dtype=torch.float32)
+
+    def features(count: int) -> torch.Tensor:
+        return Timesteps(count, flip_sin_to_cos, freq_shift)(steps).double()
+
+    ours = features(width)
+    target = features(weight.shape[1]) @ weight.double().T
+    gram = ours.T @ ours + TIME_RIDGE * torch.eye(width, dtype=torch.float64)
+    return torch.linalg.solve(gram, ours.T @ target).T.to(weight.dtype)
+
+
 def _time_input_fitted(unet: UNet2DConditionModel, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The time embedding's first layer for a U-Net whose sinusoidal timestep features are fewer than the source's
-    (they are as many as its first width): the least-squares fit, over the 1,000 training timesteps, of the source
-    layer's output from these features, so that the blocks taken get nearly the time input they were trained on.
-    Empty when the layer fits as it is, or does not fit at all."""
+    (they are as many as its first width), fitted to the source layer (`fit_time_input`), so that the blocks taken
+    get nearly the time input they were trained on. Empty when the layer fits as it is, or does not fit at all."""
     name = "time_embedding.linear_1.weight"
     own, source = unet.state_dict().get(name), weights.get(name)
     if own is None or source is None or own.shape == source.shape or own.shape[0] != source.shape[0]:
         return {}
-    steps = torch.arange(1000, dtype=torch.float32)
     config = unet.config
-
-    def features(width: int) -> torch.Tensor:
-        return Timesteps(width, config.flip_sin_to_cos, config.freq_shift)(steps).double()
-
-    target = features(source.shape[1]) @ source.double().T
-    fitted = torch.linalg.lstsq(features(own.shape[1]), target).solution.T
-    return {name: fitted.to(source.dtype)}
+    return {name: fit_time_input(source, own.shape[1], config.flip_sin_to_cos, config.freq_shift)}
 
 
 def _autoencoder_goes_on(config: BaseTrainConfig, folder: Path) -> bool:
