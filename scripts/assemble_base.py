@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from spatiallock.base.folders import autoencoder_folder, base_fingerprint
-from spatiallock.checkpoint import atomic_save_pretrained, from_pretrained_safetensors, refuse_fp16_overflow
+from spatiallock.checkpoint import from_pretrained_safetensors, refuse_fp16_overflow
 from spatiallock.errors import SpatialLockError
-from spatiallock.training.decoder import copy_files
+from spatiallock.training.decoder import write_copy
 
 ENCODER_SIDE = ("encoder.", "quant_conv.")
 
@@ -62,13 +61,7 @@ def assemble(base: Path, vae_path: Path, out: Path, fp16: bool = True) -> str:
     if fp16:
         refuse_fp16_overflow(unet, "base")
         refuse_fp16_overflow(vae, "vae")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as staging:
-        staging = Path(staging)
-        copy_files(base, staging, skip=("unet", "vae"))  # scheduler, tokenizer, model_index.json: not train/
-        atomic_save_pretrained(unet.to(dtype), staging / "unet")
-        atomic_save_pretrained(vae.to(dtype), staging / "vae")
-        staging.rename(out)
+    write_copy(base, out, {"unet": unet.to(dtype), "vae": vae.to(dtype)})  # scheduler, tokenizer, index: as they are
     return base_fingerprint(out)
 
 

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 
-from spatiallock.checkpoint import atomic_save_pretrained, from_pretrained_safetensors
+from spatiallock.checkpoint import from_pretrained_safetensors
 from spatiallock.errors import SpatialLockError
 from spatiallock.training.base import fit_time_input
-from spatiallock.training.decoder import copy_files
+from spatiallock.training.decoder import write_copy
 
 
 def refit(base: Path, out: Path) -> tuple[float, float]:
@@ -39,12 +38,7 @@ def refit(base: Path, out: Path) -> tuple[float, float]:
         width = layer.weight.shape[1]
         layer.weight.copy_(fit_time_input(layer.weight, width, unet.config.flip_sin_to_cos, unet.config.freq_shift))
         moved = float((unet.time_embedding(unet.time_proj(steps)) - before).norm() / before.norm())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as staging:
-        staging = Path(staging)
-        copy_files(base, staging, skip=("unet", "train"))
-        atomic_save_pretrained(unet, staging / "unet")
-        staging.rename(out)
+    write_copy(base, out, {"unet": unet})  # the rest as it is; train/ is never copied
     return moved, float(layer.weight.detach().abs().max())
 
 

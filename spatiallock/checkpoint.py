@@ -192,8 +192,10 @@ def refuse_fp16_overflow(model: nn.Module, what: str) -> None:
     stored as inf, and every output through it NaN)."""
     largest = torch.finfo(torch.float16).max
     for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and tensor.numel() and float(tensor.detach().abs().max()) > largest:
-            peak = float(tensor.detach().abs().max())
+        if not tensor.is_floating_point() or not tensor.numel():
+            continue
+        peak = float(tensor.detach().abs().max())
+        if peak > largest:
             raise SpatialLockError(
                 f"{what}: {name} holds {peak:.3g}, beyond fp16's {largest:.0f}: it cannot be stored in fp16 "
                 "(keep fp32, or refit the layer)"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,18 @@ def copy_files(base: Path, out: Path, skip: tuple[str, ...] = ("vae",)) -> None:
         fd = os.open(base / relative, os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(fd, "rb") as source, atomic_output(target, "wb") as copy:
             shutil.copyfileobj(source, copy)
+
+
+def write_copy(base: Path, out: Path, parts: dict[str, nn.Module]) -> None:
+    """A new model folder `out`: `base`'s `copied_files` with `parts` (subfolder -> model) saved in place of its
+    own, put together in a hidden folder beside `out` and renamed to it, so that `out` is never half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as staging:
+        staging = Path(staging)
+        copy_files(base, staging, skip=tuple(parts))
+        for name, model in parts.items():
+            atomic_save_pretrained(model, staging / name)
+        staging.rename(out)
 
 
 def train_decoder(config: DecoderTrainConfig) -> LoopResult:
