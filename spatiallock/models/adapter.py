@@ -34,6 +34,8 @@ from spatiallock.models.injection import (
     detach_fusers,
     first_blocks_of,
     grounding_kwargs,
+    plain_dims,
+    plain_resnets,
     resolve_positions,
     transformer_blocks,
 )
@@ -64,7 +66,7 @@ EVERY = "every"
 RECIPE = (
     "variant", "fourier_freqs", "hidden_dim", "max_objects", "query_positions", "box_attention", "feed_forward",
     "attention_width", "loss_weighting", "loss_weights", "enh_grid", "enh_layers", "enh_heads", "anchor_scale",
-    "grounding_steps", "ground_unconditional", "perception_input", "first_blocks",
+    "grounding_steps", "ground_unconditional", "perception_input", "first_blocks", "ground_plain_levels",
 )  # fmt: skip
 
 
@@ -136,6 +138,12 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         class_names: the names of the perception head's classes, in the order of its class indices (the
             training data's categories): what candidate selection scores a layout's labels by. None where not
             recorded.
+        ground_plain_levels: also ground the plain levels finer than every level with attention (a U-Net that
+            spares attention at its finest latent level, for speed): a Grounding-Attention block on the output of
+            each of their resnets (`plain_resnets`), with box attention when `box_attention`. An option beyond the
+            paper: there the objects' outlines are drawn, and without it that level sees the layout only through the
+            coarser levels' features. Its blocks keep the feed-forward unless `feed_forward` is False.
+        plain_blocks, plain_block_dims: the resnets so grounded and (width, heads, head size) of their blocks.
         perception_input: what the PoG head reads (`PERCEPTION_INPUTS`): `grounded`, the paper's, the down-block
             features of the grounded U-Net call on the noisy latents (which also carry the requested layout, so
             the head can find the objects asked for whether or not they are drawn), or `rendered`, the
@@ -175,6 +183,9 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         class_names: Sequence[str] | None = None,
         perception_input: str = "grounded",
         first_blocks: int | None = None,
+        ground_plain_levels: bool = False,
+        plain_blocks: Sequence[str] = (),
+        plain_block_dims: Sequence[Sequence[int]] = (),
     ):
         super().__init__()
         if perception_input not in PERCEPTION_INPUTS:
@@ -191,10 +202,16 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             ("box attention", box_attention),
             ("feed-forward", feed_forward is not True),
             ("attention width", attention_width != 1.0),
+            ("ground plain levels", ground_plain_levels),
         )
         for name, wanted in lean:
             if wanted and attention != "grounding":
                 raise SpatialLockError(f"{name}: only for Grounding-Attention variants, not {variant!r}")
+        if len(plain_blocks) != len(plain_block_dims) or bool(plain_blocks) != bool(ground_plain_levels):
+            raise SpatialLockError(
+                "adapter config: `plain_blocks` and `plain_block_dims` of equal length, non-empty exactly when "
+                "`ground_plain_levels`"
+            )
         if class_names is not None and len(class_names) != num_classes:
             raise SpatialLockError(f"class names: {len(class_names)} names for {num_classes} classes")
         if feed_forward not in FEED_FORWARD:
@@ -217,6 +234,13 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             self.fusers = nn.ModuleList(
                 GatedSelfAttention(width, context_dim, heads, head) for width, heads, head in block_dims
             )
+        self.plain_fusers = nn.ModuleList(
+            GroundingAttention(
+                width, context_dim, heads, narrowed(head, attention_width), query_positions, box_attention,
+                feed_forward is not False,
+            )
+            for width, heads, head in plain_block_dims
+        )  # fmt: skip
         self.perception = None
         if perception:
             self.perception = PerceptionHead(
@@ -255,6 +279,11 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             if not isinstance(positions, str) or positions not in PRESETS:
                 positions = resolve_positions(unet, positions)
         chosen = first_blocks_of(chosen, kwargs.get("first_blocks"))
+        plain = plain_resnets(unet) if kwargs.get("ground_plain_levels") else []
+        if kwargs.get("ground_plain_levels") and not plain:
+            raise SpatialLockError(
+                "ground plain levels: this U-Net has no level without attention finer than its levels with attention"
+            )
         return cls(
             variant=variant,
             phrase_dim=phrase_dim,
@@ -264,6 +293,8 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
             num_classes=num_classes,
             feature_channels=[block.resnets[-1].out_channels for block in unet.down_blocks],
             positions=positions,
+            plain_blocks=[name for name, _ in plain],
+            plain_block_dims=[list(plain_dims(resnet)) for _, resnet in plain],
             **kwargs,
         )
 
@@ -311,6 +342,15 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
                     f"adapter does not fit the base: block {name} has (width, heads, head size) "
                     f"{list(dims_of(found[name]))}, the adapter was built for {list(dims)}"
                 )
+        resnets = dict(plain_resnets(unet))
+        for name, dims in zip(self.config.plain_blocks, self.config.plain_block_dims):
+            if name not in resnets:
+                raise SpatialLockError(f"adapter does not fit the base: it has no plain-level resnet {name}")
+            if list(plain_dims(resnets[name])) != list(dims):
+                raise SpatialLockError(
+                    f"adapter does not fit the base: plain-level resnet {name} gives (width, heads, head size) "
+                    f"{list(plain_dims(resnets[name]))}, the adapter was built for {list(dims)}"
+                )
         if self.perception is not None:
             channels = [block.resnets[-1].out_channels for block in unet.down_blocks]
             if channels != list(self.config.feature_channels):
@@ -323,7 +363,8 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         """Insert this adapter's blocks into `unet` (checked first); returns the adapter."""
         self.check_fits(unet)
         detach_fusers(unet)
-        attach_fusers(unet, dict(zip(self.config.blocks, self.fusers)))
+        plain = dict(zip(self.config.plain_blocks, self.plain_fusers))
+        attach_fusers(unet, dict(zip(self.config.blocks, self.fusers)), plain)
         return self
 
     @staticmethod
@@ -389,6 +430,8 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         elif tuple(sample.shape[-2:]) != grounding.grid:
             raise ValueError(f"grounding was encoded for {grounding.grid} latents, got {tuple(sample.shape[-2:])}")
         if getattr(unet, "is_gradient_checkpointing", False) and torch.is_grad_enabled():
+            if len(self.plain_fusers):  # its hooks would recompute with whatever call came last
+                raise SpatialLockError("gradient checkpointing: not with an adapter that grounds plain levels")
             grounding = grounding._replace(cache=None)  # a recomputed block must save what its first pass saved
         kwargs = grounding_kwargs(grounding)
         # 2. the U-Net, with its down-block features tapped when the perception loss is wanted
@@ -451,7 +494,7 @@ class SpatialLockAdapter(ModelMixin, ConfigMixin):
         """Trainable parameters per part (works on the meta device)."""
         counts = {
             "grounding_tokens": count_parameters(self.tokenizer),
-            "attention_blocks": count_parameters(self.fusers),
+            "attention_blocks": count_parameters(self.fusers) + count_parameters(self.plain_fusers),
             "perception": count_parameters(self.perception) if self.perception is not None else 0,
             "loss_weights": count_parameters(self.weighting),
         }

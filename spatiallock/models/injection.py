@@ -7,6 +7,10 @@ U-Net first passes those kwargs through `self.position_net`. Attaching sets, on 
 - `fuser`: the adapter's block in the chosen transformer blocks, an identity in all the others.
 These references are plain attributes, not registered sub-modules: the base's `state_dict` and
 `parameters()` stay the base's own, so the frozen base is never re-saved with an adapter inside it.
+
+Levels without attention (a U-Net whose finest latent level is plain, for speed) have no such slot. There a block
+grounds the output of a resnet through a forward hook, and the grounding tokens reach it through the same
+`position_net` call: it keeps the call's tokens until the U-Net's next call (a call without grounding clears them).
 """
 
 from __future__ import annotations
@@ -22,8 +26,24 @@ PRESETS = ("default", "all", "down", "up", "inner")
 
 
 class _PassThrough(nn.Module):
+    """The U-Net's `position_net`: the adapter's tokens unchanged, kept for the plain levels' hooks (`objs`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.objs = None
+
     def forward(self, objs):
+        self.objs = objs
         return objs
+
+
+def _ground_map(fuser: nn.Module, slot: _PassThrough, features):
+    """`fuser` applied to a (B, C, H, W) feature map as H * W visual tokens, when this U-Net call has grounding."""
+    if slot.objs is None:
+        return features
+    b, c, h, w = features.shape
+    tokens = fuser(features.flatten(2).transpose(1, 2), slot.objs)
+    return tokens.transpose(1, 2).reshape(b, c, h, w)
 
 
 class _SkipFuser(nn.Module):
@@ -95,6 +115,36 @@ def _level(names: Sequence[str], level: str) -> list[str]:
     return inside or [level]
 
 
+def plain_resnets(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The resnets of the U-Net's plain levels finer than every level with attention (the leading down blocks
+    without attention, the trailing up blocks without attention), in forward order: where a U-Net that spares
+    attention at its finest latent level decides the objects' outlines. Stable Diffusion has none."""
+
+    def plain(block) -> bool:
+        return not getattr(block, "attentions", None)
+
+    found = []
+    for i, block in enumerate(unet.down_blocks):
+        if not plain(block):
+            break
+        found += [(f"down_blocks.{i}.resnets.{j}", r) for j, r in enumerate(block.resnets)]
+    trailing = []
+    for i in range(len(unet.up_blocks) - 1, -1, -1):
+        if not plain(unet.up_blocks[i]):
+            break
+        trailing = [(f"up_blocks.{i}.resnets.{j}", r) for j, r in enumerate(unet.up_blocks[i].resnets)] + trailing
+    if len(found) + len(trailing) == sum(len(b.resnets) for b in [*unet.down_blocks, *unet.up_blocks]):
+        return []  # no attention at all: no level is finer than one with attention
+    return found + trailing
+
+
+def plain_dims(resnet: nn.Module) -> tuple[int, int, int]:
+    """(width, heads, head size) of a block grounding `resnet`'s output: heads of at most 64 channels."""
+    width = resnet.out_channels
+    heads = max(1, width // 64)
+    return width, heads, width // heads
+
+
 def transformer_blocks(unet: nn.Module, positions: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
     """The `BasicTransformerBlock`s inside the given attention modules (all of them when None), in order."""
     found = []
@@ -128,18 +178,23 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
-def attach_fusers(unet: nn.Module, fusers: dict[str, nn.Module]) -> None:
-    """Put `fusers[name]` into the transformer block `name`; every other block gets an identity."""
+def attach_fusers(unet: nn.Module, fusers: dict[str, nn.Module], plain: dict[str, nn.Module] | None = None) -> None:
+    """Put `fusers[name]` into the transformer block `name`; every other block gets an identity. `plain[name]`
+    grounds the output of the plain level's resnet `name` (`plain_resnets`)."""
     if "position_net" in unet._modules or any("fuser" in b._modules for _, b in transformer_blocks(unet)):
         raise SpatialLockError("base: this U-Net already has GLIGEN layers of its own; attach to a plain base")
-    blocks = dict(transformer_blocks(unet))
-    missing = [name for name in fusers if name not in blocks]
+    blocks, resnets = dict(transformer_blocks(unet)), dict(plain_resnets(unet))
+    missing = [name for name in fusers if name not in blocks] + [name for name in plain or {} if name not in resnets]
     if missing:
-        raise SpatialLockError(f"adapter: the base has no transformer block {', '.join(missing)}")
-    skip = _SkipFuser()
+        raise SpatialLockError(f"adapter: the base has no transformer block or plain resnet {', '.join(missing)}")
+    skip, slot = _SkipFuser(), _PassThrough()
     for name, block in blocks.items():
         object.__setattr__(block, "fuser", fusers.get(name, skip))
-    object.__setattr__(unet, "position_net", _PassThrough())
+    object.__setattr__(unet, "position_net", slot)
+    hooks = [unet.register_forward_pre_hook(lambda module, args: setattr(slot, "objs", None))]
+    for name, fuser in (plain or {}).items():
+        hooks.append(resnets[name].register_forward_hook(lambda m, a, out, f=fuser: _ground_map(f, slot, out)))
+    object.__setattr__(unet, "_grounding_hooks", hooks)
 
 
 def detach_fusers(unet: nn.Module) -> None:
@@ -147,6 +202,8 @@ def detach_fusers(unet: nn.Module) -> None:
     for _, block in transformer_blocks(unet):
         block.__dict__.pop("fuser", None)
     unet.__dict__.pop("position_net", None)
+    for hook in unet.__dict__.pop("_grounding_hooks", []):
+        hook.remove()
 
 
 def grounding_kwargs(objs, cross_attention_kwargs: dict | None = None) -> dict:

@@ -163,6 +163,13 @@ class AdapterRecipe:
         "can trace its outline; places objects in far fewer steps)",
         adapter=True,
     )
+    ground_plain_levels: bool = setting(
+        False,
+        "also ground the levels without attention finer than every level with it (a U-Net that spares attention "
+        "at its finest latent level): a Grounding-Attention block on each of their resnets' outputs, with box "
+        "attention when --box-attention; where the objects' outlines are drawn (beyond the paper)",
+        adapter=True,
+    )
     feed_forward: str = setting(
         "all",
         "which Grounding-Attention blocks keep the paper's gated feed-forward: all (default, the paper's), "
