@@ -68,6 +68,12 @@ def test_closed_gates_are_the_base_and_a_call_without_grounding_stays_the_base()
         if name.rsplit(".", 1)[-1] in ("gate_attn", "gate_ff"):
             parameter.fill_(1.0)
     assert not torch.allclose(grounded(adapter, unet, x), before)
+    # guidance whose unconditional rows are the plain base's: the hooks ground the conditional rows alone
+    layout = (x["phrase_embeds"][1:], x["boxes"][1:], x["masks"][1:])  # the second row's, as a pipeline passes it
+    grounding = adapter.encode_grounding(*layout, x["sample"].shape[-2:])
+    rows = adapter(unet, x["sample"], x["timestep"], x["encoder_hidden_states"], grounding=grounding._replace(
+        rows=slice(1, None))).sample  # fmt: skip
+    assert torch.equal(rows[0], before[0]) and not torch.allclose(rows[1], before[1])
     # the grounded call's tokens do not linger: the next call without grounding is the plain base's
     assert torch.equal(plain(unet, x), before)
     SpatialLockAdapter.detach(unet)
