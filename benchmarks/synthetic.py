@@ -122,8 +122,12 @@ def adapter_recipe_of(adapter, training: dict) -> dict:
     return recipe
 
 
-def sd_ratio(recipe: dict) -> float:
-    """Trainable parameters of `recipe` on Stable Diffusion v1.4 as a share of GLIGEN's there (meta device)."""
+def sd_ratio(recipe: dict) -> float | None:
+    """Trainable parameters of `recipe` on Stable Diffusion v1.4 as a share of GLIGEN's there (meta device); None
+    for a recipe SD v1.4 cannot hold (`ground_plain_levels`: it has no level without attention finer than one with
+    it)."""
+    if recipe.get("ground_plain_levels"):
+        return None
     from spatiallock.base.configs import COCO_CLASSES, SD_V1_PHRASE_DIM, build_unet, unet_config
     from spatiallock.models.adapter import SpatialLockAdapter
 
@@ -285,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
             if config.get("init_from"):
                 row["init_from"] = config["init_from"]
             row["recipe"] = adapter_recipe_of(pipe.adapter, config)
-            row["sd_v1_4_ratio"] = round(sd_ratio(row["recipe"]), 4)
+            ratio = sd_ratio(row["recipe"])
+            row["sd_v1_4_ratio"] = None if ratio is None else round(ratio, 4)
             if config.get("reward_detector"):
                 row["reward"] = {k: config[k] for k in ("reward_detector", "reward_weight", "reward_timesteps")}
         write_row(out, row, args)
