@@ -111,3 +111,11 @@ def test_train_adapter_refuses_the_option_on_a_base_without_plain_finest_level(t
     assert code != 0
     assert "ground plain levels: this U-Net has no level without attention" in error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_recipe_refuses_plain_levels_with_gradient_checkpointing():
+    from spatiallock.training.recipe import AdapterRecipe
+
+    AdapterRecipe(ground_plain_levels=True).check()
+    with pytest.raises(SpatialLockError, match="--ground-plain-levels: not with --gradient-checkpointing"):
+        AdapterRecipe(ground_plain_levels=True, gradient_checkpointing=True).check()

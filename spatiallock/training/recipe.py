@@ -279,6 +279,8 @@ class AdapterRecipe:
                 raise SpatialLockError(f"{flag_of(spec.name)}: expected {meta['allowed'].words}, got {value!r}")
         if self.perception_input not in (None, "grounded") and not VARIANTS[self.variant][1]:
             raise SpatialLockError(f"--perception-input: variant {self.variant} has no PoG perception head")
+        if self.ground_plain_levels and self.gradient_checkpointing:  # the plain levels' hooks cannot recompute
+            raise SpatialLockError("--ground-plain-levels: not with --gradient-checkpointing")
 
     def adapter_options(self, class_names: Sequence[str]) -> dict[str, Any]:
         """The keyword arguments of `SpatialLockAdapter.from_unet`, after the variant and the placement, that build
