@@ -26,14 +26,16 @@ PRESETS = ("default", "all", "down", "up", "inner")
 
 
 class _PassThrough(nn.Module):
-    """The U-Net's `position_net`: the adapter's tokens unchanged, kept for the plain levels' hooks (`objs`)."""
+    """The U-Net's `position_net`: the adapter's tokens unchanged; with `keep`, also kept for the plain levels'
+    hooks (`objs`) until the U-Net's next call."""
 
-    def __init__(self):
+    def __init__(self, keep: bool = False):
         super().__init__()
-        self.objs = None
+        self.keep, self.objs = keep, None
 
     def forward(self, objs):
-        self.objs = objs
+        if self.keep:
+            self.objs = objs
         return objs
 
 
@@ -187,11 +189,12 @@ def attach_fusers(unet: nn.Module, fusers: dict[str, nn.Module], plain: dict[str
     missing = [name for name in fusers if name not in blocks] + [name for name in plain or {} if name not in resnets]
     if missing:
         raise SpatialLockError(f"adapter: the base has no transformer block or plain resnet {', '.join(missing)}")
-    skip, slot = _SkipFuser(), _PassThrough()
+    skip, slot = _SkipFuser(), _PassThrough(keep=bool(plain))
     for name, block in blocks.items():
         object.__setattr__(block, "fuser", fusers.get(name, skip))
     object.__setattr__(unet, "position_net", slot)
-    hooks = [unet.register_forward_pre_hook(lambda module, args: setattr(slot, "objs", None))]
+    # hooks only for an adapter with plain-level blocks: every other U-Net call runs as before
+    hooks = [unet.register_forward_pre_hook(lambda module, args: setattr(slot, "objs", None))] if plain else []
     for name, fuser in (plain or {}).items():
         hooks.append(resnets[name].register_forward_hook(lambda m, a, out, f=fuser: _ground_map(f, slot, out)))
     object.__setattr__(unet, "_grounding_hooks", hooks)
